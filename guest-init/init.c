@@ -1,0 +1,940 @@
+/* sandbox guest init: PID 1 of the throw-away VM.
+ *
+ * Loads the few modules it needs, mounts the host root read-only over 9p with
+ * private tmpfs on top, runs one command as the caller, relays its stdio over
+ * virtio-serial ports, reports status and phase stamps, and powers off.
+ * Every step is on the start-up path, so it does no more than it must.
+ */
+#define _GNU_SOURCE
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <grp.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/inotify.h>
+#include <sys/ioctl.h>
+#include <sys/mount.h>
+#include <sys/reboot.h>
+#include <sys/signalfd.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <termios.h>
+#include <time.h>
+#include <unistd.h>
+#include <x86intrin.h>
+
+#include "protocol.h"
+
+#define NEWROOT "/newroot"
+#define MAX_ARGS 4096
+#define MAX_GROUPS 256
+#define BUFSZ (256 * 1024)
+
+extern char **environ;
+
+static int ctl_fd = -1;
+
+static uint64_t now_ns(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_BOOTTIME, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/* ---- output to the host ------------------------------------------------ */
+
+static char early[4096]; /* stamps taken before the control port exists */
+static size_t early_len;
+
+static void write_all(int fd, const char *p, size_t n)
+{
+	while (n) {
+		ssize_t w = write(fd, p, n);
+		if (w < 0) {
+			if (errno == EINTR)
+				continue;
+			if (errno == EAGAIN) {
+				struct pollfd pfd = {fd, POLLOUT, 0};
+				poll(&pfd, 1, -1);
+				continue;
+			}
+			return;
+		}
+		p += w;
+		n -= (size_t)w;
+	}
+}
+
+static void ctl_send(const char *fmt, ...)
+{
+	char line[1024];
+	int n = snprintf(line, sizeof line, "%llu ", (unsigned long long)now_ns());
+	va_list ap;
+	va_start(ap, fmt);
+	n += vsnprintf(line + n, sizeof line - (size_t)n, fmt, ap);
+	va_end(ap);
+	if (n >= (int)sizeof line - 1)
+		n = (int)sizeof line - 2;
+	line[n++] = '\n';
+	if (ctl_fd >= 0)
+		write_all(ctl_fd, line, (size_t)n);
+	else if (early_len + (size_t)n <= sizeof early) {
+		memcpy(early + early_len, line, (size_t)n);
+		early_len += (size_t)n;
+	}
+}
+
+static void stamp(const char *phase)
+{
+	ctl_send("T %s %llu", phase, (unsigned long long)now_ns());
+}
+
+static void power_off(void)
+{
+	reboot(RB_POWER_OFF);
+	/* Without a power-off method the kernel halts; a reset with
+	 * -no-reboot ends QEMU just as well. */
+	reboot(RB_AUTOBOOT);
+	for (;;)
+		pause();
+}
+
+/* Fatal set-up error: tell the host (or the console) and stop the VM. */
+static void die(const char *fmt, ...)
+{
+	char msg[512];
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(msg, sizeof msg, fmt, ap);
+	va_end(ap);
+	if (ctl_fd >= 0)
+		ctl_send("L init: %s", msg);
+	int con = open("/dev/console", O_WRONLY | O_NOCTTY);
+	if (con >= 0) {
+		dprintf(con, "sandbox-init: %s\n", msg);
+		close(con);
+	}
+	power_off();
+}
+
+/* ---- modules ----------------------------------------------------------- */
+
+static char cmdline[8192];
+
+static void read_cmdline(void)
+{
+	int fd = open("/proc/cmdline", O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return;
+	ssize_t n = read(fd, cmdline, sizeof cmdline - 1);
+	close(fd);
+	cmdline[n > 0 ? n : 0] = 0;
+}
+
+/* Module options given on the kernel command line as "mod.key=val", passed
+ * on the way modprobe would (QEMU's microvm puts virtio_mmio.device= there). */
+static void module_params(const char *mod, char *out, size_t outsz)
+{
+	size_t ml = strlen(mod), o = 0;
+	out[0] = 0;
+	for (const char *p = cmdline; *p;) {
+		while (*p == ' ' || *p == '\n')
+			p++;
+		const char *e = p;
+		while (*e && *e != ' ' && *e != '\n')
+			e++;
+		if ((size_t)(e - p) > ml + 1 && !strncmp(p, mod, ml) && p[ml] == '.') {
+			size_t l = (size_t)(e - p) - ml - 1;
+			if (o + l + 2 < outsz) {
+				memcpy(out + o, p + ml + 1, l);
+				o += l;
+				out[o++] = ' ';
+				out[o] = 0;
+			}
+		}
+		p = e;
+	}
+}
+
+/* /modules/order lists "name file" lines in dependency order. */
+static void load_modules(void)
+{
+	int fd = open("/modules/order", O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return;
+	char list[4096];
+	ssize_t n = read(fd, list, sizeof list - 1);
+	close(fd);
+	if (n <= 0)
+		return;
+	list[n] = 0;
+	char *save = NULL;
+	for (char *line = strtok_r(list, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
+		char *file = strchr(line, ' ');
+		if (!file)
+			continue;
+		*file++ = 0;
+		char path[256], params[1024];
+		snprintf(path, sizeof path, "/modules/%s", file);
+		module_params(line, params, sizeof params);
+		int mfd = open(path, O_RDONLY | O_CLOEXEC);
+		if (mfd < 0)
+			die("cannot open module %s: %s", path, strerror(errno));
+		if (syscall(SYS_finit_module, mfd, params, 0) != 0 && errno != EEXIST)
+			die("cannot load module %s: %s", line, strerror(errno));
+		close(mfd);
+	}
+}
+
+/* ---- virtio-serial ports ----------------------------------------------- */
+
+static int port_match(const char *name, int nr)
+{
+	int dev, p;
+	char tail;
+	return sscanf(name, "vport%dp%d%c", &dev, &p, &tail) == 2 && p == nr;
+}
+
+static int find_port(int nr, char *path, size_t sz)
+{
+	DIR *d = opendir("/dev");
+	if (!d)
+		return 0;
+	struct dirent *de;
+	int found = 0;
+	while ((de = readdir(d))) {
+		if (port_match(de->d_name, nr)) {
+			snprintf(path, sz, "/dev/%s", de->d_name);
+			found = 1;
+			break;
+		}
+	}
+	closedir(d);
+	return found;
+}
+
+/* Ports appear asynchronously after virtio_console binds; wait for the
+ * device nodes with inotify rather than sleeping a fixed time. */
+static int open_port(int nr, int flags, int timeout_ms)
+{
+	char path[300];
+	int ino = -1;
+	uint64_t deadline = now_ns() + (uint64_t)timeout_ms * 1000000ull;
+	for (;;) {
+		if (find_port(nr, path, sizeof path)) {
+			int fd = open(path, flags | O_CLOEXEC | O_NOCTTY);
+			if (ino >= 0)
+				close(ino);
+			return fd;
+		}
+		if (ino < 0) {
+			ino = inotify_init1(IN_CLOEXEC);
+			inotify_add_watch(ino, "/dev", IN_CREATE);
+			continue; /* re-scan: the node may have come before the watch */
+		}
+		uint64_t t = now_ns();
+		if (t >= deadline) {
+			close(ino);
+			return -1;
+		}
+		struct pollfd pfd = {ino, POLLIN, 0};
+		if (poll(&pfd, 1, (int)((deadline - t) / 1000000ull) + 1) > 0) {
+			char buf[4096];
+			if (read(ino, buf, sizeof buf) < 0 && errno != EINTR)
+				break;
+		}
+	}
+	if (ino >= 0)
+		close(ino);
+	return -1;
+}
+
+/* ---- the command's spec ------------------------------------------------ */
+
+struct spec {
+	char *argv[MAX_ARGS];
+	int argc;
+	char *envp[MAX_ARGS];
+	int envc;
+	const char *cwd, *home;
+	uid_t uid;
+	gid_t gid;
+	gid_t groups[MAX_GROUPS];
+	int ngroups;
+	mode_t umask;
+	int tty, rows, cols, home_share, x11;
+};
+
+static void read_exact(int fd, char *buf, size_t n)
+{
+	size_t got = 0;
+	while (got < n) {
+		ssize_t r = read(fd, buf + got, n - got);
+		if (r < 0 && errno == EINTR)
+			continue;
+		if (r <= 0)
+			die("control channel closed while reading the spec");
+		got += (size_t)r;
+	}
+}
+
+static void read_spec(struct spec *s)
+{
+	char hdr[32];
+	size_t i = 0;
+	while (i < sizeof hdr - 1) { /* one byte at a time: stop at the newline */
+		read_exact(ctl_fd, hdr + i, 1);
+		if (hdr[i++] == '\n')
+			break;
+	}
+	hdr[i] = 0;
+	size_t len;
+	if (sscanf(hdr, "SPEC %zu", &len) != 1)
+		die("bad spec header");
+	char *buf = malloc(len + 1);
+	if (!buf)
+		die("out of memory");
+	read_exact(ctl_fd, buf, len);
+	buf[len] = 0;
+	memset(s, 0, sizeof *s);
+	s->umask = 022;
+	for (char *p = buf; p < buf + len; p += strlen(p) + 1) {
+		char *v = p + 1;
+		switch (*p) {
+		case 'A': if (s->argc < MAX_ARGS - 1) s->argv[s->argc++] = v; break;
+		case 'E': if (s->envc < MAX_ARGS - 1) s->envp[s->envc++] = v; break;
+		case 'C': s->cwd = v; break;
+		case 'H': s->home = v; break;
+		case 'U': s->uid = (uid_t)strtoul(v, NULL, 10); break;
+		case 'G': s->gid = (gid_t)strtoul(v, NULL, 10); break;
+		case 'S': if (s->ngroups < MAX_GROUPS) s->groups[s->ngroups++] = (gid_t)strtoul(v, NULL, 10); break;
+		case 'M': s->umask = (mode_t)strtoul(v, NULL, 8); break;
+		case 'T': s->tty = atoi(v); break;
+		case 'R': s->rows = atoi(v); break;
+		case 'W': s->cols = atoi(v); break;
+		case 'V': s->home_share = atoi(v); break;
+		case 'X': s->x11 = atoi(v) + 1; break;
+		}
+	}
+	if (!s->argc)
+		die("empty command");
+}
+
+/* ---- filesystems ------------------------------------------------------- */
+
+static void xmount(const char *src, const char *dst, const char *type, unsigned long fl, const char *opts)
+{
+	if (mount(src, dst, type, fl, opts) != 0)
+		die("mount %s on %s: %s", type, dst, strerror(errno));
+}
+
+static void tmpfs(const char *dst, const char *opts)
+{
+	xmount("tmpfs", dst, "tmpfs", MS_NOSUID | MS_NODEV, opts);
+}
+
+static int under(const char *path, const char *dir)
+{
+	size_t l = strlen(dir);
+	return !strncmp(path, dir, l) && (path[l] == '/' || path[l] == 0);
+}
+
+/* mkdir -p inside the new root, owned by the caller for the last part. */
+static void make_home(const char *home, uid_t uid, gid_t gid)
+{
+	char path[4096];
+	snprintf(path, sizeof path, NEWROOT "%s", home);
+	for (char *p = path + strlen(NEWROOT) + 1; *p; p++) {
+		if (*p == '/') {
+			*p = 0;
+			mkdir(path, 0755);
+			*p = '/';
+		}
+	}
+	if (mkdir(path, 0700) == 0)
+		if (chown(path, uid, gid) != 0)
+			die("chown %s: %s", path, strerror(errno));
+}
+
+static void setup_root(const struct spec *s)
+{
+	/* Read-only host root.  cache=loose: nothing in the guest writes it, so
+	 * the page cache never needs revalidating; msize 512k cuts round trips. */
+	xmount("root", NEWROOT, "9p", MS_RDONLY | MS_NOSUID,
+	       "trans=virtio,version=9p2000.L,msize=524288,cache=loose,access=client");
+	stamp("root_mounted");
+	if (mount("/dev", NEWROOT "/dev", NULL, MS_MOVE, NULL) != 0)
+		die("move /dev: %s", strerror(errno));
+	if (mount("/proc", NEWROOT "/proc", NULL, MS_MOVE, NULL) != 0)
+		die("move /proc: %s", strerror(errno));
+	xmount("sysfs", NEWROOT "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "");
+	mkdir(NEWROOT "/dev/pts", 0755);
+	xmount("devpts", NEWROOT "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620");
+	mkdir(NEWROOT "/dev/shm", 01777);
+	tmpfs(NEWROOT "/dev/shm", "mode=1777");
+	tmpfs(NEWROOT "/tmp", "mode=1777");
+	tmpfs(NEWROOT "/var/tmp", "mode=1777");
+	tmpfs(NEWROOT "/run", "mode=755");
+	tmpfs(NEWROOT "/home", "mode=755");
+	const char *home = s->home;
+	if (home && home[0] == '/' && strcmp(home, "/")) {
+		char path[4096];
+		snprintf(path, sizeof path, NEWROOT "%s", home);
+		if (s->home_share) {
+			make_home(home, s->uid, s->gid);
+			xmount("home", path, "9p", MS_NOSUID | MS_NODEV,
+			       "trans=virtio,version=9p2000.L,msize=524288,cache=none,access=client");
+		} else if (!under(home, "/home") && !under(home, "/tmp") && !under(home, "/var/tmp") && !under(home, "/run")) {
+			/* e.g. /root: private too, like /home */
+			char opts[64];
+			snprintf(opts, sizeof opts, "mode=700,uid=%u,gid=%u", s->uid, s->gid);
+			tmpfs(path, opts);
+		} else {
+			make_home(home, s->uid, s->gid);
+		}
+	}
+	if (chdir(NEWROOT) || mount(".", "/", NULL, MS_MOVE, NULL) || chroot(".") || chdir("/"))
+		die("switch root: %s", strerror(errno));
+}
+
+/* ---- the command -------------------------------------------------------- */
+
+static int set_nonblock(int fd)
+{
+	return fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+}
+
+struct child {
+	pid_t pid;
+	int in_w, out_r, err_r, pty;
+};
+
+static void child_exec(const struct spec *s, int fds[3], int pty_slave, int errpipe)
+{
+	sigset_t none;
+	sigemptyset(&none);
+	sigprocmask(SIG_SETMASK, &none, NULL);
+	setsid();
+	if (pty_slave >= 0)
+		ioctl(pty_slave, TIOCSCTTY, 0);
+	for (int i = 0; i < 3; i++)
+		if (dup2(fds[i], i) < 0)
+			_exit(125);
+	if (setgroups((size_t)s->ngroups, s->groups) || setgid(s->gid) || setuid(s->uid)) {
+		int e = errno;
+		write(errpipe, &e, sizeof e);
+		_exit(126);
+	}
+	umask(s->umask);
+	if (!s->cwd || chdir(s->cwd) != 0)
+		if (!s->home || chdir(s->home) != 0)
+			chdir("/");
+	environ = (char **)s->envp; /* execvpe searches the PATH of environ */
+	execvpe(s->argv[0], (char **)s->argv, (char **)s->envp);
+	int e = errno;
+	write(errpipe, &e, sizeof e);
+	_exit(127);
+}
+
+/* Start the command; returns 0, or an exit code (126/127) on failure. */
+static int spawn(struct spec *s, struct child *c)
+{
+	int in[2] = {-1, -1}, out[2] = {-1, -1}, err[2] = {-1, -1}, ep[2];
+	int master = -1, slave = -1;
+	c->in_w = c->out_r = c->err_r = c->pty = -1;
+	if (s->tty & 7) {
+		master = posix_openpt(O_RDWR | O_NOCTTY | O_CLOEXEC);
+		if (master < 0 || grantpt(master) || unlockpt(master))
+			die("pty: %s", strerror(errno));
+		slave = open(ptsname(master), O_RDWR | O_NOCTTY | O_CLOEXEC);
+		if (slave < 0)
+			die("pty slave: %s", strerror(errno));
+		if (s->rows && s->cols) {
+			struct winsize ws = {(unsigned short)s->rows, (unsigned short)s->cols, 0, 0};
+			ioctl(master, TIOCSWINSZ, &ws);
+		}
+		if (fchown(slave, s->uid, (gid_t)-1) != 0)
+			die("pty chown: %s", strerror(errno));
+		c->pty = master;
+	}
+	int fds[3];
+	if (s->tty & 1) fds[0] = slave;
+	else { if (pipe2(in, O_CLOEXEC)) die("pipe"); fds[0] = in[0]; c->in_w = in[1]; }
+	if (s->tty & 2) fds[1] = slave;
+	else { if (pipe2(out, O_CLOEXEC)) die("pipe"); fds[1] = out[1]; c->out_r = out[0]; }
+	if (s->tty & 4) fds[2] = slave;
+	else { if (pipe2(err, O_CLOEXEC)) die("pipe"); fds[2] = err[1]; c->err_r = err[0]; }
+	if (pipe2(ep, O_CLOEXEC))
+		die("pipe");
+	stamp("command_exec");
+	c->pid = fork();
+	if (c->pid < 0)
+		die("fork: %s", strerror(errno));
+	if (c->pid == 0)
+		child_exec(s, fds, slave, ep[1]);
+	close(ep[1]);
+	for (int i = 0; i < 3; i++)
+		if (fds[i] != slave)
+			close(fds[i]);
+	if (slave >= 0)
+		close(slave);
+	int e = 0;
+	ssize_t n;
+	do
+		n = read(ep[0], &e, sizeof e);
+	while (n < 0 && errno == EINTR);
+	close(ep[0]);
+	if (n != (ssize_t)sizeof e)
+		return 0;
+	/* Messages as a shell words them. */
+	const char *name = s->argv[0];
+	int code = e == ENOENT ? 127 : 126;
+	if (e == ENOENT && !strchr(name, '/'))
+		ctl_send("X 127 %s: command not found", name);
+	else
+		ctl_send("X %d %s: %s", code, name, strerror(e));
+	return code;
+}
+
+/* ---- X11 multiplexer --------------------------------------------------- */
+
+#define MAX_X11 64
+struct xconn {
+	int fd;
+	uint32_t id;
+	char *pend; /* bytes waiting to go to the guest client */
+	size_t plen;
+};
+static struct xconn xconns[MAX_X11];
+static int x11_listen = -1, x11_port = -1;
+static uint32_t x11_next_id = 1;
+static char x11_in[X11_HDR + BUFSZ]; /* partial frame from the host */
+static size_t x11_in_len;
+
+static void put32(char *p, uint32_t v) { for (int i = 0; i < 4; i++) p[i] = (char)(v >> (8 * i)); }
+static uint32_t get32(const char *p)
+{
+	uint32_t v = 0;
+	for (int i = 0; i < 4; i++) v |= (uint32_t)(unsigned char)p[i] << (8 * i);
+	return v;
+}
+
+static void x11_frame(char type, uint32_t id, const char *data, uint32_t len)
+{
+	char hdr[X11_HDR];
+	hdr[0] = type;
+	put32(hdr + 1, id);
+	put32(hdr + 5, len);
+	write_all(x11_port, hdr, X11_HDR);
+	if (len)
+		write_all(x11_port, data, len);
+}
+
+static void x11_setup(int display)
+{
+	x11_port = open_port(PORT_X11, O_RDWR, 10000);
+	if (x11_port < 0)
+		die("no X11 port");
+	mkdir("/tmp/.X11-unix", 01777);
+	chmod("/tmp/.X11-unix", 01777);
+	struct sockaddr_un a = {.sun_family = AF_UNIX};
+	snprintf(a.sun_path, sizeof a.sun_path, "/tmp/.X11-unix/X%d", display);
+	x11_listen = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+	if (x11_listen < 0 || bind(x11_listen, (struct sockaddr *)&a, sizeof a) || listen(x11_listen, 16))
+		die("X11 socket: %s", strerror(errno));
+	chmod(a.sun_path, 0777);
+	for (int i = 0; i < MAX_X11; i++)
+		xconns[i].fd = -1;
+}
+
+static struct xconn *x11_find(uint32_t id)
+{
+	for (int i = 0; i < MAX_X11; i++)
+		if (xconns[i].fd >= 0 && xconns[i].id == id)
+			return &xconns[i];
+	return NULL;
+}
+
+static void x11_drop(struct xconn *x, int tell_host)
+{
+	if (tell_host)
+		x11_frame(X11_CLOSE, x->id, NULL, 0);
+	close(x->fd);
+	x->fd = -1;
+	free(x->pend);
+	x->pend = NULL;
+	x->plen = 0;
+}
+
+static void x11_accept(void)
+{
+	int fd = accept4(x11_listen, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
+	if (fd < 0)
+		return;
+	for (int i = 0; i < MAX_X11; i++) {
+		if (xconns[i].fd < 0) {
+			xconns[i].fd = fd;
+			xconns[i].id = x11_next_id++;
+			x11_frame(X11_OPEN, xconns[i].id, NULL, 0);
+			return;
+		}
+	}
+	close(fd);
+}
+
+static void x11_client_to_host(struct xconn *x)
+{
+	static char buf[BUFSZ];
+	ssize_t n = read(x->fd, buf, sizeof buf);
+	if (n > 0)
+		x11_frame(X11_DATA, x->id, buf, (uint32_t)n);
+	else if (n == 0 || (errno != EAGAIN && errno != EINTR))
+		x11_drop(x, 1);
+}
+
+static void x11_flush(struct xconn *x)
+{
+	while (x->plen) {
+		ssize_t w = write(x->fd, x->pend, x->plen);
+		if (w < 0) {
+			if (errno != EAGAIN && errno != EINTR)
+				x11_drop(x, 1);
+			return;
+		}
+		memmove(x->pend, x->pend + w, x->plen - (size_t)w);
+		x->plen -= (size_t)w;
+	}
+}
+
+/* Frames from the host; returns -1 when the host side went away. */
+static int x11_host_to_client(void)
+{
+	ssize_t n = read(x11_port, x11_in + x11_in_len, sizeof x11_in - x11_in_len);
+	if (n <= 0)
+		return (n == 0 || (errno != EAGAIN && errno != EINTR)) ? -1 : 0;
+	x11_in_len += (size_t)n;
+	size_t off = 0;
+	while (x11_in_len - off >= X11_HDR) {
+		uint32_t id = get32(x11_in + off + 1), len = get32(x11_in + off + 5);
+		if (len > BUFSZ)
+			return -1;
+		if (x11_in_len - off < X11_HDR + len)
+			break;
+		struct xconn *x = x11_find(id);
+		char type = x11_in[off];
+		if (x && type == X11_DATA) {
+			char *np = realloc(x->pend, x->plen + len);
+			if (np) {
+				memcpy(np + x->plen, x11_in + off + X11_HDR, len);
+				x->pend = np;
+				x->plen += len;
+				x11_flush(x);
+			}
+		} else if (x && type == X11_CLOSE) {
+			x11_drop(x, 0);
+		}
+		off += X11_HDR + len;
+	}
+	memmove(x11_in, x11_in + off, x11_in_len - off);
+	x11_in_len -= off;
+	return 0;
+}
+
+/* ---- relaying ----------------------------------------------------------- */
+
+/* One direction of a byte stream: read from src into buf, write to dst. */
+struct pump {
+	int src, dst;
+	char *buf;
+	size_t len, off;
+	int eof;
+	unsigned long long count;
+	int close_dst; /* close dst at EOF (the child's stdin) */
+};
+
+static void pump_init(struct pump *p, int src, int dst, int close_dst)
+{
+	p->src = src;
+	p->dst = dst;
+	p->buf = src >= 0 && dst >= 0 ? malloc(BUFSZ) : NULL;
+	p->len = p->off = 0;
+	p->eof = src < 0 || dst < 0;
+	p->count = 0;
+	p->close_dst = close_dst;
+	if (src >= 0) set_nonblock(src);
+	if (dst >= 0) set_nonblock(dst);
+}
+
+static int pump_active(const struct pump *p) { return !p->eof || p->len > p->off; }
+
+static void pump_finish(struct pump *p)
+{
+	p->eof = 1;
+	p->len = p->off = 0;
+	if (p->close_dst && p->dst >= 0) {
+		close(p->dst);
+		p->dst = -1;
+	}
+}
+
+/* Move what can move without blocking; returns 1 if any byte moved. */
+static int pump_run(struct pump *p)
+{
+	int moved = 0;
+	for (;;) {
+		if (p->len > p->off) {
+			ssize_t w = write(p->dst, p->buf + p->off, p->len - p->off);
+			if (w < 0) {
+				if (errno == EAGAIN || errno == EINTR)
+					return moved;
+				pump_finish(p); /* reader gone (EPIPE): drop the rest */
+				return 1;
+			}
+			p->off += (size_t)w;
+			p->count += (unsigned long long)w;
+			moved = 1;
+			continue;
+		}
+		if (p->eof) {
+			if (p->close_dst && p->dst >= 0)
+				pump_finish(p);
+			return moved;
+		}
+		ssize_t r = read(p->src, p->buf, BUFSZ);
+		if (r < 0 && (errno == EAGAIN || errno == EINTR))
+			return moved;
+		if (r <= 0) { /* EOF, or EIO from a pty whose slave closed */
+			p->eof = 1;
+			continue;
+		}
+		p->len = (size_t)r;
+		p->off = 0;
+		moved = 1;
+	}
+}
+
+static int pump_poll(const struct pump *p, struct pollfd *pfd)
+{
+	if (p->len > p->off) {
+		pfd->fd = p->dst;
+		pfd->events = POLLOUT;
+		return 1;
+	}
+	if (!p->eof) {
+		pfd->fd = p->src;
+		pfd->events = POLLIN;
+		return 1;
+	}
+	return 0;
+}
+
+static int child_status_code(int st)
+{
+	if (WIFEXITED(st))
+		return WEXITSTATUS(st);
+	if (WIFSIGNALED(st))
+		return 128 + WTERMSIG(st);
+	return 255;
+}
+
+static char ctl_in[4096];
+static size_t ctl_in_len;
+
+/* Messages from the host while the command runs. Returns 1 on "A". */
+static int handle_ctl(struct child *c, struct pump *pumps)
+{
+	ssize_t n = read(ctl_fd, ctl_in + ctl_in_len, sizeof ctl_in - ctl_in_len - 1);
+	if (n <= 0)
+		return 0;
+	ctl_in_len += (size_t)n;
+	ctl_in[ctl_in_len] = 0;
+	int acked = 0;
+	char *line = ctl_in, *nl;
+	while ((nl = strchr(line, '\n'))) {
+		*nl = 0;
+		int a, b;
+		if (sscanf(line, "K %d", &a) == 1 && c->pid > 0)
+			kill(-c->pid, a);
+		else if (sscanf(line, "W %d %d", &a, &b) == 2 && c->pty >= 0) {
+			struct winsize ws = {(unsigned short)a, (unsigned short)b, 0, 0};
+			ioctl(c->pty, TIOCSWINSZ, &ws);
+		} else if (sscanf(line, "P %d", &a) == 1 && (a == 1 || a == 2)) {
+			/* The host's reader is gone: the command now gets EPIPE. */
+			struct pump *p = &pumps[a];
+			if (p->src >= 0 && p->src != c->pty) {
+				close(p->src);
+				p->src = -1;
+			}
+			pump_finish(p);
+		} else if (line[0] == 'A')
+			acked = 1;
+		line = nl + 1;
+	}
+	ctl_in_len = (size_t)(ctl_in + ctl_in_len - line);
+	memmove(ctl_in, line, ctl_in_len);
+	return acked;
+}
+
+int main(void)
+{
+	uint64_t t0 = now_ns(), tsc = __rdtsc();
+	ctl_send("T init_start %llu", (unsigned long long)t0);
+	/* The TSC counts from vCPU reset: it dates kernel entry (timings.py). */
+	ctl_send("T tsc %llu", (unsigned long long)tsc);
+	sigset_t mask;
+	sigemptyset(&mask);
+	sigaddset(&mask, SIGCHLD);
+	sigprocmask(SIG_BLOCK, &mask, NULL);
+	signal(SIGPIPE, SIG_IGN);
+
+	mount("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755");
+	mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, "");
+	read_cmdline();
+	load_modules();
+	stamp("modules_loaded");
+
+	ctl_fd = open_port(PORT_CONTROL, O_RDWR, 10000);
+	if (ctl_fd < 0)
+		die("control port did not appear");
+	write_all(ctl_fd, early, early_len);
+	static struct spec s;
+	read_spec(&s);
+	int in_port = open_port(PORT_STDIN, O_RDONLY, 2000);
+	int out_port = open_port(PORT_STDOUT, O_WRONLY, 2000);
+	int err_port = open_port(PORT_STDERR, O_WRONLY, 2000);
+	if (in_port < 0 || out_port < 0 || err_port < 0)
+		die("stdio ports did not appear");
+
+	setup_root(&s);
+	if (s.x11)
+		x11_setup(s.x11 - 1);
+
+	struct child c;
+	int code = spawn(&s, &c);
+	int sfd = signalfd(-1, &mask, SFD_CLOEXEC | SFD_NONBLOCK);
+	struct pump pumps[3];
+	/* pumps[1]/[2] are indexed by the host fd they feed ("P 1", "P 2"). */
+	if (c.pty >= 0) {
+		int pty_in = s.tty & 1;
+		pump_init(&pumps[0], pty_in ? in_port : -1, pty_in ? c.pty : -1, 0);
+		int pty_out = (s.tty & 2) ? 1 : 2;
+		pump_init(&pumps[pty_out], c.pty, pty_out == 1 ? out_port : err_port, 0);
+	}
+	if (c.in_w >= 0)
+		pump_init(&pumps[0], in_port, c.in_w, 1);
+	if (c.out_r >= 0)
+		pump_init(&pumps[1], c.out_r, out_port, 0);
+	if (c.err_r >= 0)
+		pump_init(&pumps[2], c.err_r, err_port, 0);
+	if (c.pty >= 0 && (s.tty & 6) == 6)
+		pump_init(&pumps[2], -1, -1, 0);
+	if (!(s.tty & 1) && c.in_w < 0)
+		pump_init(&pumps[0], -1, -1, 0);
+
+	int exited = code != 0, status = code;
+	if (code)
+		for (int i = 0; i < 3; i++)
+			pump_init(&pumps[i], -1, -1, 0);
+	while (!exited || pump_active(&pumps[1]) || pump_active(&pumps[2])) {
+		struct pollfd pfd[8 + MAX_X11];
+		int np = 0, idx[3] = {-1, -1, -1};
+		pfd[np++] = (struct pollfd){ctl_fd, POLLIN, 0};
+		pfd[np++] = (struct pollfd){sfd, POLLIN, 0};
+		for (int i = 0; i < 3; i++)
+			if (pump_poll(&pumps[i], &pfd[np]))
+				idx[i] = np++;
+		int xbase = np;
+		if (x11_port >= 0) {
+			pfd[np++] = (struct pollfd){x11_port, POLLIN, 0};
+			pfd[np++] = (struct pollfd){x11_listen, POLLIN, 0};
+			for (int i = 0; i < MAX_X11; i++)
+				if (xconns[i].fd >= 0)
+					pfd[np++] = (struct pollfd){xconns[i].fd, (short)(xconns[i].plen ? POLLOUT : POLLIN), 0};
+		}
+		if (exited) {
+			/* The command is gone: take what it left in the pipes, but
+			 * do not wait for EOF that a stray background process may
+			 * hold off forever. */
+			int moved = 0;
+			for (int i = 1; i < 3; i++)
+				moved |= pump_run(&pumps[i]);
+			if (!moved) {
+				for (int i = 1; i < 3; i++)
+					if (pumps[i].len == pumps[i].off)
+						pump_finish(&pumps[i]);
+				if (!pump_active(&pumps[1]) && !pump_active(&pumps[2]))
+					break;
+			}
+		}
+		if (poll(pfd, (nfds_t)np, exited ? 10 : -1) < 0 && errno != EINTR)
+			die("poll: %s", strerror(errno));
+		if (pfd[0].revents)
+			handle_ctl(&c, pumps);
+		if (pfd[1].revents & POLLIN) {
+			struct signalfd_siginfo si;
+			while (read(sfd, &si, sizeof si) > 0)
+				;
+			int st;
+			pid_t p;
+			while ((p = waitpid(-1, &st, WNOHANG)) > 0)
+				if (p == c.pid && !exited) {
+					exited = 1;
+					status = child_status_code(st);
+					stamp("command_exit");
+				}
+		}
+		for (int i = 0; i < 3; i++)
+			if (idx[i] >= 0 && pfd[idx[i]].revents)
+				pump_run(&pumps[i]);
+		if (x11_port >= 0) {
+			if (pfd[xbase].revents && x11_host_to_client() < 0) {
+				/* The display went away: clients see their connections end. */
+				for (int i = 0; i < MAX_X11; i++)
+					if (xconns[i].fd >= 0)
+						x11_drop(&xconns[i], 0);
+				close(x11_port);
+				x11_port = -1;
+				continue;
+			}
+			if (pfd[xbase + 1].revents)
+				x11_accept();
+			for (int i = xbase + 2; i < np; i++) {
+				struct xconn *x = NULL;
+				for (int j = 0; j < MAX_X11; j++)
+					if (xconns[j].fd == pfd[i].fd)
+						x = &xconns[j];
+				if (!x || !pfd[i].revents)
+					continue;
+				if (x->plen)
+					x11_flush(x);
+				else
+					x11_client_to_host(x);
+			}
+		}
+	}
+	ctl_send("S %d %llu %llu", status, pumps[1].count, pumps[2].count);
+	/* Wait for the host to confirm it has every byte: QEMU drops what is
+	 * still queued when the machine powers off. */
+	set_nonblock(ctl_fd);
+	uint64_t deadline = now_ns() + 30000000000ull;
+	while (now_ns() < deadline) {
+		struct pollfd pfd = {ctl_fd, POLLIN, 0};
+		poll(&pfd, 1, 1000);
+		if (handle_ctl(&c, pumps))
+			break;
+	}
+	stamp("poweroff");
+	if (s.home_share)
+		sync();
+	power_off();
+	return 0;
+}

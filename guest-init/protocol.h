@@ -1,0 +1,43 @@
+/* Host <-> guest protocol of the sandbox init.  The Python side lives in
+ * sandbox/protocol.py; keep the two in step.
+ *
+ * Every channel is a virtio-serial port, found in the guest as
+ * /dev/vport<dev>p<NR> (the device index varies, the port number does not).
+ */
+#ifndef SANDBOX_PROTOCOL_H
+#define SANDBOX_PROTOCOL_H
+
+#define PORT_CONTROL 1 /* line messages, both ways */
+#define PORT_STDIN 2   /* host -> guest; host closing it is EOF */
+#define PORT_STDOUT 3  /* guest -> host, raw bytes */
+#define PORT_STDERR 4  /* guest -> host, raw bytes */
+#define PORT_X11 5     /* multiplexed X11 streams (optional) */
+
+/* Host -> guest, first on the control port:
+ *   "SPEC <len>\n" then <len> bytes of NUL-terminated records "<key><value>",
+ *   key one letter:
+ *     A argv element     E env entry        C cwd        H home directory
+ *     U uid   G gid      S supplementary gid (repeated)   M umask (octal)
+ *     T tty mask (1 stdin, 2 stdout, 4 stderr)   R rows   W cols
+ *     V home share present ("1")   X x11 display number
+ * Later, host -> guest:
+ *   "K <signo>\n"        deliver a signal to the command's process group
+ *   "W <rows> <cols>\n"  window size changed
+ *   "P <fd>\n"           host's stdout (1) or stderr (2) is gone: EPIPE
+ *   "A\n"                everything received: power off now
+ * Guest -> host, every line starts with the guest's CLOCK_BOOTTIME in ns
+ * at the time of sending:
+ *   "<ns> T <phase> <stamp_ns>\n"           phase timestamp
+ *   "<ns> X <exitcode> <message>\n"         command could not be started
+ *   "<ns> S <status> <out_bytes> <err_bytes>\n"  command finished
+ *   "<ns> L <message>\n"                    diagnostic for the launcher log
+ */
+
+#define X11_OPEN 'O'
+#define X11_DATA 'D'
+#define X11_CLOSE 'C'
+/* X11 port framing (both ways): 1 byte type, 4 bytes connection id (LE),
+ * 4 bytes payload length (LE), payload. */
+#define X11_HDR 9
+
+#endif

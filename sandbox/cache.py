@@ -1,0 +1,53 @@
+"""The on-disk cache under $XDG_CACHE_HOME/sandbox, keyed by content or file identity."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+
+def cache_dir() -> Path:
+    """The cache directory, created on first use."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    path = Path(base) / "sandbox"
+    path.mkdir(parents=True, exist_ok=True, mode=0o755)
+    return path
+
+
+def file_identity(path: Path) -> str:
+    """A short key that changes whenever the file is replaced or rewritten.
+
+    Hashing a kernel image on every start would cost more than the cache
+    saves, so large inputs are keyed by (device, inode, size, mtime) as make
+    does; package upgrades replace the file and so change the key.
+    """
+    st = path.stat()
+    ident = f"{path.resolve()}:{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+    return hashlib.sha256(ident.encode()).hexdigest()[:16]
+
+
+def content_hash(*parts: bytes) -> str:
+    """A short sha256 key over some byte strings."""
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(len(part).to_bytes(8, "little"))
+        h.update(part)
+    return h.hexdigest()[:16]
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Write `data` to `path` so that readers see the old file or the whole new one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise

@@ -1,0 +1,219 @@
+"""The `sandbox` command line: parses, calls, and maps errors to exit statuses."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+from . import __version__
+from .errors import EXIT_LAUNCHER, MachineError, SandboxError, UsageError
+
+log = logging.getLogger("sandbox")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, and the launcher-failure status rather than argparse's 2,
+        # which a command's own status could be.
+        raise UsageError(f"{message} (see sandbox {self.prog.split()[-1]} --help)")
+
+
+def _size_mb(text: str) -> int:
+    m = re.fullmatch(r"(\d+)\s*([kKmMgG]?)i?[bB]?", text.strip())
+    if not m:
+        raise argparse.ArgumentTypeError(f"bad size {text!r} (e.g. 512M, 2G)")
+    value, unit = int(m.group(1)), m.group(2).upper()
+    mb = {"K": value // 1024, "": value, "M": value, "G": value * 1024}[unit]
+    if mb < 64:
+        raise argparse.ArgumentTypeError(f"{text!r} is too small (64M at least)")
+    return mb
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return value
+
+
+def _cpus(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 64:
+        raise argparse.ArgumentTypeError(f"bad CPU count {text!r}")
+    return int(text)
+
+
+def _add_vm_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kernel", type=Path, help="kernel image (default: newest /boot/vmlinuz-* with 9p)")
+    p.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto")
+    p.add_argument("--qemu", help="QEMU binary (default: qemu-system-x86_64)")
+    p.add_argument("--machine", choices=("auto", "microvm", "q35"), default="auto")
+    p.add_argument("--memory", type=_size_mb, default=512, metavar="SIZE", help="guest RAM (default 512M)")
+    p.add_argument("--cpus", type=_cpus, default=1)
+    p.add_argument("--boot-timeout", type=_positive, metavar="S", help="give up on a boot that stalls this long")
+    p.add_argument("--no-pvh", action="store_true", help="boot the bzImage instead of the extracted vmlinux")
+    p.add_argument("--kernel-append", default="", metavar="ARGS", help="extra guest kernel arguments")
+    p.add_argument("--crypto-selftests", action="store_true", help="keep the guest kernel's crypto self-tests")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="show QEMU's argv and the console (-vv: full boot log)")
+
+
+def _add_confinement_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("confinement")
+    g.add_argument("--security", choices=("auto", "selinux", "none"), default="auto")
+    g.add_argument("--label", metavar="static:LABEL", help="a fixed SELinux label for QEMU")
+    g.add_argument("--show-label", action="store_true", help="print the label in use to stderr")
+    g.add_argument("--qemu-user", metavar="USER", help="run QEMU as this user when started as root (default: nobody)")
+    g.add_argument("--no-confine", action="store_true", help="no namespaces, seccomp, uid change or cgroup")
+    g.add_argument("--memory-limit", type=_size_mb, metavar="SIZE", help="cgroup memory.max for QEMU")
+    g.add_argument("--cpu-weight", type=int, metavar="N", help="cgroup cpu.weight (1-10000)")
+    g.add_argument("--cpu-quota", type=_positive, metavar="CPUS", help="cgroup cpu.max, in CPUs (e.g. 0.5)")
+    g.add_argument("--pids-limit", type=int, metavar="N", help="cgroup pids.max for QEMU")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="sandbox", description="Run a command in a throw-away VM over the host's read-only root.")
+    parser.add_argument("--version", action="version", version=f"sandbox {__version__}")
+    sub = parser.add_subparsers(dest="verb", required=True, parser_class=_Parser)
+
+    run = sub.add_parser("run", help="run one command in a fresh VM")
+    _add_vm_options(run)
+    run.add_argument("--timeout", type=_positive, metavar="S", help="kill the VM after S seconds (exit 124)")
+    tty = run.add_mutually_exclusive_group()
+    tty.add_argument("-t", "--tty", dest="tty", action="store_const", const=True, default=None)
+    tty.add_argument("-T", "--no-tty", dest="tty", action="store_const", const=False)
+    run.add_argument("--home", type=Path, metavar="DIR", help="share DIR read-write as the home directory")
+    run.add_argument("--timings", nargs="?", const="text", choices=("text", "json"), help="print the phase breakdown")
+    run.add_argument("--x11", nargs="?", const="xephyr", choices=("xephyr", "xpra"), help="show X11 apps in a nested server")
+    run.add_argument("--x11-size", default="1024x768", metavar="WxH")
+    _add_confinement_options(run)
+    run.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
+
+    bench = sub.add_parser("bench", help="time many sandboxes, phase by phase")
+    _add_vm_options(bench)
+    bench.add_argument("--runs", type=int, default=10)
+    bench.add_argument("--warmup", type=int, default=1)
+    bench.add_argument("--json", type=Path, metavar="FILE", help="save the results as JSON")
+    bench.add_argument("--plot", type=Path, metavar="FILE.png", help="draw a stacked bar chart (needs matplotlib)")
+    bench.add_argument("--confine", action="store_true", help="measure with confinement on")
+    bench.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
+
+    audit = sub.add_parser("audit", help="show the last sandbox start/stop records")
+    audit.add_argument("-n", type=int, default=20, help="how many entries")
+    return parser
+
+
+def _command(args: argparse.Namespace) -> tuple[str, ...]:
+    cmd = list(args.command)
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    return tuple(cmd)
+
+
+def _setup_logging(verbose: int) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("sandbox: %(message)s"))
+    handler.terminator = "\r\n" if sys.stdin.isatty() else "\n"
+    root = logging.getLogger("sandbox")
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbose > 2 else logging.INFO if verbose else logging.WARNING)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from . import runner, timings
+
+    cmd = _command(args)
+    if not cmd:
+        raise UsageError("no command given (usage: sandbox run [OPTIONS] -- CMD [ARGS...])")
+    if args.home is not None and not args.home.is_dir():
+        raise UsageError(f"--home {args.home}: not a directory")
+    confinement = None
+    if not args.no_confine:
+        from . import confine
+
+        confinement = confine.from_args(args, cmd)
+    x11 = None
+    if args.x11:
+        from . import x11 as x11mod
+
+        x11 = x11mod.X11Session.from_args(args.x11, args.x11_size, confinement)
+    opts = runner.RunOptions(
+        argv=cmd,
+        kernel=args.kernel,
+        accel=args.accel,
+        qemu=args.qemu,
+        machine=args.machine,
+        memory_mb=args.memory,
+        cpus=args.cpus,
+        timeout=args.timeout,
+        boot_timeout=args.boot_timeout,
+        tty=args.tty,
+        home=args.home.resolve() if args.home else None,
+        verbose=args.verbose,
+        kernel_append=args.kernel_append,
+        pvh=not args.no_pvh,
+        crypto_selftests=args.crypto_selftests,
+        confinement=confinement,
+        x11=x11,
+    )
+    result = None
+    try:
+        if x11 is not None:
+            x11.start()
+        result = runner.run(opts)
+    finally:
+        if x11 is not None:
+            x11.close()
+        if confinement is not None:
+            confinement.finish(result.status if result else None)
+    if args.timings and result is not None:
+        phases = result.timeline.phases()
+        out = timings.to_json(phases) if args.timings == "json" else timings.format_table(phases)
+        print(out, file=sys.stderr)
+    return runner.exit_status(result)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from . import bench
+
+    return bench.main(args, _command(args) or ("true",))
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from . import audit
+
+    for line in audit.tail(args.n):
+        print(line)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    verbose = 0
+    try:
+        args = build_parser().parse_args(argv)
+        verbose = getattr(args, "verbose", 0)
+        _setup_logging(verbose)
+        handler = {"run": _run, "bench": _bench, "audit": _audit}[args.verb]
+        return handler(args)
+    except SandboxError as exc:
+        print(f"sandbox: {exc}", file=sys.stderr)
+        if isinstance(exc, MachineError):
+            if verbose and exc.argv:
+                print(f"sandbox: qemu command: {' '.join(exc.argv)}", file=sys.stderr)
+            if exc.log_tail:
+                tail = exc.log_tail.strip().splitlines()[-(40 if verbose else 8) :]
+                print("sandbox: last console lines:\n  " + "\n  ".join(tail), file=sys.stderr)
+        return exc.exit_status
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return EXIT_LAUNCHER
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""The guest's initramfs: the static init plus only the modules it loads, cached by key."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from . import cache, modules
+from .cpio import CpioWriter
+from .kernel import Kernel
+
+log = logging.getLogger(__name__)
+
+# What the init needs beyond the transport, which depends on the machine type.
+BASE_MODULES = ["virtio_console", "9pnet_virtio", "9p"]
+TRANSPORT_MODULES = {"microvm": ["virtio_mmio"], "q35": ["virtio_pci"]}
+
+
+def wanted_modules(machine: str) -> list[str]:
+    """Module names the guest loads, transport first so the devices exist."""
+    return TRANSPORT_MODULES[machine] + BASE_MODULES
+
+
+def build(kernel: Kernel, init: Path, wanted: list[str]) -> bytes:
+    """The initramfs as bytes (a pure function of its inputs)."""
+    w = CpioWriter()
+    for d in ("dev", "proc", "sys", "newroot", "modules"):
+        w.dir(d)
+    w.char_device("dev/console", 5, 1)
+    w.file("init", init.read_bytes(), 0o755)
+    order = []
+    for mod in modules.resolve_in(kernel.modules_dir, wanted):
+        fname = f"{mod.name}.ko"
+        w.file(f"modules/{fname}", modules.read_module(kernel.modules_dir, mod))
+        order.append(f"{mod.name} {fname}\n")
+    w.file("modules/order", "".join(order).encode())
+    return w.getvalue()
+
+
+def cached(kernel: Kernel, init: Path, wanted: list[str]) -> Path:
+    """Path of the cached initramfs for these inputs, built when missing."""
+    key = cache.content_hash(
+        kernel.version.encode(),
+        cache.file_identity(kernel.modules_dir / "modules.dep").encode(),
+        init.name.encode(),  # the init's name carries its source hash
+        " ".join(wanted).encode(),
+    )
+    path = cache.cache_dir() / f"initramfs-{kernel.version}-{key}.cpio"
+    if not path.exists():
+        log.info("building %s", path)
+        cache.write_atomic(path, build(kernel, init, wanted))
+    return path

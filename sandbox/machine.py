@@ -1,0 +1,176 @@
+"""QEMU process lifecycle: spawn with only the fds meant for it, soft stop, hard kill."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+
+from .errors import MachineError
+
+log = logging.getLogger(__name__)
+
+PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def set_parent_death_signal(sig: int = signal.SIGKILL) -> None:
+    """Ask the kernel to kill this process when its parent dies."""
+    if _libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+
+
+def log_tail(path: Path, limit: int = 2000) -> str:
+    """The last `limit` bytes of a log file, as text."""
+    try:
+        with path.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - limit))
+            return f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+class Machine:
+    """A running QEMU process.
+
+    Used as a context manager: leaving the block always ends and reaps QEMU,
+    so no process outlives the launcher's scope.  A parent-death signal
+    covers the launcher being killed outright.
+    """
+
+    def __init__(
+        self,
+        argv: list[str],
+        pass_fds: tuple[int, ...],
+        cwd: Path,
+        env: dict[str, str],
+        stderr_log: Path,
+        monitor: socket.socket | None = None,
+        preexec: Callable[[], None] | None = None,
+    ) -> None:
+        self.argv = argv
+        self.pass_fds = pass_fds
+        self.cwd = cwd
+        self.env = env
+        self.stderr_log = stderr_log
+        self.monitor = monitor
+        self.preexec = preexec
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.pidfd = -1
+        self.returncode: int | None = None
+
+    def _child_setup(self) -> None:
+        set_parent_death_signal()
+        if self.preexec is not None:
+            self.preexec()
+
+    def start(self) -> None:
+        with self.stderr_log.open("wb") as err:
+            try:
+                self.proc = subprocess.Popen(
+                    self.argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=err,
+                    stderr=err,
+                    pass_fds=self.pass_fds,
+                    close_fds=True,
+                    cwd=self.cwd,
+                    env=self.env,
+                    preexec_fn=self._child_setup,
+                )
+            except OSError as exc:
+                raise MachineError(f"cannot start {self.argv[0]}: {exc.strerror}", self.argv) from exc
+            except subprocess.SubprocessError as exc:
+                raise MachineError(f"cannot start {self.argv[0]}: {exc}", self.argv) from exc
+        self.pidfd = os.pidfd_open(self.proc.pid)
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def poll(self) -> int | None:
+        if self.proc is None:
+            return self.returncode
+        if self.returncode is None:
+            self.returncode = self.proc.poll()
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        """The exit status, or None if QEMU still runs after `timeout` seconds."""
+        if self.proc is None:
+            return self.returncode
+        try:
+            self.returncode = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+        return self.returncode
+
+    def _soft_stop(self, timeout: float) -> bool:
+        """Ask QEMU to quit: over QMP when there is a monitor, else SIGTERM."""
+        assert self.proc is not None
+        if self.monitor is not None:
+            try:
+                from qemu.qmp.legacy import QEMUMonitorProtocol
+
+                qmp = QEMUMonitorProtocol(self.monitor)
+                qmp.settimeout(timeout)
+                qmp.connect()
+                qmp.cmd("quit")
+            except Exception as exc:  # noqa: BLE001 - any failure falls through to signals
+                log.debug("QMP quit failed: %s", exc)
+        else:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.wait(timeout) is not None
+
+    def stop(self, soft_timeout: float = 1.0) -> int:
+        """End QEMU: a soft stop first, then SIGKILL.  Returns its exit status."""
+        if self.proc is None:
+            return self.returncode or 0
+        if self.poll() is None and soft_timeout > 0:
+            self._soft_stop(soft_timeout)
+        if self.poll() is None:
+            self.proc.kill()
+            self.wait()
+        assert self.returncode is not None
+        return self.returncode
+
+    def kill(self) -> None:
+        """SIGKILL at once: for timeouts and escalation, where the guest's state does not matter."""
+        if self.proc is not None and self.poll() is None:
+            self.proc.kill()
+            self.wait()
+
+    def failure(self, message: str, console_log: Path | None = None) -> MachineError:
+        """A MachineError carrying the command line and the log tails."""
+        tail = log_tail(self.stderr_log, 800)
+        if console_log is not None:
+            tail = (log_tail(console_log) + "\n" + tail).strip()
+        return MachineError(message, self.argv, tail)
+
+    def __enter__(self) -> Machine:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        try:
+            self.kill()
+        finally:
+            if self.pidfd >= 0:
+                os.close(self.pidfd)
+                self.pidfd = -1
+
+
+def monotonic_boottime() -> float:
+    """Host CLOCK_BOOTTIME in seconds: one clock for every phase stamp."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)

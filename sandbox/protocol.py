@@ -1,0 +1,133 @@
+"""The host side of the guest init's protocol (see guest-init/protocol.h)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PORT_CONTROL = 1
+PORT_STDIN = 2
+PORT_STDOUT = 3
+PORT_STDERR = 4
+PORT_X11 = 5
+
+PORT_NAMES = {
+    PORT_CONTROL: "sandbox.control",
+    PORT_STDIN: "sandbox.stdin",
+    PORT_STDOUT: "sandbox.stdout",
+    PORT_STDERR: "sandbox.stderr",
+    PORT_X11: "sandbox.x11",
+}
+
+TTY_STDIN, TTY_STDOUT, TTY_STDERR = 1, 2, 4
+
+
+@dataclass(frozen=True)
+class CommandSpec:
+    """What the guest runs, and as whom."""
+
+    argv: tuple[str, ...]
+    env: tuple[tuple[str, str], ...]
+    cwd: str
+    home: str
+    uid: int
+    gid: int
+    groups: tuple[int, ...] = ()
+    umask: int = 0o022
+    tty: int = 0
+    rows: int = 0
+    cols: int = 0
+    home_share: bool = False
+    x11_display: int | None = None
+
+
+def _field(key: str, value: str) -> bytes:
+    raw = value.encode("utf-8", "surrogateescape")
+    if b"\0" in raw:
+        raise ValueError(f"NUL byte in {key!r} value")
+    return key.encode() + raw + b"\0"
+
+
+def encode_spec(spec: CommandSpec) -> bytes:
+    """The spec message: "SPEC <len>\\n" and NUL-terminated one-letter records."""
+    parts = [_field("A", a) for a in spec.argv]
+    parts += [_field("E", f"{k}={v}") for k, v in spec.env]
+    parts += [
+        _field("C", spec.cwd),
+        _field("H", spec.home),
+        _field("U", str(spec.uid)),
+        _field("G", str(spec.gid)),
+        _field("M", f"{spec.umask:o}"),
+        _field("T", str(spec.tty)),
+        _field("R", str(spec.rows)),
+        _field("W", str(spec.cols)),
+        _field("V", "1" if spec.home_share else "0"),
+    ]
+    parts += [_field("S", str(g)) for g in spec.groups]
+    if spec.x11_display is not None:
+        parts.append(_field("X", str(spec.x11_display)))
+    body = b"".join(parts)
+    return b"SPEC %d\n" % len(body) + body
+
+
+@dataclass(frozen=True)
+class Stamp:
+    phase: str
+    guest_ns: int
+
+
+@dataclass(frozen=True)
+class ExecFailed:
+    code: int
+    message: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    status: int
+    out_bytes: int
+    err_bytes: int
+
+
+@dataclass(frozen=True)
+class LogLine:
+    message: str
+
+
+GuestMessage = Stamp | ExecFailed | Finished | LogLine
+
+
+def parse_line(line: bytes) -> tuple[int, GuestMessage] | None:
+    """(guest send time in ns, message) for one control line, or None if malformed."""
+    try:
+        text = line.decode("utf-8", "replace").rstrip("\n")
+        sent, kind, rest = (text.split(" ", 2) + ["", ""])[:3]
+        when = int(sent)
+        if kind == "T":
+            phase, ns = rest.split(" ")
+            return when, Stamp(phase, int(ns))
+        if kind == "X":
+            code, _, message = rest.partition(" ")
+            return when, ExecFailed(int(code), message)
+        if kind == "S":
+            status, out, err = rest.split(" ")
+            return when, Finished(int(status), int(out), int(err))
+        if kind == "L":
+            return when, LogLine(rest)
+    except ValueError:
+        return None
+    return None
+
+
+def signal_message(signo: int) -> bytes:
+    return b"K %d\n" % signo
+
+
+def winsize_message(rows: int, cols: int) -> bytes:
+    return b"W %d %d\n" % (rows, cols)
+
+
+def broken_pipe_message(fd: int) -> bytes:
+    return b"P %d\n" % fd
+
+
+ACK = b"A\n"

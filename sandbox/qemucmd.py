@@ -1,0 +1,118 @@
+"""The QEMU command line: a pure function from a machine spec to an argv list."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def escape(value: str) -> str:
+    """Escape a value for QEMU's option syntax, where ',' separates keys."""
+    return value.replace(",", ",,")
+
+
+@dataclass(frozen=True)
+class Share:
+    """A host directory exported over virtio-9p."""
+
+    tag: str
+    path: Path
+    readonly: bool = True
+
+
+@dataclass(frozen=True)
+class Port:
+    """A virtio-serial port backed by a socket the launcher holds the other end of."""
+
+    nr: int
+    name: str
+    fd: int
+
+
+@dataclass(frozen=True)
+class MachineSpec:
+    """Everything the QEMU command line depends on."""
+
+    qemu: str
+    accel: str  # "kvm" or "tcg"
+    machine: str  # "microvm" or "q35"
+    kernel: Path
+    initrd: Path
+    cmdline: str
+    memory_mb: int = 512
+    cpus: int = 1
+    console_fd: int | None = None
+    monitor_fd: int | None = None
+    shares: tuple[Share, ...] = ()
+    ports: tuple[Port, ...] = ()
+    tb_size_mb: int | None = None
+    seccomp: bool = False
+    extra: tuple[str, ...] = field(default=())
+
+
+SECCOMP = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+
+
+def _machine(spec: MachineSpec) -> str:
+    if spec.machine == "microvm":
+        # No legacy PIC/PIT/RTC and no option ROMs: less to emulate and less
+        # for the guest to probe.  ACPI stays: stock kernels lack
+        # VIRTIO_MMIO_CMDLINE_DEVICES and find virtio-mmio through the DSDT,
+        # and its GED device is how the guest powers off.
+        opts = "microvm,x-option-roms=off,pit=off,pic=off,rtc=on,acpi=on,auto-kernel-cmdline=off,isa-serial=on,pcie=off"
+    else:
+        opts = "q35,vmport=off,smbus=off,sata=off,usb=off,graphics=off"
+    return opts
+
+
+def _bus_device(spec: MachineSpec, kind: str) -> str:
+    """virtio device model name for the machine's transport."""
+    return f"{kind}-device" if spec.machine == "microvm" else f"{kind}-pci"
+
+
+def build_argv(spec: MachineSpec) -> list[str]:
+    """The full QEMU argv for `spec` (argv[0] included)."""
+    accel = spec.accel
+    if accel == "tcg" and spec.tb_size_mb:
+        accel += f",tb-size={spec.tb_size_mb}"
+    argv = [
+        spec.qemu,
+        "-nodefaults",
+        "-no-user-config",
+        "-display", "none",
+        "-no-reboot",
+        "-machine", _machine(spec),
+        "-accel", accel,
+        "-cpu", "host" if spec.accel == "kvm" else "max",
+        "-m", f"{spec.memory_mb}M",
+        "-smp", str(spec.cpus),
+        "-kernel", str(spec.kernel),
+        "-initrd", str(spec.initrd),
+        "-append", spec.cmdline,
+    ]  # fmt: skip
+    if spec.console_fd is not None:
+        argv += ["-chardev", f"socket,id=console,fd={spec.console_fd}", "-serial", "chardev:console"]
+    else:
+        argv += ["-serial", "none"]
+    if spec.monitor_fd is not None:
+        argv += ["-chardev", f"socket,id=qmp,fd={spec.monitor_fd}", "-mon", "chardev=qmp,mode=control"]
+    for i, share in enumerate(spec.shares):
+        ro = ",readonly=on" if share.readonly else ""
+        argv += [
+            "-fsdev",
+            f"local,id=fs{i},path={escape(str(share.path))},security_model=none,multidevs=remap{ro}",
+            "-device",
+            f"{_bus_device(spec, 'virtio-9p')},fsdev=fs{i},mount_tag={escape(share.tag)}",
+        ]
+    if spec.ports:
+        max_ports = max(p.nr for p in spec.ports) + 1
+        argv += ["-device", f"{_bus_device(spec, 'virtio-serial')},max_ports={max_ports}"]
+        for p in spec.ports:
+            argv += [
+                "-chardev", f"socket,id=port{p.nr},fd={p.fd}",
+                "-device", f"virtserialport,chardev=port{p.nr},name={escape(p.name)},nr={p.nr}",
+            ]  # fmt: skip
+    if spec.seccomp:
+        argv += ["-sandbox", SECCOMP]
+    argv += list(spec.extra)
+    return argv

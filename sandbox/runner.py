@@ -1,0 +1,310 @@
+"""`sandbox run`: prepare the VM, start it, relay the command's I/O, and collect its status."""
+
+from __future__ import annotations
+
+import logging
+import os
+import pwd
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import host, initramfs, kernel, protocol, qemucmd, runtime
+from .errors import EXIT_LAUNCHER, BootStallError, SandboxError, UsageError
+from .guestinit import init_binary
+from .machine import Machine, monotonic_boottime
+from .relay import Relay, RelayOutcome
+from .timings import Timeline
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Everything `sandbox run` was asked to do."""
+
+    argv: tuple[str, ...]
+    kernel: Path | None = None
+    accel: str = "auto"
+    qemu: str | None = None
+    machine: str = "auto"  # auto | microvm | q35
+    memory_mb: int = 512
+    cpus: int = 1
+    timeout: float | None = None
+    boot_timeout: float | None = None  # None: chosen by accelerator
+    boot_retries: int = 1
+    tty: bool | None = None  # None: when stdin is a terminal
+    home: Path | None = None
+    verbose: int = 0
+    kernel_append: str = ""
+    pvh: bool = True
+    tb_size_mb: int = 48
+    crypto_selftests: bool = False
+    confinement: object | None = None  # confine.Confinement, set by the CLI
+    x11: object | None = None  # x11.X11Session, set by the CLI
+    env: tuple[tuple[str, str], ...] | None = None  # None: this process's environment
+    cwd: str | None = None
+
+
+@dataclass
+class RunResult:
+    """How a run ended."""
+
+    status: int
+    timeline: Timeline = field(default_factory=Timeline)
+    qemu_pid: int | None = None
+    argv: list[str] = field(default_factory=list)
+
+
+def launcher_start_time() -> float:
+    """When this process started, on the CLOCK_BOOTTIME scale (interpreter start-up included)."""
+    try:
+        with open("/proc/self/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return monotonic_boottime()
+
+
+def kernel_cmdline(accel: str, tsc_khz: int | None, crypto_selftests: bool, verbose: int, extra: str) -> str:
+    """The guest kernel's command line; each knob's effect is in benchmarks/README.md."""
+    args = [
+        "console=ttyS0",
+        "panic=-1",  # a panic resets, and -no-reboot turns that into QEMU's exit
+        "8250.nr_uarts=1",
+        "i8042.noaux",
+        "i8042.nokbd",
+        "i8042.nopnp",
+        "noreplace-smp",
+        "pci=off",
+        "nowatchdog",
+        "audit=0",
+    ]
+    if verbose < 2:
+        args.append("quiet")
+    if accel == "tcg" and tsc_khz:
+        # Calibrating the TSC against a busy host hangs the boot; the host's
+        # rate is exact under TCG, whose guest TSC is the host's.
+        args.append(f"tsc_early_khz={tsc_khz}")
+        args.append("tsc=reliable")
+    if not crypto_selftests:
+        args.append("cryptomgr.notests")
+    if extra:
+        args.append(extra)
+    return " ".join(args)
+
+
+def _winsize(fd: int) -> tuple[int, int]:
+    try:
+        size = os.get_terminal_size(fd)
+        return size.lines, size.columns
+    except OSError:
+        return 0, 0
+
+
+def _isatty(fd: int) -> bool:
+    try:
+        return os.isatty(fd)
+    except OSError:
+        return False
+
+
+def tty_mask(force: bool | None) -> int:
+    """Which of the command's stdin/stdout/stderr get the guest pty."""
+    stdin_tty = _isatty(0)
+    if force is False or (force is None and not stdin_tty):
+        return 0
+    mask = protocol.TTY_STDIN | protocol.TTY_STDOUT if force else protocol.TTY_STDIN
+    if _isatty(1):
+        mask |= protocol.TTY_STDOUT
+    if _isatty(2):
+        mask |= protocol.TTY_STDERR
+    return mask
+
+
+def command_spec(opts: RunOptions, tty: int, x11_display: int | None) -> protocol.CommandSpec:
+    """The guest command: this user, environment and directory."""
+    env = dict(opts.env) if opts.env is not None else dict(os.environ)
+    uid, gid = os.getuid(), os.getgid()
+    home = env.get("HOME")
+    if not home:
+        try:
+            home = pwd.getpwuid(uid).pw_dir
+        except KeyError:
+            home = "/"
+        env["HOME"] = home
+    if x11_display is not None:
+        env["DISPLAY"] = f":{x11_display}"
+        env.pop("XAUTHORITY", None)  # the real desktop's cookie never enters
+    cwd = opts.cwd
+    if cwd is None:
+        try:
+            cwd = os.getcwd()
+        except OSError:
+            cwd = home
+    umask = os.umask(0)
+    os.umask(umask)
+    rows, cols = _winsize(0 if _isatty(0) else 1) if tty else (0, 0)
+    return protocol.CommandSpec(
+        argv=opts.argv,
+        env=tuple(env.items()),
+        cwd=cwd,
+        home=home,
+        uid=uid,
+        gid=gid,
+        groups=tuple(g for g in os.getgroups() if g != gid),
+        umask=umask,
+        tty=tty,
+        rows=rows,
+        cols=cols,
+        home_share=opts.home is not None,
+        x11_display=x11_display,
+    )
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """The boot inputs that do not change between attempts."""
+
+    accel: str
+    qemu: host.QemuInfo
+    machine: str
+    kernel_image: Path
+    initrd: Path
+    cmdline: str
+    tsc_khz: int | None
+
+
+def prepare(opts: RunOptions) -> Prepared:
+    """Resolve the kernel, QEMU and initramfs (all cached after the first run)."""
+    accel, warning = host.choose_accel(opts.accel)
+    if warning:
+        log.warning("%s", warning)
+    qemu = host.qemu_info(opts.qemu)
+    machine = opts.machine
+    if machine == "auto":
+        machine = "microvm" if qemu.microvm else "q35"
+    elif machine == "microvm" and not qemu.microvm:
+        raise UsageError(f"{qemu.path} has no microvm machine")
+    kern = kernel.find_kernel(opts.kernel)
+    kernel.ensure_readable(kern.image)
+    image = (kernel.pvh_image(kern) if opts.pvh else None) or kern.image
+    initrd = initramfs.cached(kern, init_binary(), initramfs.wanted_modules(machine))
+    tsc = host.tsc_khz() if accel == "tcg" else None
+    cmdline = kernel_cmdline(accel, tsc, opts.crypto_selftests, opts.verbose, opts.kernel_append)
+    return Prepared(accel, qemu, machine, image, initrd, cmdline, tsc)
+
+
+def _socketpairs(numbers: list[int]) -> dict[int, tuple[socket.socket, socket.socket]]:
+    return {n: socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for n in numbers}
+
+
+def boot_once(opts: RunOptions, prep: Prepared, rundir: Path, timeline: Timeline, attempt: int) -> RunResult:
+    """One boot of the VM; raises BootStallError if it stalls before the command starts."""
+    x11 = opts.x11
+    port_numbers = [protocol.PORT_CONTROL, protocol.PORT_STDIN, protocol.PORT_STDOUT, protocol.PORT_STDERR]
+    if x11 is not None:
+        port_numbers.append(protocol.PORT_X11)
+    ports = _socketpairs(port_numbers)
+    console = socket.socketpair()
+    monitor = socket.socketpair()
+    qemu_ends = [s[1] for s in ports.values()] + [console[1], monitor[1]]
+    launcher_ends = [s[0] for s in ports.values()] + [console[0], monitor[0]]
+    try:
+        shares = [qemucmd.Share("root", Path("/"))]
+        if opts.home is not None:
+            shares.append(qemucmd.Share("home", opts.home, readonly=False))
+        confinement = opts.confinement
+        spec = qemucmd.MachineSpec(
+            qemu=prep.qemu.path,
+            accel=prep.accel,
+            machine=prep.machine,
+            kernel=prep.kernel_image,
+            initrd=prep.initrd,
+            cmdline=prep.cmdline,
+            memory_mb=opts.memory_mb,
+            cpus=opts.cpus,
+            console_fd=console[1].fileno(),
+            monitor_fd=monitor[1].fileno(),
+            shares=tuple(shares),
+            ports=tuple(qemucmd.Port(n, protocol.PORT_NAMES[n], ports[n][1].fileno()) for n in port_numbers),
+            tb_size_mb=opts.tb_size_mb if prep.accel == "tcg" else None,
+            seccomp=bool(confinement is not None and getattr(confinement, "seccomp", False) and prep.qemu.seccomp),
+        )
+        argv = qemucmd.build_argv(spec)
+        if confinement is not None:
+            argv = confinement.wrap_argv(argv)  # type: ignore[attr-defined]
+        if opts.verbose:
+            log.info("qemu: %s", " ".join(argv))
+        tty = tty_mask(opts.tty)
+        cspec = command_spec(opts, tty, x11.display if x11 is not None else None)  # type: ignore[attr-defined]
+        machine = Machine(
+            argv,
+            pass_fds=tuple(s.fileno() for s in qemu_ends),
+            cwd=rundir,
+            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"},
+            stderr_log=rundir / "qemu.log",
+            monitor=monitor[0],
+            preexec=confinement.preexec if confinement is not None else None,  # type: ignore[attr-defined]
+        )
+        boot_timeout = opts.boot_timeout or (20.0 if prep.accel == "tcg" else 10.0)
+        relay = Relay(
+            ports={n: s[0] for n, s in ports.items()},
+            console=console[0],
+            console_log=rundir / "console.log",
+            machine=machine,
+            timeline=timeline,
+            spec_message=protocol.encode_spec(cspec),
+            tty=tty,
+            verbose=opts.verbose,
+            boot_timeout=boot_timeout,
+            timeout=opts.timeout,
+            x11=x11,
+        )
+        timeline.stamp_host("qemu_exec", monotonic_boottime())
+        with machine:
+            if confinement is not None:
+                confinement.started(machine.pid, rundir)  # type: ignore[attr-defined]
+            for s in qemu_ends:
+                s.close()
+            qemu_ends = []
+            outcome: RelayOutcome = relay.run()
+            if outcome.stalled:
+                raise BootStallError(
+                    f"guest boot made no progress for {boot_timeout:.0f} s (attempt {attempt})",
+                    argv,
+                    machine.failure("").log_tail,
+                )
+            if outcome.status is None:
+                raise machine.failure("guest stopped before reporting a status", rundir / "console.log")
+            return RunResult(outcome.status, timeline, machine.pid, argv)
+    finally:
+        for s in qemu_ends + launcher_ends:
+            s.close()
+
+
+def run(opts: RunOptions) -> RunResult:
+    """Run the command in a fresh VM and return how it ended."""
+    timeline = Timeline()
+    timeline.stamp_host("launcher_start", launcher_start_time())
+    if not opts.argv:
+        raise UsageError("no command given (usage: sandbox run [OPTIONS] -- CMD [ARGS...])")
+    prep = prepare(opts)
+    timeline.tsc_khz = prep.tsc_khz
+    with runtime.runtime_dir() as rundir:
+        for attempt in range(1, opts.boot_retries + 2):
+            try:
+                return boot_once(opts, prep, rundir, timeline, attempt)
+            except BootStallError as exc:
+                if attempt > opts.boot_retries:
+                    raise
+                log.warning("%s; retrying", exc)
+                timeline.guest.clear()
+                timeline.offset = None
+                timeline.host.pop("qemu_exec", None)
+    raise SandboxError("unreachable")  # pragma: no cover
+
+
+def exit_status(result: RunResult) -> int:
+    return result.status if 0 <= result.status <= 255 else EXIT_LAUNCHER
+
