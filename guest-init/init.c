@@ -394,10 +394,14 @@ static void setup_root(const struct spec *s)
 			xmount("home", path, "9p", MS_NOSUID | MS_NODEV,
 			       "trans=virtio,version=9p2000.L,msize=524288,cache=none,access=client");
 		} else if (!under(home, "/home") && !under(home, "/tmp") && !under(home, "/var/tmp") && !under(home, "/run")) {
-			/* e.g. /root: private too, like /home */
+			/* e.g. /root: private too, like /home.  A home that does not
+			 * exist on the host (/nonexistent) has no mount point in the
+			 * read-only root, and stays absent as it is there. */
 			char opts[64];
 			snprintf(opts, sizeof opts, "mode=700,uid=%u,gid=%u", s->uid, s->gid);
-			tmpfs(path, opts);
+			struct stat st;
+			if (stat(path, &st) == 0 && S_ISDIR(st.st_mode))
+				tmpfs(path, opts);
 		} else {
 			make_home(home, s->uid, s->gid);
 		}

@@ -7,12 +7,17 @@ import os
 import tempfile
 from pathlib import Path
 
+from .errors import SandboxError
+
 
 def cache_dir() -> Path:
     """The cache directory, created on first use."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     path = Path(base) / "sandbox"
-    path.mkdir(parents=True, exist_ok=True, mode=0o755)
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=0o755)
+    except OSError as exc:
+        raise SandboxError(f"cannot create the cache directory {path}: {exc.strerror} (set XDG_CACHE_HOME)") from exc
     return path
 
 

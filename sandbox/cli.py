@@ -211,6 +211,11 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_status
     except KeyboardInterrupt:
         return 130
+    except OSError as exc:
+        # An environment problem we did not foresee still gets one line.
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"sandbox: {exc.strerror or exc}{where}", file=sys.stderr)
+        return EXIT_LAUNCHER
     except BrokenPipeError:
         return EXIT_LAUNCHER
 

@@ -39,7 +39,7 @@ def image_version(image: Path) -> str | None:
     """The version string embedded in a bzImage header, if it has one."""
     try:
         with image.open("rb") as f:
-            head = f.read(0x4000)
+            head = f.read(0x10000)
     except OSError:
         return None
     if len(head) < 0x210 or head[0x202:0x206] != b"HdrS":

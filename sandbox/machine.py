@@ -66,6 +66,8 @@ class Machine:
         self.proc: subprocess.Popen[bytes] | None = None
         self.pidfd = -1
         self.returncode: int | None = None
+        # The real QEMU when it runs under a PID-namespace reaper (confine.py).
+        self.inner_pid: int | None = None
 
     def _child_setup(self) -> None:
         set_parent_death_signal()
@@ -145,9 +147,19 @@ class Machine:
 
     def kill(self) -> None:
         """SIGKILL at once: for timeouts and escalation, where the guest's state does not matter."""
-        if self.proc is not None and self.poll() is None:
-            self.proc.kill()
-            self.wait()
+        if self.proc is None or self.poll() is not None:
+            return
+        if self.inner_pid is not None:
+            # Kill QEMU itself so that its reaper collects it and exits:
+            # killing the reaper first would leave QEMU a zombie for init.
+            try:
+                os.kill(self.inner_pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            if self.wait(5.0) is not None:
+                return
+        self.proc.kill()
+        self.wait()
 
     def failure(self, message: str, console_log: Path | None = None) -> MachineError:
         """A MachineError carrying the command line and the log tails."""

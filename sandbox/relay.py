@@ -363,7 +363,11 @@ class Relay:
             return False
 
     def _close_stdin(self) -> None:
-        """EOF: closing our end makes QEMU drop the port's connection, which the guest reads as EOF."""
+        """EOF: the guest reads EOF once QEMU sees ours and drops the port's connection.
+
+        shutdown(), not close(): a closed peer is a hang-up to QEMU, which
+        then disconnects at once and drops what is still in the socket.
+        """
         self.stdin_open = False
         if self.stdin_registered:
             self.sel.unregister(0)
@@ -371,7 +375,10 @@ class Relay:
         sock = self.ports[protocol.PORT_STDIN]
         if self._registered(sock):
             self.sel.unregister(sock)
-        sock.close()
+        try:
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
 
     # ---- signals and deadlines ---------------------------------------------
 

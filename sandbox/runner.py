@@ -210,6 +210,9 @@ def boot_once(opts: RunOptions, prep: Prepared, rundir: Path, timeline: Timeline
     monitor = socket.socketpair()
     qemu_ends = [s[1] for s in ports.values()] + [console[1], monitor[1]]
     launcher_ends = [s[0] for s in ports.values()] + [console[0], monitor[0]]
+    # Kernel and initramfs go to QEMU as open files: a QEMU that runs as
+    # another uid, in another mount namespace, needs no path to our cache.
+    images = [os.open(p, os.O_RDONLY | os.O_CLOEXEC) for p in (prep.kernel_image, prep.initrd)]
     try:
         shares = [qemucmd.Share("root", Path("/"))]
         if opts.home is not None:
@@ -219,8 +222,8 @@ def boot_once(opts: RunOptions, prep: Prepared, rundir: Path, timeline: Timeline
             qemu=prep.qemu.path,
             accel=prep.accel,
             machine=prep.machine,
-            kernel=prep.kernel_image,
-            initrd=prep.initrd,
+            kernel=Path(f"/proc/self/fd/{images[0]}"),
+            initrd=Path(f"/proc/self/fd/{images[1]}"),
             cmdline=prep.cmdline,
             memory_mb=opts.memory_mb,
             cpus=opts.cpus,
@@ -232,15 +235,13 @@ def boot_once(opts: RunOptions, prep: Prepared, rundir: Path, timeline: Timeline
             seccomp=bool(confinement is not None and getattr(confinement, "seccomp", False) and prep.qemu.seccomp),
         )
         argv = qemucmd.build_argv(spec)
-        if confinement is not None:
-            argv = confinement.wrap_argv(argv)  # type: ignore[attr-defined]
         if opts.verbose:
             log.info("qemu: %s", " ".join(argv))
         tty = tty_mask(opts.tty)
         cspec = command_spec(opts, tty, x11.display if x11 is not None else None)  # type: ignore[attr-defined]
         machine = Machine(
             argv,
-            pass_fds=tuple(s.fileno() for s in qemu_ends),
+            pass_fds=tuple(s.fileno() for s in qemu_ends) + tuple(images),
             cwd=rundir,
             env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"},
             stderr_log=rundir / "qemu.log",
@@ -265,22 +266,38 @@ def boot_once(opts: RunOptions, prep: Prepared, rundir: Path, timeline: Timeline
         with machine:
             if confinement is not None:
                 confinement.started(machine.pid, rundir)  # type: ignore[attr-defined]
+                machine.inner_pid = confinement.qemu_pid  # type: ignore[attr-defined]
             for s in qemu_ends:
                 s.close()
             qemu_ends = []
             outcome: RelayOutcome = relay.run()
             if outcome.stalled:
                 raise BootStallError(
-                    f"guest boot made no progress for {boot_timeout:.0f} s (attempt {attempt})",
+                    f"guest boot made no progress for {boot_timeout:g} s (attempt {attempt})",
                     argv,
                     machine.failure("").log_tail,
                 )
             if outcome.status is None:
-                raise machine.failure("guest stopped before reporting a status", rundir / "console.log")
+                panic = _panic_line(rundir / "console.log")
+                what = f"guest kernel panic ({panic})" if panic else "guest stopped before reporting a status"
+                raise machine.failure(what, rundir / "console.log")
             return RunResult(outcome.status, timeline, machine.pid, argv)
     finally:
         for s in qemu_ends + launcher_ends:
             s.close()
+        for fd in images:
+            os.close(fd)
+
+
+def _panic_line(console_log: Path) -> str | None:
+    try:
+        text = console_log.read_text(errors="replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if "Kernel panic - not syncing:" in line:
+            return line.split("Kernel panic - not syncing:", 1)[1].strip()
+    return None
 
 
 def run(opts: RunOptions) -> RunResult:
@@ -292,6 +309,8 @@ def run(opts: RunOptions) -> RunResult:
     prep = prepare(opts)
     timeline.tsc_khz = prep.tsc_khz
     with runtime.runtime_dir() as rundir:
+        if opts.confinement is not None:
+            opts.confinement.prepare(rundir, opts.home)  # type: ignore[attr-defined]
         for attempt in range(1, opts.boot_retries + 2):
             try:
                 return boot_once(opts, prep, rundir, timeline, attempt)

@@ -1,0 +1,288 @@
+"""libvirt's walls around each QEMU process, put up by the launcher itself.
+
+sVirt label (unique MCS pair), DAC (an unprivileged uid when started as
+root), namespaces, seccomp (QEMU's -sandbox), cgroups, a scrubbed
+environment, and an audit trail.  The VM is the first wall; these make what
+a guest gains by exploiting QEMU worthless.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import pwd
+import signal
+import time
+from argparse import Namespace
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import audit, cgroups, labels, runtime, seclabel
+from .errors import ConfinementError, UsageError
+from .machine import set_parent_death_signal
+
+log = logging.getLogger(__name__)
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+MS_REC = 0x4000
+MS_PRIVATE = 1 << 18
+MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _unshare(flags: int) -> None:
+    if _libc.unshare(flags) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"unshare: {os.strerror(err)}")
+
+
+def _mount(src: str, target: str, fstype: str | None, flags: int, data: str | None) -> None:
+    if _libc.mount(src.encode(), target.encode(), fstype.encode() if fstype else None, flags, data.encode() if data else None) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mount {target}: {os.strerror(err)}")
+
+
+@dataclass(frozen=True)
+class Identity:
+    uid: int
+    gid: int
+    name: str
+
+
+def resolve_user(name: str | None) -> Identity | None:
+    """The uid/gid QEMU runs as: only when started as root (default `nobody`)."""
+    if os.geteuid() != 0:
+        return None
+    name = name or "nobody"
+    if name == "root":
+        return None
+    try:
+        pw = pwd.getpwnam(name) if not name.isdigit() else pwd.getpwuid(int(name))
+    except KeyError:
+        raise UsageError(f"--qemu-user {name}: no such user") from None
+    if pw.pw_uid == 0:
+        return None
+    return Identity(pw.pw_uid, pw.pw_gid, pw.pw_name)
+
+
+def _tree(path: Path) -> list[Path]:
+    out = [path]
+    for root, dirs, files in os.walk(path):
+        out += [Path(root) / n for n in dirs + files]
+    return out
+
+
+@contextmanager
+def lent_to(path: Path, user: Identity) -> Iterator[None]:
+    """Chown a shared tree to QEMU's uid for the run, as libvirt's DAC driver does,
+    and give every file back afterwards (new ones to the tree's owner)."""
+    owners = {p: (st.st_uid, st.st_gid) for p in _tree(path) if (st := p.lstat())}
+    try:
+        for p in owners:
+            os.lchown(p, user.uid, user.gid)
+        yield
+    finally:
+        top = owners[path]
+        for p in _tree(path):
+            try:
+                os.lchown(p, *owners.get(p, top))
+            except OSError:
+                pass
+
+
+@dataclass
+class Confinement:
+    """The walls for one sandbox; the runner calls its hooks around QEMU's life."""
+
+    argv: tuple[str, ...]
+    selinux: bool = False
+    static_label: str | None = None
+    show_label: bool = False
+    user: Identity | None = None
+    namespaces: bool = True
+    seccomp: bool = True
+    limits: cgroups.Limits = field(default_factory=cgroups.Limits)
+    process_label: str | None = None
+    file_label: str | None = None
+    qemu_pid: int | None = None
+    home_share: Path | None = None
+    _reservation: labels.Reservation | None = None
+    _cgroup: cgroups.Cgroup | None = None
+    _stack: ExitStack = field(default_factory=ExitStack)
+    _started: float = 0.0
+    _hidden: str | None = None
+
+    # ---- before QEMU ---------------------------------------------------
+
+    def prepare(self, rundir: Path, home: Path | None) -> None:
+        """Allocate the label, make the cgroup, and hand the runtime dir to QEMU's uid."""
+        self.home_share = home
+        self._hidden = str(runtime.runtime_base())
+        if self.selinux:
+            self._allocate_label()
+        if self.show_label:
+            log.warning("label %s", self.process_label or "none (SELinux is not in use)")
+        self._cgroup = cgroups.create(f"sandbox-{os.getpid()}-{rundir.name}", self.limits)
+        if self.user is not None:
+            os.chown(rundir, self.user.uid, self.user.gid)
+            if home is not None:
+                self._stack.enter_context(lent_to(home, self.user))
+        if self.file_label:
+            self._stack.enter_context(seclabel.relabelled(rundir, self.file_label))
+            if home is not None:
+                self._stack.enter_context(seclabel.relabelled(home, self.file_label))
+
+    def _allocate_label(self) -> None:
+        if self.static_label:
+            ctx = labels.Context.parse(self.static_label)
+            self.process_label = str(ctx)
+            self.file_label = str(labels.Context(ctx.user, "object_r", "svirt_image_t", ctx.level))
+            return
+        self._reservation = labels.reserve(runtime.runtime_base() / "mcs")
+        proc, image = labels.sandbox_contexts(self._reservation.pair)
+        self.process_label, self.file_label = str(proc), str(image)
+
+    # ---- in the forked child, before exec ----------------------------------
+
+    def preexec(self) -> None:
+        """Runs in the child between fork and exec; raises to abort the exec."""
+        if self._cgroup is not None:
+            self._cgroup.join()
+        if self.namespaces:
+            _unshare(CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWNET | CLONE_NEWPID)
+            self._become_pid1()
+            # Our mounts stay ours, and QEMU (and through it the 9p export)
+            # sees no other sandbox's runtime dir; our own is our cwd already.
+            _mount("none", "/", None, MS_REC | MS_PRIVATE, None)
+            if self._hidden and os.path.isdir(self._hidden):
+                _mount("tmpfs", self._hidden, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=4k,mode=755")
+        if self.user is not None:
+            os.setgroups([])
+            os.setgid(self.user.gid)
+            os.setuid(self.user.uid)
+        # Credential changes clear the parent-death signal: set it again.
+        parent = os.getppid()
+        set_parent_death_signal()
+        if os.getppid() != parent:
+            os._exit(1)
+        if self.process_label:
+            seclabel.set_exec_label(self.process_label)
+
+    def _become_pid1(self) -> None:
+        """Fork into the new PID namespace; the parent stays as a reaper that relays status.
+
+        unshare(CLONE_NEWPID) moves only future children, so QEMU must be
+        one.  The middle process closes every fd (so the launcher sees the
+        exec happen), forwards the stop signals, and exits as QEMU did.
+        """
+        child = os.fork()
+        if child == 0:
+            set_parent_death_signal()
+            return
+        os.closerange(3, 65536)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, lambda s, _f: os.kill(child, s))
+        _, status = os.waitpid(child, 0)
+        os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
+
+    # ---- while QEMU runs ------------------------------------------------------
+
+    def started(self, pid: int, rundir: Path) -> None:
+        """QEMU was spawned as `pid` (the PID-namespace reaper when namespaces are on)."""
+        self._started = time.time()
+        self.qemu_pid = find_qemu(pid) if self.namespaces else pid
+        self._audit(
+            "start",
+            user=_username(os.getuid()),
+            uid=os.getuid(),
+            label=self.process_label,
+            qemu_pid=self.qemu_pid,
+            qemu_uid=self.user.uid if self.user else os.getuid(),
+            command=list(self.argv),
+            shares=["/ (read-only)"] + ([f"{self.home_share} (read-write)"] if self.home_share else []),
+            rundir=str(rundir),
+        )
+
+    # ---- after QEMU ---------------------------------------------------------
+
+    def finish(self, status: int | None) -> None:
+        """Release everything, restore labels, and write the stop record."""
+        try:
+            self._stack.close()
+        finally:
+            if self._cgroup is not None:
+                self._cgroup.remove()
+            if self._reservation is not None:
+                self._reservation.release()
+            if self._started:
+                self._audit(
+                    "stop",
+                    user=_username(os.getuid()),
+                    label=self.process_label,
+                    qemu_pid=self.qemu_pid,
+                    command=list(self.argv),
+                    exit_status=status,
+                    duration_s=round(time.time() - self._started, 3),
+                )
+
+
+    def _audit(self, event: str, **fields: object) -> None:
+        try:
+            audit.record(event, **fields)
+        except OSError as exc:
+            log.warning("cannot write the audit log %s: %s", audit.log_path(), exc.strerror)
+
+
+def _username(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def find_qemu(reaper: int, timeout: float = 2.0) -> int:
+    """The QEMU process under the PID-namespace reaper (its only child)."""
+    deadline = time.monotonic() + timeout
+    path = Path(f"/proc/{reaper}/task/{reaper}/children")
+    while time.monotonic() < deadline:
+        try:
+            kids = path.read_text().split()
+        except OSError:
+            return reaper
+        if kids:
+            return int(kids[0])
+        time.sleep(0.001)
+    return reaper
+
+
+def from_args(args: Namespace, argv: tuple[str, ...]) -> Confinement:
+    """The confinement `sandbox run` asked for."""
+    mode = args.security
+    if args.label and not args.label.startswith("static:"):
+        raise UsageError("--label takes static:LABEL")
+    selinux_on = seclabel.enabled()
+    if mode == "selinux" and not selinux_on:
+        raise ConfinementError("--security selinux: SELinux is not enabled on this host")
+    use_selinux = mode == "selinux" or (mode == "auto" and selinux_on)
+    if args.label and not use_selinux:
+        raise ConfinementError("--label needs SELinux, which is not in use here")
+    root = os.geteuid() == 0
+    if not root:
+        log.info("started as a normal user: QEMU keeps your uid and shares your namespaces")
+    return Confinement(
+        argv=argv,
+        selinux=use_selinux,
+        static_label=args.label.removeprefix("static:") if args.label else None,
+        show_label=args.show_label,
+        user=resolve_user(args.qemu_user),
+        namespaces=root,
+        limits=cgroups.Limits(args.memory_limit, args.cpu_weight, args.cpu_quota, args.pids_limit),
+    )

@@ -1,0 +1,15 @@
+#!/bin/sh
+# Installs what sandbox needs on Debian 12 (as root), then the package into .venv.
+set -eu
+cd "$(dirname "$0")"
+if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -q
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+        qemu-system-x86 linux-image-amd64 gcc libc6-dev libselinux1 python3 python3-venv \
+        cpio procps util-linux \
+        xvfb xserver-xephyr x11-apps x11-utils xdotool xauth imagemagick \
+        selinux-policy-default selinux-utils policycoreutils semodule-utils checkpolicy selinux-policy-dev make
+fi
+python3 -m venv .venv
+.venv/bin/pip install -q --upgrade pip
+.venv/bin/pip install -q -e '.[test]'

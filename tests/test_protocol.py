@@ -1,0 +1,59 @@
+from sandbox import protocol
+from sandbox.protocol import CommandSpec
+
+
+def decode(msg: bytes) -> tuple[int, list[tuple[str, str]]]:
+    header, _, body = msg.partition(b"\n")
+    length = int(header.split()[1])
+    assert len(body) == length
+    records = body.split(b"\0")[:-1]
+    return length, [(r[:1].decode(), r[1:].decode()) for r in records]
+
+
+def test_spec_records_survive_spaces_quotes_and_newlines() -> None:
+    spec = CommandSpec(
+        argv=("sh", "-c", 'echo "a b"\nnext'),
+        env=(("X", "1\n2 '3'"), ("EMPTY", "")),
+        cwd="/dir with space",
+        home="/root",
+        uid=1000,
+        gid=100,
+        groups=(27, 44),
+        umask=0o027,
+        tty=3,
+        rows=24,
+        cols=80,
+    )
+    _, records = decode(protocol.encode_spec(spec))
+    assert [v for k, v in records if k == "A"] == ["sh", "-c", 'echo "a b"\nnext']
+    assert [v for k, v in records if k == "E"] == ["X=1\n2 '3'", "EMPTY="]
+    assert dict((k, v) for k, v in records if k not in "AES") == {
+        "C": "/dir with space", "H": "/root", "U": "1000", "G": "100", "M": "27",
+        "T": "3", "R": "24", "W": "80", "V": "0",
+    }  # fmt: skip
+    assert [v for k, v in records if k == "S"] == ["27", "44"]
+
+
+def test_nul_in_a_value_is_refused() -> None:
+    spec = CommandSpec(argv=("a\0b",), env=(), cwd="/", home="/", uid=0, gid=0)
+    try:
+        protocol.encode_spec(spec)
+    except ValueError as exc:
+        assert "NUL" in str(exc)
+    else:
+        raise AssertionError("NUL accepted")
+
+
+def test_guest_lines_parse() -> None:
+    assert protocol.parse_line(b"5 T init_start 4") == (5, protocol.Stamp("init_start", 4))
+    assert protocol.parse_line(b"6 X 127 foo: command not found") == (6, protocol.ExecFailed(127, "foo: command not found"))
+    assert protocol.parse_line(b"7 S 42 10 0") == (7, protocol.Finished(42, 10, 0))
+    assert protocol.parse_line(b"8 L init: oops") == (8, protocol.LogLine("init: oops"))
+    assert protocol.parse_line(b"garbage") is None
+    assert protocol.parse_line(b"9 S x y z") is None
+
+
+def test_host_messages() -> None:
+    assert protocol.signal_message(2) == b"K 2\n"
+    assert protocol.winsize_message(24, 80) == b"W 24 80\n"
+    assert protocol.broken_pipe_message(1) == b"P 1\n"

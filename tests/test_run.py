@@ -1,0 +1,269 @@
+"""`sandbox run` end to end: every test boots a real VM (TCG here, ~2 s a boot)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pty
+import shutil
+import signal
+import struct
+import subprocess
+import termios
+import fcntl
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import SANDBOX, run_sandbox, stderr_lines
+
+pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("no_leftovers")]
+
+
+@pytest.fixture
+def visible_dir() -> Iterator[Path]:
+    """A host directory the guest can see (not under the private /tmp or /home), path with spaces."""
+    base = Path("/var/lib/sandbox-tests")
+    path = base / f"dir with spaces {uuid.uuid4().hex[:8]}"
+    path.mkdir(parents=True, mode=0o755)
+    base.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.mark.parametrize("code", [1, 42, 255])
+def test_exit_status_is_the_commands(code: int) -> None:
+    proc = run_sandbox("sh", "-c", f"exit {code}")
+    assert proc.returncode == code, proc.stderr
+    assert stderr_lines(proc) == []
+
+
+def test_success_with_json_timings() -> None:
+    proc = run_sandbox("true", run_opts=("--timings=json",))
+    assert proc.returncode == 0, proc.stderr
+    err = proc.stderr.decode()
+    data = json.loads(err[err.index("{") :])
+    phases = data["phases"]
+    order = ["launcher_start", "qemu_exec", "kernel_entry", "init_start", "modules_loaded",
+             "root_mounted", "command_exec", "command_exit", "poweroff", "qemu_reaped"]  # fmt: skip
+    assert [p for p in order if p in phases] == order, phases
+    times = [phases[p] for p in order]
+    assert times == sorted(times), "phases out of order on the host clock"
+    assert 0 < data["spans_ms"]["shutdown"] < 5000
+
+
+def test_death_by_signal_is_128_plus_n() -> None:
+    proc = run_sandbox("sh", "-c", "kill -KILL $$")
+    assert proc.returncode == 128 + signal.SIGKILL
+
+
+def test_stdout_stderr_env_and_argv_exact(visible_dir: Path) -> None:
+    env = dict(os.environ, SB_SPACES="a b  c", SB_QUOTES="it's \"quoted\"", SB_NL="line1\nline2", SB_EMPTY="")
+    script = 'printf "%s|" "$PWD" "$SB_SPACES" "$SB_QUOTES" "$SB_NL" "$SB_EMPTY" "$@"; echo to-stderr >&2'
+    args = ["with space", 'quote"d', "new\nline", ""]
+    proc = run_sandbox("sh", "-c", script, "argv0", *args, env=env, cwd=visible_dir)
+    assert proc.returncode == 0, proc.stderr
+    fields = proc.stdout.decode().split("|")[:-1]
+    assert fields == [str(visible_dir), "a b  c", "it's \"quoted\"", "line1\nline2", "", *args]
+    assert stderr_lines(proc) == ["to-stderr"]
+
+
+def test_binary_stdin_to_stdout_is_byte_exact() -> None:
+    data = os.urandom(10 * 1024 * 1024)
+    proc = run_sandbox("cat", input=data)
+    assert proc.returncode == 0, proc.stderr
+    assert hashlib.sha256(proc.stdout).hexdigest() == hashlib.sha256(data).hexdigest()
+
+
+def test_stdin_eof_reaches_the_guest() -> None:
+    proc = run_sandbox("sh", "-c", "wc -c; echo after-eof", input=b"12345")
+    assert proc.stdout.split() == [b"5", b"after-eof"]
+
+
+def _vm_hwm_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+def test_100mb_of_stdout_streams_without_buffering() -> None:
+    total = 100 * 1024 * 1024
+    proc = subprocess.Popen(
+        [*SANDBOX, "run", "--", "head", "-c", str(total), "/dev/zero"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    got = 0
+    peak = 0
+    while chunk := proc.stdout.read(1 << 20):
+        got += len(chunk)
+        if got % (10 << 20) < len(chunk):  # every ~10 MB, while the launcher lives
+            try:
+                peak = max(peak, _vm_hwm_kb(proc.pid))
+            except (OSError, AssertionError):
+                pass
+    assert proc.wait(120) == 0
+    assert got == total
+    # The launcher's own peak memory stays far below the data size.
+    assert 0 < peak < 80 * 1024, f"launcher peak RSS {peak} kB"
+
+
+def test_root_is_read_only_and_scratch_dirs_are_private() -> None:
+    tag = uuid.uuid4().hex
+    script = f"""
+        touch /usr/probe-{tag} 2>&1; echo "usr=$?"
+        echo hi > /tmp/probe-{tag} && echo tmp=ok
+        echo hi > /var/tmp/probe-{tag} && echo vartmp=ok
+        echo hi > "$HOME/probe-{tag}" && echo home=ok
+        mkdir -p /home/someone && echo homedir=ok
+    """
+    proc = run_sandbox("sh", "-c", script)
+    out = proc.stdout.decode()
+    assert "Read-only file system" in out and "usr=1" in out
+    assert all(f"{k}=ok" in out for k in ("tmp", "vartmp", "home", "homedir")), out
+    home = Path(os.environ.get("HOME", "/root"))
+    for host_path in (Path(f"/usr/probe-{tag}"), Path(f"/tmp/probe-{tag}"), Path(f"/var/tmp/probe-{tag}"), home / f"probe-{tag}"):
+        assert not host_path.exists(), f"{host_path} leaked to the host"
+    assert not Path("/home/someone").exists()
+
+
+def test_home_share_persists_writes(visible_dir: Path) -> None:
+    (visible_dir / "existing").write_text("before")
+    owner = (visible_dir.stat().st_uid, visible_dir.stat().st_gid)
+    proc = run_sandbox(
+        "sh", "-c", 'cat "$HOME/existing"; echo written > "$HOME/new"; mkdir "$HOME/sub"; echo x > "$HOME/sub/f"',
+        run_opts=("--home", str(visible_dir)),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == b"before"
+    assert (visible_dir / "new").read_text() == "written\n"
+    assert (visible_dir / "sub/f").read_text() == "x\n"
+    # Everything is the user's again afterwards, new files included.
+    for p in (visible_dir, visible_dir / "new", visible_dir / "sub", visible_dir / "sub/f", visible_dir / "existing"):
+        assert (p.stat().st_uid, p.stat().st_gid) == owner, p
+
+
+def test_runs_as_a_non_root_user(visible_dir: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.fail("this test switches to the nobody user and must start as root")
+    cache = visible_dir / "cache"
+    cache.mkdir()
+    shutil.chown(cache, "nobody", "nogroup")
+    env = {"PATH": os.environ["PATH"], "HOME": "/home/sbuser", "XDG_CACHE_HOME": str(cache), "USER": "nobody",
+           "XDG_STATE_HOME": str(cache)}  # fmt: skip
+    cmd = [*SANDBOX, "run", "--", "sh", "-c", 'id -u; id -g; echo "$HOME"; touch "$HOME/x" && echo home-ok']
+    setpriv = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+    if not os.access(SANDBOX[0], os.X_OK) or _unreadable_for_others(Path(__file__)):
+        # The checkout sits in a directory that others cannot enter (e.g. /root):
+        # let the launcher read it, without any other privilege.
+        setpriv += ["--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search"]
+    proc = subprocess.run([*setpriv, *cmd], capture_output=True, env=env, timeout=180, cwd="/")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.decode().split() == ["65534", "65534", "/home/sbuser", "home-ok"]
+
+
+def _unreadable_for_others(path: Path) -> bool:
+    for parent in [path, *path.parents]:
+        mode = parent.stat().st_mode
+        if parent != path and not mode & 0o001:
+            return True
+    return False
+
+
+def test_command_not_found_is_127_and_not_executable_is_126(visible_dir: Path) -> None:
+    proc = run_sandbox("no-such-command-xyz")
+    assert proc.returncode == 127
+    assert stderr_lines(proc) == ["sandbox: no-such-command-xyz: command not found"]
+    script = visible_dir / "script"
+    script.write_text("#!/bin/sh\necho hi\n")
+    script.chmod(0o644)
+    proc = run_sandbox(str(script))
+    assert proc.returncode == 126
+    assert stderr_lines(proc) == [f"sandbox: {script}: Permission denied"]
+
+
+def test_timeout_kills_the_vm_with_124() -> None:
+    start = time.monotonic()
+    proc = run_sandbox("sleep", "600", run_opts=("--timeout", "4"))
+    assert proc.returncode == 124
+    assert time.monotonic() - start < 30
+    assert stderr_lines(proc) == ["sandbox: the command timed out; the VM was killed"]
+
+
+def test_sigint_is_forwarded_to_the_command() -> None:
+    script = 'trap "echo got-int; exit 7" INT; echo ready; while :; do sleep 0.1; done'
+    proc = subprocess.Popen([*SANDBOX, "run", "--", "sh", "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == b"ready\n"
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert out == b"got-int\n"
+    assert proc.returncode == 7
+
+
+def test_two_sandboxes_at_once() -> None:
+    procs = [
+        subprocess.Popen([*SANDBOX, "run", "--", "sh", "-c", f"sleep 1; echo {i}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=180) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert [o for o, _ in outs] == [b"0\n", b"1\n"]
+
+
+def test_tty_gets_a_pty_with_the_window_size() -> None:
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 33, 101, 0, 0))
+    proc = subprocess.Popen(
+        [*SANDBOX, "run", "--", "sh", "-c", "tty; stty size; test -t 0 && echo stdin-tty"],
+        stdin=slave, stdout=slave, stderr=slave, close_fds=True,
+    )  # fmt: skip
+    os.close(slave)
+    out = b""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # EIO: every holder of the slave is gone
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(master)
+    assert proc.wait(30) == 0
+    text = out.decode(errors="replace")
+    assert "/dev/pts/" in text and "33 101" in text and "stdin-tty" in text, text
+
+
+def test_verbose_shows_qemu_argv_and_console() -> None:
+    proc = run_sandbox("true", run_opts=("-v",))
+    assert proc.returncode == 0
+    err = proc.stderr.decode()
+    assert "sandbox: qemu: " in err and "-nodefaults" in err
+    assert "reboot: Power down" in err  # the console, streamed
+
+
+def test_guest_kernel_panic_is_a_launcher_error_with_console_tail() -> None:
+    proc = run_sandbox("sh", "-c", "echo c > /proc/sysrq-trigger")
+    assert proc.returncode == 125
+    err = proc.stderr.decode()
+    assert "sandbox: guest kernel panic (sysrq triggered crash)" in err
+    assert "Traceback" not in err
+
+
+def test_a_stalled_boot_is_detected_retried_and_reported() -> None:
+    # A boot bound far below the real boot time: every attempt "stalls".
+    start = time.monotonic()
+    proc = run_sandbox("true", run_opts=("--boot-timeout", "0.3"))
+    assert proc.returncode == 125
+    lines = stderr_lines(proc)
+    assert any("no progress" in ln and "retrying" in ln for ln in lines), lines
+    assert any("no progress for 0.3 s (attempt 2)" in ln for ln in lines), lines
+    assert time.monotonic() - start < 30
