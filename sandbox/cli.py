@@ -56,6 +56,8 @@ def _add_vm_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--machine", choices=("auto", "microvm", "q35"), default="auto")
     p.add_argument("--memory", type=_size_mb, default=512, metavar="SIZE", help="guest RAM (default 512M)")
     p.add_argument("--cpus", type=_cpus, default=1)
+    p.add_argument("--cpu-model", metavar="MODEL", help="QEMU -cpu (default: host under KVM, x86-64-v2 under TCG)")
+    p.add_argument("--tb-size", type=int, default=48, metavar="MB", help="TCG translation cache size (default 48)")
     p.add_argument("--boot-timeout", type=_positive, metavar="S", help="give up on a boot that stalls this long")
     p.add_argument("--no-pvh", action="store_true", help="boot the bzImage instead of the extracted vmlinux")
     p.add_argument("--kernel-append", default="", metavar="ARGS", help="extra guest kernel arguments")
@@ -100,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=int, default=1)
     bench.add_argument("--json", type=Path, metavar="FILE", help="save the results as JSON")
     bench.add_argument("--plot", type=Path, metavar="FILE.png", help="draw a stacked bar chart (needs matplotlib)")
-    bench.add_argument("--confine", action="store_true", help="measure with confinement on")
+    bench.add_argument("--no-confine", action="store_true", help="measure without the confinement walls")
     bench.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
 
     audit = sub.add_parser("audit", help="show the last sandbox start/stop records")
@@ -158,6 +160,8 @@ def _run(args: argparse.Namespace) -> int:
         kernel_append=args.kernel_append,
         pvh=not args.no_pvh,
         crypto_selftests=args.crypto_selftests,
+        cpu_model=args.cpu_model,
+        tb_size_mb=args.tb_size,
         confinement=confinement,
         x11=x11,
     )
@@ -173,7 +177,12 @@ def _run(args: argparse.Namespace) -> int:
             confinement.finish(result.status if result else None)
     if args.timings and result is not None:
         phases = result.timeline.phases()
-        out = timings.to_json(phases) if args.timings == "json" else timings.format_table(phases)
+        if args.timings == "json":
+            out = timings.to_json(phases, result.qemu_peak_rss_kb)
+        else:
+            out = timings.format_table(phases)
+            if result.qemu_peak_rss_kb:
+                out += f"\n  qemu peak RSS {result.qemu_peak_rss_kb / 1024:.0f} MiB"
         print(out, file=sys.stderr)
     return runner.exit_status(result)
 

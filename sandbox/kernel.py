@@ -166,10 +166,31 @@ def has_pvh_note(elf: bytes) -> bool:
     return False
 
 
+def trim_zero_tails(elf: bytes) -> bytes:
+    """Shrink each PT_LOAD's file size to end at its last non-zero page.
+
+    The loader zero-fills from p_filesz to p_memsz anyway, and QEMU keeps
+    the file mapped for the whole run: the kernel's .bss/.brk (22 MB of
+    zeros in Debian's 6.1) would otherwise sit in its resident set twice.
+    """
+    out = bytearray(elf)
+    (phoff,) = struct.unpack_from("<Q", elf, 0x20)
+    (phentsize, phnum) = struct.unpack_from("<HH", elf, 0x36)
+    for i in range(phnum):
+        at = phoff + i * phentsize
+        ptype, _flags, off, _va, _pa, filesz = struct.unpack_from("<IIQQQQ", elf, at)
+        if ptype != 1 or not filesz:  # PT_LOAD only
+            continue
+        used = len(elf[off : off + filesz].rstrip(b"\0"))
+        used = min(filesz, (used + 4095) & ~4095)
+        struct.pack_into("<Q", out, at + 0x20, used)
+    return bytes(out)
+
+
 def pvh_image(kernel: Kernel) -> Path | None:
     """A cached PVH-bootable vmlinux for `kernel`, or None if it cannot have one."""
     key = cache.file_identity(kernel.image)
-    target = cache.cache_dir() / f"vmlinux-{kernel.version}-{key}"
+    target = cache.cache_dir() / f"vmlinux-{kernel.version}-{key}.pvh"
     negative = target.with_suffix(".nopvh")
     if target.exists():
         return target
@@ -185,7 +206,7 @@ def pvh_image(kernel: Kernel) -> Path | None:
         log.info("%s has no PVH entry note; booting the bzImage", kernel.image)
         cache.write_atomic(negative, b"")
         return None
-    cache.write_atomic(target, elf)
+    cache.write_atomic(target, trim_zero_tails(elf))
     return target
 
 

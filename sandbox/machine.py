@@ -18,6 +18,7 @@ from .errors import MachineError
 log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
+PR_SET_THP_DISABLE = 41
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -71,6 +72,10 @@ class Machine:
 
     def _child_setup(self) -> None:
         set_parent_death_signal()
+        # QEMU asks for transparent huge pages for guest RAM and the TCG
+        # cache; a short-lived guest touches little of either, and 2 MiB
+        # pages made every touch cost 512 times as much resident memory.
+        _libc.prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0)
         if self.preexec is not None:
             self.preexec()
 

@@ -34,6 +34,7 @@ SHUTDOWN_GRACE = 3.0  # s for the guest to power off after our ack
 class RelayOutcome:
     status: int | None
     stalled: bool = False
+    qemu_peak_rss_kb: int | None = None
 
 
 class Relay:
@@ -86,6 +87,7 @@ class Relay:
         self.started = False
         self.qemu_done = False
         self.console_log: BinaryIO | None = None
+        self.qemu_peak_rss_kb: int | None = None
 
     # ---- set-up and tear-down ------------------------------------------
 
@@ -119,7 +121,7 @@ class Relay:
             return RelayOutcome(128 + self.killed_by)
         if self.stalled:
             return RelayOutcome(None, stalled=True)
-        return RelayOutcome(self.finished.status if self.finished else None)
+        return RelayOutcome(self.finished.status if self.finished else None, qemu_peak_rss_kb=self.qemu_peak_rss_kb)
 
     def _on_signal(self, signo: int, _frame: FrameType | None) -> None:
         self.signals.append(signo)
@@ -236,6 +238,7 @@ class Relay:
         elif isinstance(msg, protocol.Finished):
             self.finished = msg
             self.progress_deadline = None
+            self.qemu_peak_rss_kb = _peak_rss_kb(self.machine.inner_pid or self.machine.pid)
             self._maybe_ack()
         elif isinstance(msg, protocol.LogLine):
             log.warning("guest: %s", msg.message)
@@ -437,6 +440,18 @@ class Relay:
                 if not select.select([key.fileobj], [], [], 0)[0]:
                     break  # nothing more, and no EOF: someone else holds the other end
                 reader()
+
+
+def _peak_rss_kb(pid: int) -> int | None:
+    """QEMU's peak resident set (VmHWM), read while it still runs."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 def _write_all(fd: int, data: bytes) -> None:

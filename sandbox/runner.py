@@ -39,6 +39,7 @@ class RunOptions:
     kernel_append: str = ""
     pvh: bool = True
     tb_size_mb: int = 48
+    cpu_model: str | None = None
     crypto_selftests: bool = False
     confinement: object | None = None  # confine.Confinement, set by the CLI
     x11: object | None = None  # x11.X11Session, set by the CLI
@@ -54,6 +55,7 @@ class RunResult:
     timeline: Timeline = field(default_factory=Timeline)
     qemu_pid: int | None = None
     argv: list[str] = field(default_factory=list)
+    qemu_peak_rss_kb: int | None = None
 
 
 def launcher_start_time() -> float:
@@ -232,6 +234,7 @@ def boot_once(opts: RunOptions, prep: Prepared, rundir: Path, timeline: Timeline
             shares=tuple(shares),
             ports=tuple(qemucmd.Port(n, protocol.PORT_NAMES[n], ports[n][1].fileno()) for n in port_numbers),
             tb_size_mb=opts.tb_size_mb if prep.accel == "tcg" else None,
+            cpu_model=opts.cpu_model,
             seccomp=bool(confinement is not None and getattr(confinement, "seccomp", False) and prep.qemu.seccomp),
         )
         argv = qemucmd.build_argv(spec)
@@ -281,7 +284,7 @@ def boot_once(opts: RunOptions, prep: Prepared, rundir: Path, timeline: Timeline
                 panic = _panic_line(rundir / "console.log")
                 what = f"guest kernel panic ({panic})" if panic else "guest stopped before reporting a status"
                 raise machine.failure(what, rundir / "console.log")
-            return RunResult(outcome.status, timeline, machine.pid, argv)
+            return RunResult(outcome.status, timeline, machine.inner_pid or machine.pid, argv, outcome.qemu_peak_rss_kb)
     finally:
         for s in qemu_ends + launcher_ends:
             s.close()

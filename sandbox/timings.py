@@ -113,13 +113,14 @@ def format_table(phases: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
-def to_json(phases: dict[str, float]) -> str:
+def to_json(phases: dict[str, float], qemu_peak_rss_kb: int | None = None) -> str:
     base = phases.get("launcher_start", 0.0)
     return json.dumps(
         {
             "clock": "host CLOCK_BOOTTIME, seconds since launcher_start",
             "phases": {p: round(t - base, 6) for p, t in phases.items()},
             "spans_ms": {k: round(v * 1000, 3) for k, v in spans(phases).items()},
+            "qemu_peak_rss_kb": qemu_peak_rss_kb,
         },
         indent=2,
     )
