@@ -273,6 +273,9 @@ def boot_once(opts: RunOptions, prep: Prepared, rundir: Path, timeline: Timeline
             for s in qemu_ends:
                 s.close()
             qemu_ends = []
+            for fd in images:
+                os.close(fd)
+            images = []
             outcome: RelayOutcome = relay.run()
             if outcome.stalled:
                 raise BootStallError(

@@ -1,0 +1,125 @@
+"""The walls around a real sandbox's QEMU, read from /proc while it runs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import SANDBOX
+
+pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("no_leftovers")]
+
+
+def children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def find_qemu(launcher: int, timeout: float = 60) -> int:
+    """The qemu-system process below the launcher (under its PID-namespace reaper)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        todo = children(launcher)
+        while todo:
+            pid = todo.pop()
+            try:
+                if Path(f"/proc/{pid}/comm").read_text().strip() == "qemu-system-x86":
+                    return pid
+            except OSError:
+                continue
+            todo += children(pid)
+        time.sleep(0.05)
+    raise AssertionError("no QEMU process appeared")
+
+
+def status(pid: int) -> dict[str, str]:
+    return dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":\t" in line)
+
+
+def test_qemu_is_confined_as_libvirt_would(capsys: pytest.CaptureFixture[str]) -> None:
+    if os.geteuid() != 0:
+        pytest.fail("confinement as root is what this checks")
+    proc = subprocess.Popen(
+        [*SANDBOX, "run", "--pids-limit", "64", "--memory-limit", "1G", "--cpu-weight", "50",
+         "--", "sh", "-c", "echo ready; read line; echo got $line"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        qemu = find_qemu(proc.pid)
+        assert proc.stdout.readline() == b"ready\n"  # the guest runs: QEMU is fully set up
+        st = status(qemu)
+        evidence = {k: st[k] for k in ("Uid", "Gid", "Groups", "Seccomp", "NoNewPrivs")}
+        # DAC: nobody/nogroup, no supplementary groups
+        assert st["Uid"].split() == ["65534"] * 4 and st["Gid"].split() == ["65534"] * 4
+        assert st["Groups"].strip() == ""
+        # seccomp filter mode, no privilege gain
+        assert st["Seccomp"].strip() == "2" and st["NoNewPrivs"].strip() == "1"
+        # namespaces differ from the launcher's
+        for ns in ("mnt", "pid", "ipc", "uts", "net"):
+            ours, theirs = os.readlink(f"/proc/{proc.pid}/ns/{ns}"), os.readlink(f"/proc/{qemu}/ns/{ns}")
+            assert ours != theirs, ns
+            evidence[f"ns/{ns}"] = f"{theirs} (launcher {ours})"
+        assert status(qemu)["NSpid"].split()[-1] == "1"  # PID 1 in its namespace
+        # cgroup membership and limits
+        groups = Path(f"/proc/{qemu}/cgroup").read_text()
+        evidence["cgroup"] = " ".join(line for line in groups.splitlines() if "sandbox-" in line)
+        limits = _limits(groups)
+        assert limits.get("pids") == "64", groups
+        assert limits.get("memory") == str(1 << 30), groups
+        assert limits.get("cpu") in ("512", "50"), groups
+        # hygiene: environment, working directory, descriptors
+        env = Path(f"/proc/{qemu}/environ").read_bytes().split(b"\0")
+        assert sorted(e.split(b"=")[0] for e in env if e) == [b"LC_ALL", b"PATH"]
+        cwd = os.readlink(f"/proc/{qemu}/cwd")
+        assert cwd.startswith("/run/sandbox/run-"), cwd
+        fds = {int(fd): os.readlink(f"/proc/{qemu}/fd/{fd}") for fd in os.listdir(f"/proc/{qemu}/fd")}
+        assert fds[0] == "/dev/null" and fds[1].endswith("/qemu.log") and fds[2] == fds[1]
+        images = sorted(t for t in fds.values() if t.endswith((".pvh", ".cpio")))
+        assert len(images) == 2 and all("/sandbox/" in t for t in images), images
+        # Nothing the launcher holds reaches QEMU: its pipes, its stdio, the
+        # other ends of the socketpairs (each end is its own socket inode).
+        launcher = {os.readlink(f"/proc/{proc.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{proc.pid}/fd")}
+        shared = {t for t in fds.values() if t in launcher} - {"/dev/null"}
+        shared = {t for t in shared if not t.startswith(("anon_inode:", "/usr/", "/lib"))}
+        assert shared == set(), shared
+        evidence["fds"] = f"{len(fds)} (0: /dev/null, 1-2: qemu.log, images: {', '.join(Path(t).name for t in images)})"
+        assert sum(t.startswith("socket:") for t in fds.values()) >= 6  # console, monitor, 4 ports
+    finally:
+        proc.stdin.write(b"bye\n")
+        proc.stdin.close()
+        out = proc.stdout.read()
+        proc.wait(60)
+    assert out == b"got bye\n"
+    assert proc.returncode == 0
+    with capsys.disabled():
+        print("\nconfinement evidence:\n  " + "\n  ".join(f"{k}: {v}" for k, v in evidence.items()))
+
+
+def _limits(cgroup_file: str) -> dict[str, str]:
+    """Limits of the sandbox's cgroups, v1 or v2."""
+    out = {}
+    for line in cgroup_file.splitlines():
+        _, controllers, path = line.split(":", 2)
+        if "sandbox-" not in path:
+            continue
+        if controllers == "":
+            base = Path("/sys/fs/cgroup") / path.lstrip("/")
+            out["pids"] = (base / "pids.max").read_text().strip()
+            out["memory"] = (base / "memory.max").read_text().strip()
+            out["cpu"] = (base / "cpu.weight").read_text().strip()
+        for c in controllers.split(","):
+            base = Path("/sys/fs/cgroup") / c / path.lstrip("/")
+            if c == "pids":
+                out["pids"] = (base / "pids.max").read_text().strip()
+            elif c == "memory":
+                out["memory"] = (base / "memory.limit_in_bytes").read_text().strip()
+            elif c == "cpu":
+                out["cpu"] = (base / "cpu.shares").read_text().strip()
+    return out
