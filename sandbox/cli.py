@@ -167,12 +167,8 @@ def _run(args: argparse.Namespace) -> int:
     )
     result = None
     try:
-        if x11 is not None:
-            x11.start()
         result = runner.run(opts)
     finally:
-        if x11 is not None:
-            x11.close()
         if confinement is not None:
             confinement.finish(result.status if result else None)
     if args.timings and result is not None:

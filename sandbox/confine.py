@@ -34,6 +34,7 @@ CLONE_NEWNET = 0x40000000
 MS_REC = 0x4000
 MS_PRIVATE = 1 << 18
 MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
+PR_SET_NAME = 15
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -181,15 +182,18 @@ class Confinement:
 
         unshare(CLONE_NEWPID) moves only future children, so QEMU must be
         one.  The middle process closes every fd (so the launcher sees the
-        exec happen), forwards the stop signals, and exits as QEMU did.
+        exec happen), waits, and exits as QEMU did.
         """
         child = os.fork()
         if child == 0:
             set_parent_death_signal()
             return
         os.closerange(3, 65536)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(sig, lambda s, _f: os.kill(child, s))
+        _libc.prctl(PR_SET_NAME, b"sandbox-reaper", 0, 0, 0)
+        # Stop requests go to QEMU itself (QMP, or a signal to its pid);
+        # a stray signal for the launcher's name must not end the VM here.
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
+            signal.signal(sig, signal.SIG_IGN)
         _, status = os.waitpid(child, 0)
         os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
 

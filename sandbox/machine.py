@@ -91,6 +91,9 @@ class Machine:
                     close_fds=True,
                     cwd=self.cwd,
                     env=self.env,
+                    # Its own session: a Ctrl-C at the terminal is for the
+                    # launcher to forward to the guest, not for QEMU.
+                    start_new_session=True,
                     preexec_fn=self._child_setup,
                 )
             except OSError as exc:
@@ -136,6 +139,8 @@ class Machine:
                 log.debug("QMP quit failed: %s", exc)
         else:
             self.proc.send_signal(signal.SIGTERM)
+            if self.inner_pid is not None:
+                os.kill(self.inner_pid, signal.SIGTERM)
         return self.wait(timeout) is not None
 
     def stop(self, soft_timeout: float = 1.0) -> int:

@@ -138,6 +138,9 @@ class Relay:
         self.sel.register(self.machine.pidfd, selectors.EVENT_READ, "qemu")
         if self.x11 is not None:
             self.x11.attach(self.sel, self.ports[protocol.PORT_X11])
+            # The user closed the nested window: the app has lost its
+            # display; tell it as a terminal's hang-up would.
+            self.x11.on_display_gone = lambda: self.signals.append(signal.SIGHUP)
 
     # ---- the loop --------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pwd
@@ -314,9 +315,14 @@ def run(opts: RunOptions) -> RunResult:
         raise UsageError("no command given (usage: sandbox run [OPTIONS] -- CMD [ARGS...])")
     prep = prepare(opts)
     timeline.tsc_khz = prep.tsc_khz
-    with runtime.runtime_dir() as rundir:
+    with runtime.runtime_dir() as rundir, contextlib.ExitStack() as stack:
+        label = None
         if opts.confinement is not None:
             opts.confinement.prepare(rundir, opts.home)  # type: ignore[attr-defined]
+            label = opts.confinement.process_label  # type: ignore[attr-defined]
+        if opts.x11 is not None:
+            stack.callback(opts.x11.close)  # type: ignore[attr-defined]
+            opts.x11.start(f"sandbox: {' '.join(opts.argv)} [{label or 'unlabelled'}]")  # type: ignore[attr-defined]
         for attempt in range(1, opts.boot_retries + 2):
             try:
                 return boot_once(opts, prep, rundir, timeline, attempt)

@@ -1,0 +1,341 @@
+"""`--x11`: the guest's X11 clients reach one private nested X server, and nothing else.
+
+The launcher starts Xephyr on the user's display, with a cookie of its own,
+and carries each X11 connection of the guest over one virtio-serial port
+(frames of type, connection id and length; see guest-init/protocol.h).  The
+guest's clients connect with no credentials at all: the launcher puts the
+nested server's cookie into each connection's set-up message on the host
+side, as ssh's X11 forwarding does, so no cookie (of the real desktop or of
+the nested server) ever enters the guest.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import selectors
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import SandboxError, ToolMissingError, UsageError
+from .machine import set_parent_death_signal
+
+log = logging.getLogger(__name__)
+
+OPEN, DATA, CLOSE = b"O", b"D", b"C"
+HEADER = struct.Struct("<cII")
+MAX_FRAME = 256 * 1024
+GUEST_DISPLAY = 0
+COOKIE_NAME = b"MIT-MAGIC-COOKIE-1"
+FAMILY_LOCAL = 256
+
+
+def _pad(n: int) -> int:
+    return (4 - n % 4) % 4
+
+
+def xauth_entry(display: int, cookie: bytes, hostname: bytes) -> bytes:
+    """One Xauthority record (FamilyLocal) granting `cookie` for `display`."""
+
+    def counted(b: bytes) -> bytes:
+        return struct.pack(">H", len(b)) + b
+
+    return struct.pack(">H", FAMILY_LOCAL) + b"".join(
+        counted(x) for x in (hostname, str(display).encode(), COOKIE_NAME, cookie)
+    )
+
+
+def setup_length(head: bytes) -> int | None:
+    """Length of an X11 connection set-up message, once its 12-byte head is in."""
+    if len(head) < 12:
+        return None
+    order = "<" if head[0:1] == b"l" else ">"
+    n, d = struct.unpack_from(order + "HH", head, 6)
+    return 12 + n + _pad(n) + d + _pad(d)
+
+
+def rewrite_setup(message: bytes, cookie: bytes) -> bytes:
+    """The client's set-up message with its credentials replaced by ours."""
+    order = "<" if message[0:1] == b"l" else ">"
+    major, minor = struct.unpack_from(order + "HH", message, 2)
+    head = message[0:2] + struct.pack(order + "HHHHH", major, minor, len(COOKIE_NAME), len(cookie), 0)
+    return head + COOKIE_NAME + b"\0" * _pad(len(COOKIE_NAME)) + cookie + b"\0" * _pad(len(cookie))
+
+
+def frame(kind: bytes, conn: int, payload: bytes = b"") -> bytes:
+    return HEADER.pack(kind, conn, len(payload)) + payload
+
+
+@dataclass
+class _Conn:
+    sock: socket.socket
+    setup: bytearray = field(default_factory=bytearray)  # the client's set-up message, as it arrives
+    authorized: bool = False  # set-up message rewritten and sent
+    out: bytearray = field(default_factory=bytearray)  # to the nested server
+
+
+class X11Session:
+    """One nested X server and the connections the guest opens to it."""
+
+    def __init__(self, mode: str, size: str, xephyr: str) -> None:
+        self.mode = mode
+        self.size = size
+        self.xephyr = xephyr
+        self.display = GUEST_DISPLAY  # as the guest sees it
+        self.host_display: int | None = None
+        self.cookie = secrets.token_bytes(16)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.dir: Path | None = None
+        self.port: socket.socket | None = None
+        self.sel: selectors.BaseSelector | None = None
+        self.conns: dict[int, _Conn] = {}
+        self.to_guest = bytearray()
+        self.from_guest = bytearray()
+        self.pidfd = -1
+        self.on_display_gone: Callable[[], None] | None = None
+
+    @classmethod
+    def from_args(cls, mode: str, size: str, _confinement: object = None) -> X11Session:
+        """Check what --x11 needs, with one-line errors naming what to install."""
+        if mode == "xpra":
+            if shutil.which("xpra") is None:
+                raise ToolMissingError("--x11=xpra needs xpra; apt-get install xpra")
+            raise UsageError("--x11=xpra is not implemented yet; use --x11 (Xephyr)")
+        if not os.environ.get("DISPLAY"):
+            raise UsageError("--x11 needs a desktop, and DISPLAY is not set (a virtual one: apt-get install xvfb)")
+        try:
+            w, h = (int(v) for v in size.lower().split("x"))
+            if not (64 <= w <= 16384 and 64 <= h <= 16384):
+                raise ValueError
+        except ValueError:
+            raise UsageError(f"--x11-size {size!r}: want WIDTHxHEIGHT, e.g. 1024x768") from None
+        xephyr = shutil.which("Xephyr")
+        if xephyr is None:
+            raise ToolMissingError("--x11 needs Xephyr; apt-get install xserver-xephyr")
+        return cls(mode, f"{w}x{h}", xephyr)
+
+    # ---- the nested server ----------------------------------------------
+
+    def start(self, title: str) -> None:
+        """Start Xephyr on the user's display and wait until it accepts clients."""
+        self.dir = Path(tempfile.mkdtemp(prefix="sandbox-x11-"))
+        auth = self.dir / "xauth"
+        r, w = os.pipe()
+        # Display numbers are chosen by Xephyr itself (-displayfd): no race
+        # with other servers.  -nolisten tcp: a local socket only.
+        argv = [self.xephyr, "-displayfd", str(w), "-auth", str(auth), "-nolisten", "tcp",
+                "-screen", self.size, "-title", title, "-no-host-grab", "-resizeable"]  # fmt: skip
+        placeholder = xauth_entry(0, self.cookie, socket.gethostname().encode())
+        auth.write_bytes(placeholder)
+        auth.chmod(0o600)
+        log_path = self.dir / "xephyr.log"
+        with log_path.open("wb") as errlog:
+            self.proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=errlog,
+                stderr=errlog,
+                pass_fds=(w,),
+                start_new_session=True,
+                preexec_fn=set_parent_death_signal,
+            )
+        os.close(w)
+        number = b""
+        deadline = time.monotonic() + 15
+        try:
+            while not number.endswith(b"\n") and time.monotonic() < deadline:
+                ready = selectors.DefaultSelector()
+                ready.register(r, selectors.EVENT_READ)
+                if ready.select(max(0.0, deadline - time.monotonic())):
+                    chunk = os.read(r, 16)
+                    if not chunk:
+                        break
+                    number += chunk
+                ready.close()
+        finally:
+            os.close(r)
+        if not number.strip().isdigit():
+            tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
+            self.close()
+            raise SandboxError(f"--x11: Xephyr could not start on {os.environ.get('DISPLAY')}: {tail[0]}")
+        self.host_display = int(number)
+        # The cookie is the server's only accepted credential, for its real number.
+        auth.write_bytes(xauth_entry(self.host_display, self.cookie, socket.gethostname().encode()))
+        self.pidfd = os.pidfd_open(self.proc.pid)
+        log.info("nested X server :%d on %s", self.host_display, os.environ.get("DISPLAY"))
+
+    @property
+    def socket_path(self) -> str:
+        return f"/tmp/.X11-unix/X{self.host_display}"
+
+    def close(self) -> None:
+        """Close every connection and the nested server."""
+        for conn in list(self.conns.values()):
+            conn.sock.close()
+        self.conns.clear()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None
+
+    # ---- relaying, driven by the launcher's event loop --------------------
+
+    def attach(self, sel: selectors.BaseSelector, port: socket.socket) -> None:
+        self.sel = sel
+        self.port = port
+        port.setblocking(False)
+        sel.register(port, selectors.EVENT_READ, ("x11-port", 0))
+        if self.pidfd >= 0:
+            sel.register(self.pidfd, selectors.EVENT_READ, ("x11-server", 0))
+
+    def on_event(self, key: selectors.SelectorKey, mask: int) -> None:
+        kind, conn_id = key.data
+        if kind == "x11-port":
+            if mask & selectors.EVENT_WRITE:
+                self._flush_port()
+            if mask & selectors.EVENT_READ:
+                self._from_guest()
+        elif kind == "x11-conn":
+            conn = self.conns.get(conn_id)
+            if conn is None:
+                return
+            if mask & selectors.EVENT_WRITE:
+                self._flush_conn(conn_id, conn)
+            if mask & selectors.EVENT_READ and conn_id in self.conns:
+                self._from_server(conn_id, conn)
+        elif kind == "x11-server":
+            assert self.sel is not None
+            self.sel.unregister(self.pidfd)
+            log.info("the nested X server is gone")
+            for cid in list(self.conns):
+                self._drop(cid, tell_guest=True)
+            if self.on_display_gone is not None:
+                self.on_display_gone()
+
+    def _send_guest(self, data: bytes) -> None:
+        self.to_guest += data
+        self._flush_port()
+
+    def _flush_port(self) -> None:
+        assert self.port is not None and self.sel is not None
+        if self.to_guest:
+            try:
+                sent = self.port.send(self.to_guest)
+                del self.to_guest[:sent]
+            except BlockingIOError:
+                pass
+            except OSError:
+                self.to_guest.clear()
+        try:
+            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.to_guest else 0)
+            self.sel.modify(self.port, events, ("x11-port", 0))
+        except (KeyError, ValueError):
+            pass
+
+    def _from_guest(self) -> None:
+        assert self.port is not None and self.sel is not None
+        try:
+            data = self.port.recv(MAX_FRAME)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.sel.unregister(self.port)
+            return
+        self.from_guest += data
+        while len(self.from_guest) >= HEADER.size:
+            kind, cid, length = HEADER.unpack_from(self.from_guest)
+            if len(self.from_guest) < HEADER.size + length:
+                break
+            payload = bytes(self.from_guest[HEADER.size : HEADER.size + length])
+            del self.from_guest[: HEADER.size + length]
+            if kind == OPEN:
+                self._open(cid)
+            elif kind == DATA and cid in self.conns:
+                self._to_server(cid, self.conns[cid], payload)
+            elif kind == CLOSE and cid in self.conns:
+                self._drop(cid, tell_guest=False)
+
+    def _open(self, cid: int) -> None:
+        assert self.sel is not None
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(self.socket_path)
+        except OSError as exc:
+            log.warning("cannot reach the nested X server: %s", exc)
+            sock.close()
+            self._send_guest(frame(CLOSE, cid))
+            return
+        sock.setblocking(False)
+        self.conns[cid] = _Conn(sock)
+        self.sel.register(sock, selectors.EVENT_READ, ("x11-conn", cid))
+
+    def _to_server(self, cid: int, conn: _Conn, payload: bytes) -> None:
+        if not conn.authorized:
+            conn.setup += payload
+            need = setup_length(bytes(conn.setup))
+            if need is None or len(conn.setup) < need:
+                return
+            payload = rewrite_setup(bytes(conn.setup[:need]), self.cookie) + bytes(conn.setup[need:])
+            conn.authorized = True
+            conn.setup.clear()
+        conn.out += payload
+        self._flush_conn(cid, conn)
+
+    def _flush_conn(self, cid: int, conn: _Conn) -> None:
+        assert self.sel is not None
+        if conn.out:
+            try:
+                sent = conn.sock.send(conn.out)
+                del conn.out[:sent]
+            except BlockingIOError:
+                pass
+            except OSError:
+                self._drop(cid, tell_guest=True)
+                return
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.out else 0)
+        self.sel.modify(conn.sock, events, ("x11-conn", cid))
+
+    def _from_server(self, cid: int, conn: _Conn) -> None:
+        try:
+            data = conn.sock.recv(MAX_FRAME)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._drop(cid, tell_guest=True)
+            return
+        self._send_guest(frame(DATA, cid, data))
+
+    def _drop(self, cid: int, tell_guest: bool) -> None:
+        conn = self.conns.pop(cid, None)
+        if conn is None:
+            return
+        assert self.sel is not None
+        try:
+            self.sel.unregister(conn.sock)
+        except (KeyError, ValueError):
+            pass
+        conn.sock.close()
+        if tell_guest:
+            self._send_guest(frame(CLOSE, cid))

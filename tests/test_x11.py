@@ -1,0 +1,193 @@
+"""`--x11`: an app in the guest shows on the host's display through a private Xephyr."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from conftest import SANDBOX, run_sandbox, stderr_lines
+
+pytestmark = [pytest.mark.vm, pytest.mark.x11, pytest.mark.usefixtures("no_leftovers")]
+
+TOOLS = ("Xvfb", "Xephyr", "xdotool", "xwininfo", "xprop", "xmessage", "xdpyinfo", "import")
+
+
+@pytest.fixture(scope="module")
+def desktop() -> Iterator[str]:
+    """A host "desktop": an Xvfb display of our own."""
+    missing = [t for t in TOOLS if shutil.which(t) is None]
+    if missing:
+        pytest.fail(f"X11 tests need {missing} (./setup.sh installs them)")
+    r, w = os.pipe()
+    xvfb = subprocess.Popen(["Xvfb", "-displayfd", str(w), "-screen", "0", "1280x1024x24", "-nolisten", "tcp", "-noreset"],
+                            pass_fds=(w,), stderr=subprocess.DEVNULL)  # fmt: skip
+    os.close(w)
+    number = b""
+    while not number.endswith(b"\n"):
+        chunk = os.read(r, 16)
+        if not chunk:
+            break
+        number += chunk
+    os.close(r)
+    try:
+        yield f":{int(number)}"
+    finally:
+        xvfb.terminate()
+        xvfb.wait(10)
+
+
+@dataclass
+class Launched:
+    proc: subprocess.Popen[bytes]
+    stderr: list[str]
+
+    def nested(self, timeout: float = 30) -> tuple[str, str]:
+        """(display, Xauthority) of the nested server, for test tools only."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in self.stderr:
+                m = re.search(r"nested X server (:\d+)", line)
+                if m:
+                    out = subprocess.run(["pgrep", "-a", "-P", str(self.proc.pid), "Xephyr"], capture_output=True, text=True).stdout
+                    auth = re.search(r"-auth (\S+)", out)
+                    assert auth, out
+                    return m.group(1), auth.group(1)
+            time.sleep(0.05)
+        raise AssertionError(f"no nested server announced: {self.stderr}")
+
+
+def launch(desktop: str, *command: str) -> Launched:
+    proc = subprocess.Popen([*SANDBOX, "run", "-v", "--x11", "--", *command],
+                            env=dict(os.environ, DISPLAY=desktop), stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    lines: list[str] = []
+
+    def pump() -> None:
+        assert proc.stderr is not None
+        for raw in proc.stderr:
+            lines.append(raw.decode(errors="replace"))
+
+    threading.Thread(target=pump, daemon=True).start()
+    return Launched(proc, lines)
+
+
+def x(display: str, auth: str | None, *argv: str) -> str:
+    env = dict(os.environ, DISPLAY=display)
+    if auth:
+        env["XAUTHORITY"] = auth
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=30).stdout
+
+
+def wait_for(predicate, timeout: float = 90, what: str = "condition"):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_xmessage_shows_on_the_desktop_and_its_button_ends_the_sandbox(desktop: str, tmp_path: Path) -> None:
+    run = launch(desktop, "xmessage", "-name", "sbtest", "hello from the guest")
+    try:
+        nested, auth = run.nested()
+        # The nested server's window on the host, titled with the sandbox and its label.
+        outer = wait_for(lambda: x(desktop, None, "xdotool", "search", "--onlyvisible", "--name", "sandbox: xmessage").split(),
+                         what="the Xephyr window")  # fmt: skip
+        title = x(desktop, None, "xdotool", "getwindowname", outer[0]).strip()
+        assert title.startswith("sandbox: xmessage") and "[" in title, title
+        # The app's window, inside the nested server.
+        inner = wait_for(lambda: x(nested, auth, "xdotool", "search", "--onlyvisible", "--classname", "sbtest").split(),
+                         what="the xmessage window")  # fmt: skip
+        time.sleep(0.5)  # let it draw
+        shot = tmp_path / "desktop.png"
+        subprocess.run(["import", "-display", desktop, "-window", "root", str(shot)], check=True, timeout=30)
+        geo = x(nested, auth, "xwininfo", "-id", inner[0])
+        left = int(re.search(r"Absolute upper-left X:\s+(\d+)", geo).group(1))  # type: ignore[union-attr]
+        top = int(re.search(r"Absolute upper-left Y:\s+(\d+)", geo).group(1))  # type: ignore[union-attr]
+        width = int(re.search(r"Width:\s+(\d+)", geo).group(1))  # type: ignore[union-attr]
+        height = int(re.search(r"Height:\s+(\d+)", geo).group(1))  # type: ignore[union-attr]
+        # Xephyr's window sits at the host's origin here: nested coordinates are host coordinates.
+        colours = subprocess.run(
+            ["convert", str(shot), "-crop", f"{width}x{height}+{left}+{top}", "-format", "%k", "info:"],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        assert int(colours) >= 2, "the message area is blank"
+        background = subprocess.run(["convert", str(shot), "-crop", "200x200+900+700", "-format", "%k", "info:"],
+                                    capture_output=True, text=True, check=True).stdout  # fmt: skip
+        assert int(background) == 1, "the rest of the screen should be plain background"
+        # Press the button: the smallest window inside the app is the "okay" command widget.
+        tree = x(nested, auth, "xwininfo", "-tree", "-id", inner[0])
+        boxes = [tuple(map(int, m)) for m in re.findall(r"\s(\d+)x(\d+)\+-?\d+\+-?\d+\s+\+(-?\d+)\+(-?\d+)", tree)]
+        w, h, bx, by = min((b for b in boxes if b[0] > 20 and b[1] > 10), key=lambda b: b[0] * b[1])
+        x(nested, auth, "xdotool", "mousemove", str(bx + w // 2), str(by + h // 2), "click", "1")
+        assert run.proc.wait(90) == 0
+    finally:
+        if run.proc.poll() is None:
+            run.proc.kill()
+            run.proc.wait()
+    # The nested server closed with the app.
+    assert subprocess.run(["pgrep", "-x", "Xephyr"], capture_output=True).stdout.strip() == b""
+
+
+def test_the_guest_sees_nothing_of_the_host_desktop(desktop: str) -> None:
+    secret = subprocess.Popen(["xmessage", "-title", "HOST-SECRET", "host only"], env=dict(os.environ, DISPLAY=desktop))
+    try:
+        subprocess.run(["xprop", "-display", desktop, "-root", "-f", "SB_HOST_SECRET", "8s", "-set", "SB_HOST_SECRET", "s3cret"], check=True)
+        wait_for(lambda: x(desktop, None, "xdotool", "search", "--name", "HOST-SECRET").strip(), what="the host window")
+        assert "HOST-SECRET" in x(desktop, None, "xwininfo", "-root", "-tree")  # it is there to be seen
+        proc = run_sandbox("sh", "-c", "xwininfo -root -tree; echo ===; xprop -root; env | grep -c XAUTHORITY",
+                           env=dict(os.environ, DISPLAY=desktop, XAUTHORITY="/nonexistent/host-cookie"),
+                           run_opts=("--x11",), timeout=180)  # fmt: skip
+    finally:
+        secret.kill()
+        secret.wait()
+    out = proc.stdout.decode()
+    assert proc.returncode == 1, proc.stderr  # grep -c found no XAUTHORITY: the variable is gone
+    tree, props = out.split("===")
+    assert "Root window id" in tree  # the guest did see a display: the nested one
+    assert "HOST-SECRET" not in out and "SB_HOST_SECRET" not in out and "s3cret" not in out
+    assert props.strip().splitlines()[-1] == "0"
+
+
+def test_several_connections_at_once(desktop: str) -> None:
+    script = "xdpyinfo > /tmp/a & xwininfo -root -tree > /tmp/b & xprop -root > /tmp/c & wait; grep -h -m1 -e 'name of display' -e 'Root window id' /tmp/a /tmp/b; wc -l < /tmp/c"
+    proc = run_sandbox("sh", "-c", script, env=dict(os.environ, DISPLAY=desktop), run_opts=("--x11",), timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.decode().splitlines()
+    assert lines[0].startswith("name of display:") and "Root window id" in lines[1]
+    assert int(lines[2]) >= 1  # the nested root has properties of its own
+
+
+def test_x11_errors_are_one_line_and_name_the_package(desktop: str, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "DISPLAY"}
+    proc = run_sandbox("true", env=env, run_opts=("--x11",))
+    assert proc.returncode == 125 and stderr_lines(proc) == [
+        "sandbox: --x11 needs a desktop, and DISPLAY is not set (a virtual one: apt-get install xvfb)"]
+    # No Xephyr on PATH (only what the launcher itself needs).
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("qemu-system-x86_64", "cc"):
+        found = shutil.which(tool)
+        assert found
+        (bin_dir / tool).symlink_to(found)
+    proc = run_sandbox("true", env=dict(os.environ, DISPLAY=desktop, PATH=str(bin_dir)), run_opts=("--x11",))
+    assert proc.returncode == 125
+    assert stderr_lines(proc) == ["sandbox: --x11 needs Xephyr; apt-get install xserver-xephyr"]
+    # A display that is not there: Xephyr cannot start.
+    proc = run_sandbox("true", env=dict(os.environ, DISPLAY=":987"), run_opts=("--x11",))
+    assert proc.returncode == 125
+    [line] = stderr_lines(proc)
+    assert line.startswith("sandbox: --x11: Xephyr could not start on :987")
+    if shutil.which("xpra") is None:
+        proc = run_sandbox("true", env=dict(os.environ, DISPLAY=desktop), run_opts=("--x11=xpra",))
+        assert proc.returncode == 125 and stderr_lines(proc) == ["sandbox: --x11=xpra needs xpra; apt-get install xpra"]
