@@ -133,10 +133,10 @@ def format_report(r: Report) -> str:
 def plot(reports: list[Report], path: Path) -> None:
     """A stacked bar per configuration (median of each phase)."""
     try:
-        import matplotlib
+        import matplotlib  # type: ignore[import-not-found]
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # type: ignore[import-not-found]
     except ImportError:
         raise SystemExit("sandbox: --plot needs matplotlib (pip install 'sandbox[plot]')") from None
     fig, ax = plt.subplots(figsize=(8, 1.2 + 0.6 * len(reports)))

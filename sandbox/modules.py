@@ -42,7 +42,7 @@ def parse_builtin(text: str) -> set[str]:
 
 
 def resolve(
-    wanted: list[str], deps: dict[str, tuple[str, list[str]]], builtin: set[str] = frozenset()  # type: ignore[assignment]
+    wanted: list[str], deps: dict[str, tuple[str, list[str]]], builtin: frozenset[str] | set[str] = frozenset()
 ) -> list[Module]:
     """The modules to load for `wanted`, every dependency before its users.
 

@@ -12,6 +12,7 @@ import socket
 import termios
 import time
 import tty as ttymod
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -352,7 +353,7 @@ class Relay:
             if self.stdin_registered:
                 self.sel.unregister(0)
                 self.stdin_registered = False
-            if sock not in self.sel.get_map().values() and not self._registered(sock):
+            if not self._registered(sock):
                 self.sel.register(sock, selectors.EVENT_WRITE, "stdin-sock")
         else:
             if self._registered(sock):
@@ -431,7 +432,7 @@ class Relay:
 
         QEMU's ends are closed, so every read ends in data or EOF, never a wait.
         """
-        readers = {
+        readers: dict[object, Callable[[], None]] = {
             "ctl": self._read_ctl,
             "console": self._read_console,
             protocol.PORT_STDOUT: lambda: self._read_output(protocol.PORT_STDOUT),

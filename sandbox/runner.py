@@ -9,6 +9,7 @@ import pwd
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import host, initramfs, kernel, protocol, qemucmd, runtime
 from .errors import EXIT_LAUNCHER, BootStallError, SandboxError, UsageError
@@ -16,6 +17,10 @@ from .guestinit import init_binary
 from .machine import Machine, monotonic_boottime
 from .relay import Relay, RelayOutcome
 from .timings import Timeline
+
+if TYPE_CHECKING:
+    from .confine import Confinement
+    from .x11 import X11Session
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +47,8 @@ class RunOptions:
     tb_size_mb: int = 48
     cpu_model: str | None = None
     crypto_selftests: bool = False
-    confinement: object | None = None  # confine.Confinement, set by the CLI
-    x11: object | None = None  # x11.X11Session, set by the CLI
+    confinement: Confinement | None = None
+    x11: X11Session | None = None
     env: tuple[tuple[str, str], ...] | None = None  # None: this process's environment
     cwd: str | None = None
 
@@ -236,13 +241,13 @@ def boot_once(opts: RunOptions, prep: Prepared, rundir: Path, timeline: Timeline
             ports=tuple(qemucmd.Port(n, protocol.PORT_NAMES[n], ports[n][1].fileno()) for n in port_numbers),
             tb_size_mb=opts.tb_size_mb if prep.accel == "tcg" else None,
             cpu_model=opts.cpu_model,
-            seccomp=bool(confinement is not None and getattr(confinement, "seccomp", False) and prep.qemu.seccomp),
+            seccomp=confinement is not None and confinement.seccomp and prep.qemu.seccomp,
         )
         argv = qemucmd.build_argv(spec)
         if opts.verbose:
             log.info("qemu: %s", " ".join(argv))
         tty = tty_mask(opts.tty)
-        cspec = command_spec(opts, tty, x11.display if x11 is not None else None)  # type: ignore[attr-defined]
+        cspec = command_spec(opts, tty, x11.display if x11 is not None else None)
         machine = Machine(
             argv,
             pass_fds=tuple(s.fileno() for s in qemu_ends) + tuple(images),
@@ -250,7 +255,7 @@ def boot_once(opts: RunOptions, prep: Prepared, rundir: Path, timeline: Timeline
             env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"},
             stderr_log=rundir / "qemu.log",
             monitor=monitor[0],
-            preexec=confinement.preexec if confinement is not None else None,  # type: ignore[attr-defined]
+            preexec=confinement.preexec if confinement is not None else None,
         )
         boot_timeout = opts.boot_timeout or (20.0 if prep.accel == "tcg" else 10.0)
         relay = Relay(
@@ -269,8 +274,8 @@ def boot_once(opts: RunOptions, prep: Prepared, rundir: Path, timeline: Timeline
         timeline.stamp_host("qemu_exec", monotonic_boottime())
         with machine:
             if confinement is not None:
-                confinement.started(machine.pid, rundir)  # type: ignore[attr-defined]
-                machine.inner_pid = confinement.qemu_pid  # type: ignore[attr-defined]
+                confinement.started(machine.pid, rundir)
+                machine.inner_pid = confinement.qemu_pid
             for s in qemu_ends:
                 s.close()
             qemu_ends = []
@@ -318,11 +323,11 @@ def run(opts: RunOptions) -> RunResult:
     with runtime.runtime_dir() as rundir, contextlib.ExitStack() as stack:
         label = None
         if opts.confinement is not None:
-            opts.confinement.prepare(rundir, opts.home)  # type: ignore[attr-defined]
-            label = opts.confinement.process_label  # type: ignore[attr-defined]
+            opts.confinement.prepare(rundir, opts.home)
+            label = opts.confinement.process_label
         if opts.x11 is not None:
-            stack.callback(opts.x11.close)  # type: ignore[attr-defined]
-            opts.x11.start(f"sandbox: {' '.join(opts.argv)} [{label or 'unlabelled'}]")  # type: ignore[attr-defined]
+            stack.callback(opts.x11.close)
+            opts.x11.start(f"sandbox: {' '.join(opts.argv)} [{label or 'unlabelled'}]")
         for attempt in range(1, opts.boot_retries + 2):
             try:
                 return boot_once(opts, prep, rundir, timeline, attempt)

@@ -60,7 +60,7 @@ def setup_length(head: bytes) -> int | None:
         return None
     order = "<" if head[0:1] == b"l" else ">"
     n, d = struct.unpack_from(order + "HH", head, 6)
-    return 12 + n + _pad(n) + d + _pad(d)
+    return int(12 + n + _pad(n) + d + _pad(d))
 
 
 def rewrite_setup(message: bytes, cookie: bytes) -> bytes:
