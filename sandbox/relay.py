@@ -21,6 +21,7 @@ from typing import Any, BinaryIO
 from . import protocol
 from .errors import TimeoutExpired
 from .machine import Machine, monotonic_boottime
+from .streams import send_some, watch_writable
 from .timings import Timeline
 
 log = logging.getLogger(__name__)
@@ -197,24 +198,12 @@ class Relay:
         self._flush_ctl()
 
     def _flush_ctl(self) -> None:
-        if self.ctl_out:
-            try:
-                sent = self.ctl.send(self.ctl_out)
-                del self.ctl_out[:sent]
-            except BlockingIOError:
-                pass
-            except OSError:
-                self.ctl_out.clear()
-        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.ctl_out else 0)
-        if self.sel.get_key(self.ctl).events != events:
-            self.sel.modify(self.ctl, events, "ctl")
+        send_some(self.ctl, self.ctl_out)
+        watch_writable(self.sel, self.ctl, "ctl", bool(self.ctl_out))
 
     def _read_ctl(self) -> None:
-        data = self._recv(self.ctl)
+        data = self._take(self.ctl)
         if data is None:
-            return
-        if not data:
-            self.sel.unregister(self.ctl)
             return
         now = monotonic_boottime()
         self.ctl_in += data
@@ -259,22 +248,22 @@ class Relay:
 
     # ---- output ------------------------------------------------------------
 
-    @staticmethod
-    def _recv(sock: socket.socket) -> bytes | None:
+    def _take(self, sock: socket.socket) -> bytes | None:
+        """What the socket has now; None if nothing, or at EOF (then it is unregistered)."""
         try:
-            return sock.recv(CHUNK)
+            data = sock.recv(CHUNK)
         except BlockingIOError:
             return None
         except OSError:
-            return b""
-
-    def _read_output(self, port: int) -> None:
-        sock = self.ports[port]
-        data = self._recv(sock)
-        if data is None:
-            return
+            data = b""
         if not data:
             self.sel.unregister(sock)
+            return None
+        return data
+
+    def _read_output(self, port: int) -> None:
+        data = self._take(self.ports[port])
+        if data is None:
             return
         self.received[port] += len(data)
         if not self.broken[port]:
@@ -297,11 +286,8 @@ class Relay:
             pass
 
     def _read_console(self) -> None:
-        data = self._recv(self.console)
+        data = self._take(self.console)
         if data is None:
-            return
-        if not data:
-            self.sel.unregister(self.console)
             return
         assert self.console_log is not None
         self.console_log.write(data)

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from .errors import SandboxError, ToolMissingError, UsageError
 from .machine import set_parent_death_signal
+from .streams import send_some, watch_writable
 
 log = logging.getLogger(__name__)
 
@@ -236,19 +237,8 @@ class X11Session:
 
     def _flush_port(self) -> None:
         assert self.port is not None and self.sel is not None
-        if self.to_guest:
-            try:
-                sent = self.port.send(self.to_guest)
-                del self.to_guest[:sent]
-            except BlockingIOError:
-                pass
-            except OSError:
-                self.to_guest.clear()
-        try:
-            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.to_guest else 0)
-            self.sel.modify(self.port, events, ("x11-port", 0))
-        except (KeyError, ValueError):
-            pass
+        send_some(self.port, self.to_guest)
+        watch_writable(self.sel, self.port, ("x11-port", 0), bool(self.to_guest))
 
     def _from_guest(self) -> None:
         assert self.port is not None and self.sel is not None
@@ -303,17 +293,10 @@ class X11Session:
 
     def _flush_conn(self, cid: int, conn: _Conn) -> None:
         assert self.sel is not None
-        if conn.out:
-            try:
-                sent = conn.sock.send(conn.out)
-                del conn.out[:sent]
-            except BlockingIOError:
-                pass
-            except OSError:
-                self._drop(cid, tell_guest=True)
-                return
-        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.out else 0)
-        self.sel.modify(conn.sock, events, ("x11-conn", cid))
+        if not send_some(conn.sock, conn.out):
+            self._drop(cid, tell_guest=True)
+            return
+        watch_writable(self.sel, conn.sock, ("x11-conn", cid), bool(conn.out))
 
     def _from_server(self, cid: int, conn: _Conn) -> None:
         try:
