@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -98,6 +99,13 @@ def test_qemu_is_confined_as_libvirt_would(capsys: pytest.CaptureFixture[str]) -
         proc.wait(60)
     assert out == b"got bye\n"
     assert proc.returncode == 0
+    # The audit trail has this sandbox's start and stop.
+    audit = subprocess.run([*SANDBOX, "audit", "-n", "2"], capture_output=True, text=True, check=True).stdout
+    start, stop = (json.loads(line) for line in audit.splitlines())
+    assert start["event"] == "start" and stop["event"] == "stop"
+    assert start["qemu_pid"] == qemu == stop["qemu_pid"] and start["qemu_uid"] == 65534
+    assert start["command"][:2] == ["sh", "-c"] and start["shares"] == ["/ (read-only)"]
+    assert stop["exit_status"] == 0 and stop["duration_s"] > 0 and "user" in start and "label" in start
     with capsys.disabled():
         print("\nconfinement evidence:\n  " + "\n  ".join(f"{k}: {v}" for k, v in evidence.items()))
 

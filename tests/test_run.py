@@ -267,3 +267,9 @@ def test_a_stalled_boot_is_detected_retried_and_reported() -> None:
     assert any("no progress" in ln and "retrying" in ln for ln in lines), lines
     assert any("no progress for 0.3 s (attempt 2)" in ln for ln in lines), lines
     assert time.monotonic() - start < 30
+
+
+def test_q35_machine_with_virtio_pci() -> None:
+    proc = run_sandbox("sh", "-c", "echo q35-ok", run_opts=("--machine", "q35"))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == b"q35-ok\n"
