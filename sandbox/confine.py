@@ -12,6 +12,7 @@ import ctypes
 import logging
 import os
 import pwd
+import re
 import signal
 import time
 from argparse import Namespace
@@ -146,6 +147,9 @@ class Confinement:
             ctx = labels.Context.parse(self.static_label)
             self.process_label = str(ctx)
             self.file_label = str(labels.Context(ctx.user, "object_r", "svirt_image_t", ctx.level))
+            pair = re.fullmatch(r"s0:c(\d+),c(\d+)", ctx.level)
+            if pair:  # a fixed pair still may not be shared with a live sandbox
+                self._reservation = labels.reserve_static(runtime.runtime_base() / "mcs", (int(pair[1]), int(pair[2])))
             return
         self._reservation = labels.reserve(runtime.runtime_base() / "mcs")
         proc, image = labels.sandbox_contexts(self._reservation.pair)

@@ -21,7 +21,7 @@ from typing import Any, BinaryIO
 from . import protocol
 from .errors import TimeoutExpired
 from .machine import Machine, monotonic_boottime
-from .streams import send_some, watch_writable
+from .streams import recv_some, send_some, watch_writable
 from .timings import Timeline
 
 log = logging.getLogger(__name__)
@@ -250,13 +250,8 @@ class Relay:
 
     def _take(self, sock: socket.socket) -> bytes | None:
         """What the socket has now; None if nothing, or at EOF (then it is unregistered)."""
-        try:
-            data = sock.recv(CHUNK)
-        except BlockingIOError:
-            return None
-        except OSError:
-            data = b""
-        if not data:
+        data = recv_some(sock, CHUNK)
+        if data == b"":
             self.sel.unregister(sock)
             return None
         return data

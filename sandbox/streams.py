@@ -27,3 +27,13 @@ def watch_writable(sel: selectors.BaseSelector, sock: socket.socket, data: objec
             sel.modify(sock, events, data)
     except (KeyError, ValueError):
         pass  # unregistered (EOF) or closed meanwhile
+
+
+def recv_some(sock: socket.socket, limit: int) -> bytes | None:
+    """What the socket has now: None if nothing yet, b"" at EOF (or a dead peer)."""
+    try:
+        return sock.recv(limit)
+    except BlockingIOError:
+        return None
+    except OSError:
+        return b""

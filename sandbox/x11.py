@@ -28,7 +28,7 @@ from pathlib import Path
 
 from .errors import SandboxError, ToolMissingError, UsageError
 from .machine import set_parent_death_signal
-from .streams import send_some, watch_writable
+from .streams import recv_some, send_some, watch_writable
 
 log = logging.getLogger(__name__)
 
@@ -242,12 +242,9 @@ class X11Session:
 
     def _from_guest(self) -> None:
         assert self.port is not None and self.sel is not None
-        try:
-            data = self.port.recv(MAX_FRAME)
-        except BlockingIOError:
+        data = recv_some(self.port, MAX_FRAME)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:
             self.sel.unregister(self.port)
             return
@@ -299,12 +296,9 @@ class X11Session:
         watch_writable(self.sel, conn.sock, ("x11-conn", cid), bool(conn.out))
 
     def _from_server(self, cid: int, conn: _Conn) -> None:
-        try:
-            data = conn.sock.recv(MAX_FRAME)
-        except BlockingIOError:
+        data = recv_some(conn.sock, MAX_FRAME)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:
             self._drop(cid, tell_guest=True)
             return

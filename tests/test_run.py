@@ -157,7 +157,7 @@ def test_runs_as_a_non_root_user(visible_dir: Path) -> None:
     cache.mkdir()
     shutil.chown(cache, "nobody", "nogroup")
     env = {"PATH": os.environ["PATH"], "HOME": "/home/sbuser", "XDG_CACHE_HOME": str(cache), "USER": "nobody",
-           "XDG_STATE_HOME": str(cache)}  # fmt: skip
+           "XDG_STATE_HOME": str(cache), "XDG_RUNTIME_DIR": str(cache)}  # fmt: skip
     cmd = [*SANDBOX, "run", "--", "sh", "-c", 'id -u; id -g; echo "$HOME"; touch "$HOME/x" && echo home-ok']
     setpriv = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
     if not os.access(SANDBOX[0], os.X_OK) or _unreadable_for_others(Path(__file__)):
