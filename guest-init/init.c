@@ -427,6 +427,9 @@ static void child_exec(const struct spec *s, int fds[3], int pty_slave, int errp
 	sigset_t none;
 	sigemptyset(&none);
 	sigprocmask(SIG_SETMASK, &none, NULL);
+	/* init ignores SIGPIPE for itself; an ignored signal survives exec, and
+	 * `cmd | head` must end cmd by SIGPIPE as it would on the host. */
+	signal(SIGPIPE, SIG_DFL);
 	setsid();
 	if (pty_slave >= 0)
 		ioctl(pty_slave, TIOCSCTTY, 0);

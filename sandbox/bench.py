@@ -139,7 +139,7 @@ def plot(reports: list[Report], path: Path) -> None:
         import matplotlib.pyplot as plt  # type: ignore[import-not-found]
     except ImportError:
         raise SystemExit("sandbox: --plot needs matplotlib (pip install 'sandbox[plot]')") from None
-    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.6 * len(reports)))
+    fig, ax = plt.subplots(figsize=(8, 2.0 + 0.6 * len(reports)))
     for i, r in enumerate(reports):
         left = 0.0
         for name, _a, _b in SPANS:
@@ -149,7 +149,7 @@ def plot(reports: list[Report], path: Path) -> None:
                 left += width
     ax.set_yticks(range(len(reports)), [r.label for r in reports])
     ax.set_xlabel("ms (median)")
-    ax.legend(ncol=5, fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.35))
+    ax.legend(ncol=5, fontsize="small", loc="lower center", bbox_to_anchor=(0.5, 1.02))
     fig.tight_layout()
     fig.savefig(path)
 

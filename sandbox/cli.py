@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import sys
 from pathlib import Path
@@ -120,7 +121,8 @@ def _command(args: argparse.Namespace) -> tuple[str, ...]:
 def _setup_logging(verbose: int) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("sandbox: %(message)s"))
-    handler.terminator = "\r\n" if sys.stdin.isatty() else "\n"
+    # In tty mode the terminal is raw while we run: lines need their \r.
+    handler.terminator = "\r\n" if sys.stdin is not None and sys.stdin.isatty() else "\n"
     root = logging.getLogger("sandbox")
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbose > 2 else logging.INFO if verbose else logging.WARNING)
@@ -197,7 +199,17 @@ def _audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reserve_stdio() -> None:
+    """Put /dev/null on a closed fd 0, 1 or 2, so that no socket of ours lands there."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open("/dev/null", os.O_RDWR)  # the lowest free number: this one
+
+
 def main(argv: list[str] | None = None) -> int:
+    _reserve_stdio()
     verbose = 0
     try:
         args = build_parser().parse_args(argv)

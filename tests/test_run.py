@@ -273,3 +273,19 @@ def test_q35_machine_with_virtio_pci() -> None:
     proc = run_sandbox("sh", "-c", "echo q35-ok", run_opts=("--machine", "q35"))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == b"q35-ok\n"
+
+
+def test_a_closed_reader_ends_the_command_by_sigpipe() -> None:
+    # `yes | head -1`: yes must die of SIGPIPE (141), as it would on the host.
+    proc = subprocess.Popen([*SANDBOX, "run", "--", "yes"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == b"y\n"
+    proc.stdout.close()
+    assert proc.wait(120) == 128 + signal.SIGPIPE
+
+
+def test_closed_stdin_reads_as_eof() -> None:
+    proc = subprocess.run([*SANDBOX, "run", "--", "sh", "-c", "cat; echo rc=$?"], stdin=subprocess.DEVNULL,
+                          capture_output=True, timeout=120, preexec_fn=lambda: os.close(0))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == b"rc=0\n"
