@@ -133,10 +133,10 @@ def format_report(r: Report) -> str:
 def plot(reports: list[Report], path: Path) -> None:
     """A stacked bar per configuration (median of each phase)."""
     try:
-        import matplotlib  # type: ignore[import-not-found]
+        import matplotlib  # type: ignore[import-not-found,unused-ignore]
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt  # type: ignore[import-not-found]
+        import matplotlib.pyplot as plt  # type: ignore[import-not-found,unused-ignore]
     except ImportError:
         raise SystemExit("sandbox: --plot needs matplotlib (pip install 'sandbox[plot]')") from None
     fig, ax = plt.subplots(figsize=(8, 2.0 + 0.6 * len(reports)))
