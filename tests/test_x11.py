@@ -139,6 +139,25 @@ def test_xmessage_shows_on_the_desktop_and_its_button_ends_the_sandbox(desktop: 
     assert subprocess.run(["pgrep", "-x", "Xephyr"], capture_output=True).stdout.strip() == b""
 
 
+def test_closing_the_nested_window_ends_the_sandbox(desktop: str) -> None:
+    run = launch(desktop, "xmessage", "-name", "sbclose", "close me")
+    try:
+        nested, auth = run.nested()
+        wait_for(lambda: x(nested, auth, "xdotool", "search", "--onlyvisible", "--classname", "sbclose").strip(),
+                 what="the xmessage window")  # fmt: skip
+        # The user closes Xephyr's window: Xephyr exits, as it does then.
+        xephyr = subprocess.run(["pgrep", "-P", str(run.proc.pid), "-x", "Xephyr"], capture_output=True, text=True).stdout.split()
+        assert len(xephyr) == 1
+        os.kill(int(xephyr[0]), 15)
+        status = run.proc.wait(60)
+    finally:
+        if run.proc.poll() is None:
+            run.proc.kill()
+            run.proc.wait()
+    # The app lost its display and got the hang-up: the sandbox is over.
+    assert status in (1, 128 + 1), "".join(run.stderr)
+
+
 def test_the_guest_sees_nothing_of_the_host_desktop(desktop: str) -> None:
     secret = subprocess.Popen(["xmessage", "-title", "HOST-SECRET", "host only"], env=dict(os.environ, DISPLAY=desktop))
     try:
