@@ -375,7 +375,10 @@ class Relay:
             signo = self.signals.pop(0)
             if signo == signal.SIGWINCH:
                 if self.tty:
-                    size = os.get_terminal_size(0 if self.tty & protocol.TTY_STDIN else 1)
+                    try:
+                        size = os.get_terminal_size(0 if self.tty & protocol.TTY_STDIN else 1)
+                    except OSError:
+                        continue  # the terminal is gone
                     self._send_ctl(protocol.winsize_message(size.lines, size.columns))
                 continue
             if self.escalate_deadline is not None or not self.started or self.finished is not None:
