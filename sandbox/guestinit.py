@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import shutil
 import subprocess
-from importlib import resources
 from pathlib import Path
 
 from . import cache
@@ -17,24 +17,34 @@ INIT_CFLAGS = ["-Os", "-static", "-Wall", "-Wextra", "-Werror", "-fno-asynchrono
 COMPILER_HINT = "apt-get install gcc libc6-dev"
 
 
+def _source_dir() -> Path:
+    """Where guest-init/ is (shipped as sandbox.guest_init).
+
+    Asked of the import system directly: importlib.resources would pull in
+    zipfile and friends on every start, and gcc needs real files anyway.
+    """
+    spec = importlib.util.find_spec("sandbox.guest_init")
+    if spec is None or not spec.submodule_search_locations:
+        raise InitramfsError("the guest init sources (sandbox.guest_init) are missing from the installation")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
 def _sources() -> dict[str, bytes]:
-    pkg = resources.files("sandbox.guest_init")
-    return {name: (pkg / name).read_bytes() for name in ("init.c", "protocol.h", "tsc_khz.c")}
+    src = _source_dir()
+    return {name: (src / name).read_bytes() for name in ("init.c", "protocol.h", "tsc_khz.c")}
 
 
 def _compile(out: Path, source: str, flags: list[str]) -> None:
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         raise ToolMissingError(f"no C compiler to build the guest init; {COMPILER_HINT}")
-    pkg = resources.files("sandbox.guest_init")
-    with resources.as_file(pkg) as srcdir:
-        tmp = out.with_name(f".tmp-{out.name}")
-        proc = subprocess.run(
-            [cc, *flags, "-o", str(tmp), str(Path(srcdir) / source)],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
+    tmp = out.with_name(f".tmp-{out.name}")
+    proc = subprocess.run(
+        [cc, *flags, "-o", str(tmp), str(_source_dir() / source)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if proc.returncode != 0:
         tmp.unlink(missing_ok=True)
         first = (proc.stderr.strip().splitlines() or ["compiler failed"])[-1]

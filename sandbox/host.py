@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -18,16 +19,17 @@ log = logging.getLogger(__name__)
 QEMU_HINT = "apt-get install qemu-system-x86"
 
 
-def cpu_flags() -> set[str]:
-    """CPU flags of the host's first processor."""
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """CPU flags of the host's first processor (read once: accel choice and TSC both ask)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return set()
+    return frozenset()
 
 
 def loaded_modules() -> set[str]:
@@ -38,7 +40,7 @@ def loaded_modules() -> set[str]:
         return set()
 
 
-def kvm_problem(flags: set[str], modules: set[str], kvm_usable: bool) -> str | None:
+def kvm_problem(flags: frozenset[str] | set[str], modules: set[str], kvm_usable: bool) -> str | None:
     """Why hardware KVM cannot be used, or None if it can.
 
     /dev/kvm alone proves nothing: a paravirtual KVM (such as kvm_pvm) offers

@@ -57,17 +57,20 @@ def _version_key(version: str) -> list[tuple[int, str]]:
 
 
 def missing_features(modules_dir: Path) -> list[str]:
-    """Features from REQUIRED_FEATURES that this module tree cannot provide."""
-    listed: set[str] = set()
+    """Features from REQUIRED_FEATURES that this module tree cannot provide.
+
+    A substring test on the raw text rather than a parse: this runs on every
+    start, and modules.dep is half a megabyte.  A module path ending in
+    ".ko" matches its compressed forms too, and one named only as another
+    module's dependency exists all the same.
+    """
+    text = ""
     for name in ("modules.dep", "modules.builtin"):
         try:
-            text = (modules_dir / name).read_text()
+            text += (modules_dir / name).read_text() + "\n"
         except OSError:
             continue
-        for line in text.splitlines():
-            path = line.split(":", 1)[0]
-            listed.add(re.sub(r"\.(xz|gz|zst)$", "", path))
-    return [feat for feat, mod in REQUIRED_FEATURES.items() if "kernel/" + mod not in listed]
+    return [feat for feat, mod in REQUIRED_FEATURES.items() if "kernel/" + mod not in text]
 
 
 def find_kernel(

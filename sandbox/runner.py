@@ -59,8 +59,6 @@ class RunResult:
 
     status: int
     timeline: Timeline = field(default_factory=Timeline)
-    qemu_pid: int | None = None
-    argv: list[str] = field(default_factory=list)
     qemu_peak_rss_kb: int | None = None
 
 
@@ -294,7 +292,7 @@ def boot_once(opts: RunOptions, prep: Prepared, rundir: Path, timeline: Timeline
                 panic = _panic_line(rundir / "console.log")
                 what = f"guest kernel panic ({panic})" if panic else "guest stopped before reporting a status"
                 raise machine.failure(what, rundir / "console.log")
-            return RunResult(outcome.status, timeline, machine.inner_pid or machine.pid, argv, outcome.qemu_peak_rss_kb)
+            return RunResult(outcome.status, timeline, outcome.qemu_peak_rss_kb)
     finally:
         for s in qemu_ends + launcher_ends:
             s.close()
@@ -336,9 +334,7 @@ def run(opts: RunOptions) -> RunResult:
                 if attempt > opts.boot_retries:
                     raise
                 log.warning("%s; retrying", exc)
-                timeline.guest.clear()
-                timeline.offset = None
-                timeline.host.pop("qemu_exec", None)
+                timeline.new_boot()
     raise SandboxError("unreachable")  # pragma: no cover
 
 

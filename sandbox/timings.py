@@ -65,6 +65,13 @@ class Timeline:
     guest_tsc: int | None = None
     tsc_khz: int | None = None
 
+    def new_boot(self) -> None:
+        """Forget a stalled boot's stamps before the retry (the launcher's start stays)."""
+        self.guest.clear()
+        self.guest_tsc = None
+        self.offset = None
+        self.host.pop("qemu_exec", None)
+
     def stamp_host(self, phase: str, when: float) -> None:
         self.host.setdefault(phase, when)
 
