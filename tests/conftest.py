@@ -12,6 +12,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 SANDBOX = [sys.executable, "-m", "sandbox"]
+# Host directories the guest can see (not under its private /tmp or /home).
+VISIBLE_BASE = Path("/var/lib/sandbox-tests")
 
 
 def qemu_pids() -> set[int]:
@@ -69,3 +71,5 @@ def session_leftovers() -> Iterator[None]:
     if base.exists():
         stale = [p for p in base.iterdir() if p.name.startswith("run-")]
         assert not stale, f"runtime dirs left after the suite: {stale}"
+    if VISIBLE_BASE.exists():
+        VISIBLE_BASE.rmdir()  # fails (and so reports) if a test left something in it

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SANDBOX, run_sandbox, stderr_lines
+from conftest import VISIBLE_BASE, SANDBOX, run_sandbox, stderr_lines
 
 pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("no_leftovers")]
 
@@ -27,7 +27,7 @@ pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("no_leftovers")]
 @pytest.fixture
 def visible_dir() -> Iterator[Path]:
     """A host directory the guest can see (not under the private /tmp or /home), path with spaces."""
-    base = Path("/var/lib/sandbox-tests")
+    base = VISIBLE_BASE
     path = base / f"dir with spaces {uuid.uuid4().hex[:8]}"
     path.mkdir(parents=True, mode=0o755)
     base.chmod(0o755)

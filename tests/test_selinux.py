@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run_sandbox
+from conftest import VISIBLE_BASE, REPO, run_sandbox
 
 DEVEL_MAKEFILE = Path("/usr/share/selinux/devel/Makefile")
 POLICY_ROOT = Path("/etc/selinux/default")
@@ -65,7 +65,7 @@ def test_labels_confine_under_enforcing_selinux_in_a_guest(tmp_path: Path) -> No
         pytest.fail("Debian's python3 is needed in the guest (./setup.sh installs it)")
     # The guest sees the host root, but /root and /home are private there:
     # the policy, the check and the package travel in the --home share.
-    share = Path("/var/lib/sandbox-tests") / f"selinux-{os.getpid()}"
+    share = VISIBLE_BASE / f"selinux-{os.getpid()}"
     share.mkdir(parents=True)
     try:
         shutil.copy(policy, share / "policy.33")
