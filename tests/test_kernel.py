@@ -70,3 +70,73 @@ def test_real_bzimage_header_version_and_pvh_extraction() -> None:
 def test_extract_refuses_non_bzimage() -> None:
     with pytest.raises(KernelError):
         kernel.extract_vmlinux(b"\0" * 4096)
+
+
+def _guest_image(elf: bytes) -> tuple[int, bytes]:
+    """What a loader writes into guest RAM for `elf`, as (lowest paddr, bytes); untouched bytes are zero."""
+    import struct
+
+    (phoff,) = struct.unpack_from("<Q", elf, 0x20)
+    (phentsize, phnum) = struct.unpack_from("<HH", elf, 0x36)
+    segs = []
+    for i in range(phnum):
+        ptype, _fl, off, _va, pa, filesz, memsz, _al = struct.unpack_from("<IIQQQQQQ", elf, phoff + i * phentsize)
+        if ptype == 1:
+            segs.append((pa, elf[off : off + filesz], memsz))
+    low = min(pa for pa, _, _ in segs)
+    high = max(pa + memsz for pa, _, memsz in segs)
+    ram = bytearray(high - low)
+    for pa, data, _ in segs:
+        ram[pa - low : pa - low + len(data)] = data
+    return low, bytes(ram).rstrip(b"\0")
+
+
+def _elf(segments: list[tuple[int, bytes, int]], note_at: int) -> bytes:
+    """A minimal ELF64 with PT_LOADs (paddr, file bytes, memsz) and a PVH note at file offset note_at."""
+    import struct
+
+    n = len(segments) + 1
+    head = bytearray(b"\x7fELF\x02\x01\x01" + bytes(9))
+    head += struct.pack("<HHIQQQIHHHHHH", 2, 62, 1, 0x1000000, 64, 0x9999, 0, 64, 56, n, 64, 3, 2)
+    body = bytearray()
+    phdrs = bytearray()
+    for pa, data, memsz in segments:
+        off = 0x1000 + len(body)
+        body += data + bytes(-len(data) % 4096)
+        phdrs += struct.pack("<IIQQQQQQ", 1, 5, off, pa | 0xFFFFFFFF80000000, pa, len(data), memsz, 0x200000)
+    note_pa = segments[0][0] + note_at - 0x1000
+    phdrs += struct.pack("<IIQQQQQQ", 4, 4, note_at, note_pa, note_pa, 24, 24, 4)
+    out = head + phdrs
+    out += bytes(0x1000 - len(out)) + body
+    return bytes(out)
+
+
+def test_pack_pvh_keeps_only_nonzero_pages_and_the_note() -> None:
+    import struct
+
+    note = struct.pack("<III", 4, 4, 18) + b"Xen\0" + struct.pack("<I", 0x1000040) + bytes(4)
+    page = lambda b: bytes([b]) * 4096  # noqa: E731
+    first = note + bytes(4096 - len(note)) + page(1) + page(0) + page(0) + page(2) + b"\3" * 100 + bytes(3996)
+    elf = _elf([(0x1000000, first, len(first) + 5 * 4096), (0x2000000, page(0) + page(7), 8192)], 0x1000)
+    packed = kernel.pack_pvh(elf)
+    assert kernel.has_pvh_note(packed)
+    assert _guest_image(packed) == _guest_image(elf)
+    (phnum,) = struct.unpack_from("<H", packed, 0x38)
+    loads = []
+    for i in range(phnum):
+        ptype, _fl, off, va, pa, filesz, memsz, _al = struct.unpack_from("<IIQQQQQQ", packed, 64 + 56 * i)
+        if ptype == 1:
+            loads.append((pa, filesz))
+            assert memsz == filesz  # no zero fill left for QEMU to write
+            assert off % 4096 == va % 4096
+            assert packed[off : off + filesz].strip(b"\0")
+    assert loads == [(0x1000000, 8192), (0x1004000, 8192), (0x2001000, 4096)]
+    assert struct.unpack_from("<QH", packed, 0x28)[0] == 0  # no section headers
+
+
+def test_pack_pvh_of_the_real_kernel_loads_the_same_memory() -> None:
+    elf = kernel.extract_vmlinux(host_kernel().image.read_bytes())
+    packed = kernel.pack_pvh(elf)
+    assert kernel.has_pvh_note(packed)
+    assert _guest_image(packed) == _guest_image(elf)
+    assert len(packed) < len(elf) * 0.6
