@@ -12,8 +12,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from .errors import MachineError
+
+if TYPE_CHECKING:
+    from qemu.qmp.legacy import QEMUMonitorProtocol
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +67,7 @@ class Machine:
         self.env = env
         self.stderr_log = stderr_log
         self.monitor = monitor
+        self.qmp: QEMUMonitorProtocol | None = None
         self.preexec = preexec
         self.proc: subprocess.Popen[bytes] | None = None
         self.pidfd = -1
@@ -124,6 +129,27 @@ class Machine:
             return None
         return self.returncode
 
+    def wait_running(self, timeout: float) -> bool:
+        """Wait until QEMU's main loop answers the monitor: machine built, ROMs in guest RAM.
+
+        False if there is no monitor or QEMU did not get there (it exited,
+        or took longer than `timeout`); the caller's event loop then sees
+        the exit or the stall and reports it.
+        """
+        if self.monitor is None:
+            return False
+        from qemu.qmp.legacy import QEMUMonitorProtocol
+
+        qmp = QEMUMonitorProtocol(self.monitor)
+        qmp.settimeout(timeout)
+        try:
+            qmp.connect(negotiate=True)
+        except Exception as exc:  # noqa: BLE001 - EOF, timeout or a protocol error: QEMU is not running
+            log.debug("QMP negotiation failed: %s", exc)
+            return False
+        self.qmp = qmp
+        return True
+
     def _soft_stop(self, timeout: float) -> bool:
         """Ask QEMU to quit: over QMP when there is a monitor, else SIGTERM."""
         assert self.proc is not None
@@ -131,9 +157,12 @@ class Machine:
             try:
                 from qemu.qmp.legacy import QEMUMonitorProtocol
 
-                qmp = QEMUMonitorProtocol(self.monitor)
+                qmp = self.qmp
+                if qmp is None:
+                    qmp = QEMUMonitorProtocol(self.monitor)
+                    qmp.settimeout(timeout)
+                    qmp.connect()
                 qmp.settimeout(timeout)
-                qmp.connect()
                 qmp.cmd("quit")
             except Exception as exc:  # noqa: BLE001 - any failure falls through to signals
                 log.debug("QMP quit failed: %s", exc)
@@ -188,6 +217,12 @@ class Machine:
         try:
             self.kill()
         finally:
+            if self.qmp is not None:
+                try:
+                    self.qmp.close()
+                except Exception as exc:  # noqa: BLE001 - QEMU is gone; nothing left to tell it
+                    log.debug("closing QMP: %s", exc)
+                self.qmp = None
             if self.pidfd >= 0:
                 os.close(self.pidfd)
                 self.pidfd = -1

@@ -55,6 +55,7 @@ class Relay:
         boot_timeout: float,
         timeout: float | None,
         x11: Any = None,
+        on_init: Callable[[], None] | None = None,
     ) -> None:
         self.ports = ports
         self.ctl = ports[protocol.PORT_CONTROL]
@@ -67,6 +68,7 @@ class Relay:
         self.verbose = verbose
         self.boot_timeout = boot_timeout
         self.x11 = x11
+        self.on_init = on_init  # called once, when the guest's init reports in
         self.sel = selectors.PollSelector()
         now = time.monotonic()
         self.progress_deadline: float | None = now + boot_timeout
@@ -220,6 +222,9 @@ class Relay:
     def _on_message(self, msg: protocol.GuestMessage) -> None:
         if isinstance(msg, protocol.Stamp):
             self.timeline.stamp_guest(msg.phase, msg.guest_ns)
+            if self.on_init is not None:
+                self.on_init()
+                self.on_init = None
             if not self.started:
                 self.progress_deadline = time.monotonic() + self.boot_timeout
             if msg.phase == "command_exec":

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import host, initramfs, kernel, protocol, qemucmd, runtime
+from .bootimages import BootImage
 from .errors import EXIT_LAUNCHER, BootStallError, SandboxError, UsageError
 from .guestinit import init_binary
 from .machine import Machine, monotonic_boottime
@@ -177,6 +178,7 @@ class Prepared:
     qemu: host.QemuInfo
     machine: str
     kernel_image: Path
+    pvh: bool  # kernel_image is the extracted ELF
     initrd: Path
     cmdline: str
     tsc_khz: int | None
@@ -195,11 +197,12 @@ def prepare(opts: RunOptions) -> Prepared:
         raise UsageError(f"{qemu.path} has no microvm machine")
     kern = kernel.find_kernel(opts.kernel)
     kernel.ensure_readable(kern.image)
-    image = (kernel.pvh_image(kern) if opts.pvh else None) or kern.image
+    pvh_image = kernel.pvh_image(kern) if opts.pvh else None
+    image = pvh_image or kern.image
     initrd = initramfs.cached(kern, init_binary(), initramfs.wanted_modules(machine))
     tsc = host.tsc_khz() if accel == "tcg" else None
     cmdline = kernel_cmdline(machine, accel, tsc, opts.crypto_selftests, opts.verbose, opts.kernel_append)
-    return Prepared(accel, qemu, machine, image, initrd, cmdline, tsc)
+    return Prepared(accel, qemu, machine, image, pvh_image is not None, initrd, cmdline, tsc)
 
 
 def _socketpairs(numbers: list[int]) -> dict[int, tuple[socket.socket, socket.socket]]:
@@ -219,8 +222,12 @@ def boot_once(opts: RunOptions, prep: Prepared, rundir: Path, timeline: Timeline
     launcher_ends = [s[0] for s in ports.values()] + [console[0], monitor[0]]
     # Kernel and initramfs go to QEMU as open files: a QEMU that runs as
     # another uid, in another mount namespace, needs no path to our cache.
-    images = [os.open(p, os.O_RDONLY | os.O_CLOEXEC) for p in (prep.kernel_image, prep.initrd)]
+    # A PVH kernel goes as a private copy the launcher can empty (bootimages.py);
+    # a bzImage is read into QEMU's own memory, so a copy would gain nothing.
+    images: list[BootImage] = []
     try:
+        images.append(BootImage(prep.kernel_image, private=prep.pvh))
+        images.append(BootImage(prep.initrd, private=True))
         shares = [qemucmd.Share("root", Path("/"))]
         if opts.home is not None:
             shares.append(qemucmd.Share("home", opts.home, readonly=False))
@@ -229,8 +236,8 @@ def boot_once(opts: RunOptions, prep: Prepared, rundir: Path, timeline: Timeline
             qemu=prep.qemu.path,
             accel=prep.accel,
             machine=prep.machine,
-            kernel=Path(f"/proc/self/fd/{images[0]}"),
-            initrd=Path(f"/proc/self/fd/{images[1]}"),
+            kernel=images[0].proc_path,
+            initrd=images[1].proc_path,
             cmdline=prep.cmdline,
             memory_mb=opts.memory_mb,
             cpus=opts.cpus,
@@ -249,7 +256,7 @@ def boot_once(opts: RunOptions, prep: Prepared, rundir: Path, timeline: Timeline
         cspec = command_spec(opts, tty, x11.display if x11 is not None else None)
         machine = Machine(
             argv,
-            pass_fds=tuple(s.fileno() for s in qemu_ends) + tuple(images),
+            pass_fds=tuple(s.fileno() for s in qemu_ends) + tuple(i.fd for i in images),
             cwd=rundir,
             env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"},
             stderr_log=rundir / "qemu.log",
@@ -269,6 +276,7 @@ def boot_once(opts: RunOptions, prep: Prepared, rundir: Path, timeline: Timeline
             boot_timeout=boot_timeout,
             timeout=opts.timeout,
             x11=x11,
+            on_init=images[1].release,
         )
         timeline.stamp_host("qemu_exec", monotonic_boottime())
         with machine:
@@ -278,9 +286,8 @@ def boot_once(opts: RunOptions, prep: Prepared, rundir: Path, timeline: Timeline
             for s in qemu_ends:
                 s.close()
             qemu_ends = []
-            for fd in images:
-                os.close(fd)
-            images = []
+            if machine.wait_running(boot_timeout):
+                images[0].release()
             outcome: RelayOutcome = relay.run()
             if outcome.stalled:
                 raise BootStallError(
@@ -296,8 +303,8 @@ def boot_once(opts: RunOptions, prep: Prepared, rundir: Path, timeline: Timeline
     finally:
         for s in qemu_ends + launcher_ends:
             s.close()
-        for fd in images:
-            os.close(fd)
+        for image in images:
+            image.close()
 
 
 def _panic_line(console_log: Path) -> str | None:

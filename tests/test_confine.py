@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import subprocess
@@ -37,6 +38,20 @@ def find_qemu(launcher: int, timeout: float = 60) -> int:
             todo += children(pid)
         time.sleep(0.05)
     raise AssertionError("no QEMU process appeared")
+
+
+def _rss_by_mapping(pid: int) -> list[tuple[str, int]]:
+    """(path, resident kB) for each file mapping of a process."""
+    out: list[tuple[str, int]] = []
+    name = ""
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        fields = line.split()
+        if "-" in fields[0] and len(fields) >= 5 and fields[0][0] in "0123456789abcdef" and ":" in fields[3]:
+            name = " ".join(fields[5:])
+        elif fields[0] == "Rss:" and name:
+            out.append((name, int(fields[1])))
+            name = ""
+    return out
 
 
 def status(pid: int) -> dict[str, str]:
@@ -82,15 +97,26 @@ def test_qemu_is_confined_as_libvirt_would(capsys: pytest.CaptureFixture[str]) -
         assert cwd.startswith("/run/sandbox/run-"), cwd
         fds = {int(fd): os.readlink(f"/proc/{qemu}/fd/{fd}") for fd in os.listdir(f"/proc/{qemu}/fd")}
         assert fds[0] == "/dev/null" and fds[1].endswith("/qemu.log") and fds[2] == fds[1]
-        images = sorted(t for t in fds.values() if t.endswith((".pvh", ".cpio")))
-        assert len(images) == 2 and all("/sandbox/" in t for t in images), images
+        # The boot images: sealed in-memory copies (sandbox/bootimages.py),
+        # the one file QEMU shares with the launcher, which empties them.
+        images = sorted(t for t in fds.values() if t.startswith("/memfd:"))
+        assert [Path(t.split(" ")[0]).suffix for t in images] == [".cpio", ".pvh"], images
+        for fd, target in fds.items():
+            if target in images:
+                with open(f"/proc/{qemu}/fd/{fd}", "rb") as f:
+                    seals = fcntl.fcntl(f, fcntl.F_GET_SEALS)
+                    # Emptied once used: the guest runs, so both were.
+                    assert os.fstat(f.fileno()).st_size == 0, target
+                assert seals & fcntl.F_SEAL_WRITE and seals & fcntl.F_SEAL_GROW, (target, seals)
+        mapped = _rss_by_mapping(qemu)
+        assert [kb for name, kb in mapped if name.startswith("/memfd:")] == [0, 0], mapped
         # Nothing the launcher holds reaches QEMU: its pipes, its stdio, the
         # other ends of the socketpairs (each end is its own socket inode).
         launcher = {os.readlink(f"/proc/{proc.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{proc.pid}/fd")}
-        shared = {t for t in fds.values() if t in launcher} - {"/dev/null"}
+        shared = {t for t in fds.values() if t in launcher} - {"/dev/null"} - set(images)
         shared = {t for t in shared if not t.startswith(("anon_inode:", "/usr/", "/lib"))}
         assert shared == set(), shared
-        evidence["fds"] = f"{len(fds)} (0: /dev/null, 1-2: qemu.log, images: {', '.join(Path(t).name for t in images)})"
+        evidence["fds"] = f"{len(fds)} (0: /dev/null, 1-2: qemu.log, images: sealed memfds {', '.join(t.split(' ')[0] for t in images)})"
         assert sum(t.startswith("socket:") for t in fds.values()) >= 6  # console, monitor, 4 ports
     finally:
         proc.stdin.write(b"bye\n")
