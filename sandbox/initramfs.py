@@ -13,7 +13,8 @@ log = logging.getLogger(__name__)
 
 # What the init needs beyond the transport, which depends on the machine type.
 BASE_MODULES = ["virtio_console", "9pnet_virtio", "9p"]
-TRANSPORT_MODULES = {"microvm": ["virtio_mmio"], "q35": ["virtio_pci"]}
+# microvm: 9p over mmio, virtio-serial over PCI (qemucmd._serial_device).
+TRANSPORT_MODULES = {"microvm": ["virtio_mmio", "virtio_pci"], "q35": ["virtio_pci"]}
 
 
 def wanted_modules(machine: str) -> list[str]:
@@ -31,7 +32,7 @@ def build(kernel: Kernel, init: Path, wanted: list[str]) -> bytes:
     order = []
     for mod in modules.resolve_in(kernel.modules_dir, wanted):
         fname = f"{mod.name}.ko"
-        w.file(f"modules/{fname}", modules.read_module(kernel.modules_dir, mod))
+        w.file(f"modules/{fname}", modules.strip_signature(modules.read_module(kernel.modules_dir, mod)))
         order.append(f"{mod.name} {fname}\n")
     w.file("modules/order", "".join(order).encode())
     return w.getvalue()
@@ -43,6 +44,7 @@ def cached(kernel: Kernel, init: Path, wanted: list[str]) -> Path:
         kernel.version.encode(),
         cache.file_identity(kernel.modules_dir / "modules.dep").encode(),
         init.name.encode(),  # the init's name carries its source hash
+        b"unsigned-modules",
         " ".join(wanted).encode(),
     )
     path = cache.cache_dir() / f"initramfs-{kernel.version}-{key}.cpio"

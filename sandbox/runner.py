@@ -73,7 +73,7 @@ def launcher_start_time() -> float:
         return monotonic_boottime()
 
 
-def kernel_cmdline(machine: str, accel: str, tsc_khz: int | None, crypto_selftests: bool, verbose: int, extra: str) -> str:
+def kernel_cmdline(accel: str, tsc_khz: int | None, crypto_selftests: bool, verbose: int, extra: str) -> str:
     """The guest kernel's command line; each knob's effect is in benchmarks/README.md."""
     args = [
         "console=ttyS0",
@@ -86,8 +86,6 @@ def kernel_cmdline(machine: str, accel: str, tsc_khz: int | None, crypto_selftes
         "nowatchdog",
         "audit=0",
     ]
-    if machine == "microvm":
-        args.append("pci=off")  # microvm has no PCI bus to probe
     if verbose < 2:
         args.append("quiet")
     if accel == "tcg" and tsc_khz:
@@ -201,7 +199,7 @@ def prepare(opts: RunOptions) -> Prepared:
     image = pvh_image or kern.image
     initrd = initramfs.cached(kern, init_binary(), initramfs.wanted_modules(machine))
     tsc = host.tsc_khz() if accel == "tcg" else None
-    cmdline = kernel_cmdline(machine, accel, tsc, opts.crypto_selftests, opts.verbose, opts.kernel_append)
+    cmdline = kernel_cmdline(accel, tsc, opts.crypto_selftests, opts.verbose, opts.kernel_append)
     return Prepared(accel, qemu, machine, image, pvh_image is not None, initrd, cmdline, tsc)
 
 

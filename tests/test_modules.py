@@ -1,4 +1,7 @@
 import lzma
+import os
+import struct
+from pathlib import Path
 
 import pytest
 
@@ -58,3 +61,30 @@ def test_compressed_modules_are_decompressed(tmp_path) -> None:
     (tmp_path / "modules.dep").write_text("kernel/x.ko.xz:\n")
     [mod] = modules.resolve_in(tmp_path, ["x"])
     assert modules.read_module(tmp_path, mod) == b"\x7fELFmodule"
+
+
+def test_signature_is_stripped_and_unsigned_modules_pass_through() -> None:
+    body = b"\x7fELF" + bytes(100)
+    sig = b"S" * 37
+    signed = body + sig + struct.pack(">BBBBBxxxI", 0, 0, 2, 0, 0, len(sig)) + modules.SIGNATURE_MAGIC
+    assert modules.strip_signature(signed) == body
+    assert modules.strip_signature(body) == body
+    bad = b"x" + struct.pack(">BBBBBxxxI", 0, 0, 2, 0, 0, 1000) + modules.SIGNATURE_MAGIC
+    with pytest.raises(InitramfsError):
+        modules.strip_signature(bad)
+
+
+def test_real_module_signature_is_stripped() -> None:
+    moddir = Path("/lib/modules") / os.uname().release
+    if not moddir.exists():
+        moddir = max(Path("/lib/modules").iterdir())
+    [mod] = modules.resolve_in(moddir, ["9p"])[-1:]
+    raw = modules.read_module(moddir, mod)
+    assert raw.endswith(modules.SIGNATURE_MAGIC)  # Debian signs its modules
+    stripped = modules.strip_signature(raw)
+    assert stripped.startswith(b"\x7fELF") and len(stripped) < len(raw)
+    # the ELF ends where its section header table does
+    (shoff,) = struct.unpack_from("<Q", stripped, 0x28)
+    shentsize, shnum = struct.unpack_from("<HH", stripped, 0x3A)
+    assert shoff + shentsize * shnum == len(stripped)
+

@@ -31,13 +31,20 @@ def test_microvm_is_minimal_and_uses_mmio_devices() -> None:
     assert {"-nodefaults", "-no-user-config", "-no-reboot"} <= set(argv)
     machine = value_after(argv, "-machine")[0]
     assert machine.startswith("microvm,") and "x-option-roms=off" in machine and "pit=off" in machine
+    assert "pcie=on" in machine  # for virtio-serial
     assert value_after(argv, "-accel") == ["tcg,tb-size=48"]
     devices = value_after(argv, "-device")
     assert devices[0] == "virtio-9p-device,fsdev=fs0,mount_tag=root"
-    assert "virtio-serial-device,max_ports=4" in devices
+    assert "virtio-serial-pci,max_ports=4" in devices  # 128-entry queues, not mmio's 1024
     assert "virtserialport,chardev=port3,name=sandbox.stdout,nr=3" in devices
     assert "socket,id=port1,fd=8" in value_after(argv, "-chardev")
     assert value_after(argv, "-serial") == ["chardev:console"]
+
+
+def test_microvm_without_ports_has_no_pci() -> None:
+    argv = qemucmd.build_argv(spec(ports=()))
+    assert "pcie=off" in value_after(argv, "-machine")[0]
+    assert not any("virtio-serial" in d for d in value_after(argv, "-device"))
 
 
 def test_q35_uses_pci_devices_and_kvm_uses_host_cpu() -> None:
