@@ -170,6 +170,8 @@ def run_args_from(args: Namespace) -> list[str]:
         out += ["--kernel-append", args.kernel_append]
     if args.crypto_selftests:
         out.append("--crypto-selftests")
+    if args.tracefs:
+        out.append("--tracefs")
     if args.no_confine:
         out.append("--no-confine")
     return out

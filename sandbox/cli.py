@@ -63,6 +63,7 @@ def _add_vm_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-pvh", action="store_true", help="boot the bzImage instead of the extracted vmlinux")
     p.add_argument("--kernel-append", default="", metavar="ARGS", help="extra guest kernel arguments")
     p.add_argument("--crypto-selftests", action="store_true", help="keep the guest kernel's crypto self-tests")
+    p.add_argument("--tracefs", action="store_true", help="keep the guest kernel's tracefs (ftrace event files)")
     p.add_argument("-v", "--verbose", action="count", default=0, help="show QEMU's argv and the console (-vv: full boot log)")
 
 
@@ -162,6 +163,7 @@ def _run(args: argparse.Namespace) -> int:
         kernel_append=args.kernel_append,
         pvh=not args.no_pvh,
         crypto_selftests=args.crypto_selftests,
+        tracefs=args.tracefs,
         cpu_model=args.cpu_model,
         tb_size_mb=args.tb_size,
         confinement=confinement,

@@ -6,9 +6,12 @@ def test_kernel_cmdline_knobs() -> None:
     args = tcg.split()
     assert "tsc_early_khz=2600003" in args and "quiet" in args and "pci=off" not in args
     assert "cryptomgr.notests" in args and args[-1] == "foo=1" and "panic=-1" in args
+    assert "initcall_blacklist=tracer_init_tracefs" in args
     kvm = kernel_cmdline("kvm", 2_600_003, True, 2, "").split()
     assert not any(a.startswith("tsc_early_khz") for a in kvm)  # kvm-clock knows better
     assert "pci=off" not in kvm and "quiet" not in kvm and "cryptomgr.notests" not in kvm
+    traced = kernel_cmdline("tcg", None, False, 0, "", tracefs=True).split()
+    assert not any(a.startswith("initcall_blacklist") for a in traced)
 
 
 def test_no_tty_when_forced_off() -> None:
