@@ -192,6 +192,9 @@ static void load_modules(void)
 		if (syscall(SYS_finit_module, mfd, params, 0) != 0 && errno != EEXIST)
 			die("cannot load module %s: %s", line, strerror(errno));
 		close(mfd);
+		/* The file's pages in the initramfs are guest RAM the kernel
+		 * can now reuse instead of touching new pages. */
+		unlink(path);
 	}
 }
 

@@ -58,7 +58,7 @@ def _add_vm_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory", type=_size_mb, default=512, metavar="SIZE", help="guest RAM (default 512M)")
     p.add_argument("--cpus", type=_cpus, default=1)
     p.add_argument("--cpu-model", metavar="MODEL", help="QEMU -cpu (default: host under KVM, x86-64-v2 under TCG)")
-    p.add_argument("--tb-size", type=int, default=48, metavar="MB", help="TCG translation cache size (default 48)")
+    p.add_argument("--tb-size", type=int, default=24, metavar="MB", help="TCG translation cache size (default 24)")
     p.add_argument("--boot-timeout", type=_positive, metavar="S", help="give up on a boot that stalls this long")
     p.add_argument("--no-pvh", action="store_true", help="boot the bzImage instead of the extracted vmlinux")
     p.add_argument("--kernel-append", default="", metavar="ARGS", help="extra guest kernel arguments")

@@ -45,7 +45,7 @@ class RunOptions:
     verbose: int = 0
     kernel_append: str = ""
     pvh: bool = True
-    tb_size_mb: int = 48
+    tb_size_mb: int = 24  # MiB; the trade-off is measured in benchmarks/README.md
     cpu_model: str | None = None
     crypto_selftests: bool = False
     tracefs: bool = False
