@@ -294,6 +294,12 @@ def boot_once(opts: RunOptions, prep: Prepared, rundir: Path, timeline: Timeline
             qemu_ends = []
             if machine.wait_running(boot_timeout):
                 images[0].release()
+            elif machine.poll() is None:
+                raise BootStallError(
+                    f"guest boot made no progress for {boot_timeout:g} s (attempt {attempt}): QEMU never answered its monitor",
+                    argv,
+                    machine.failure("").log_tail,
+                )
             outcome: RelayOutcome = relay.run()
             if outcome.stalled:
                 raise BootStallError(

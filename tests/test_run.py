@@ -269,6 +269,26 @@ def test_a_stalled_boot_is_detected_retried_and_reported() -> None:
     assert time.monotonic() - start < 30
 
 
+def test_a_qemu_that_never_starts_its_machine_is_a_stall(tmp_path: Path) -> None:
+    # QEMU that answers the capability probes but then hangs before its
+    # main loop: the launcher must not wait on its monitor for ever.
+    fake = tmp_path / "qemu-system-x86_64"
+    real = shutil.which("qemu-system-x86_64")
+    fake.write_text(
+        "#!/bin/sh\n"
+        f'case "$*" in *-version*|*help*) exec {real} "$@";; esac\n'
+        "exec sleep 600\n"
+    )
+    fake.chmod(0o755)
+    start = time.monotonic()
+    proc = run_sandbox("true", run_opts=("--qemu", str(fake), "--no-confine", "--boot-timeout", "1"))
+    assert proc.returncode == 125
+    lines = stderr_lines(proc)
+    assert any("never answered its monitor" in ln and "retrying" in ln for ln in lines), lines
+    assert any("no progress for 1 s (attempt 2)" in ln for ln in lines), lines
+    assert time.monotonic() - start < 30
+
+
 def test_q35_machine_with_virtio_pci() -> None:
     proc = run_sandbox("sh", "-c", "echo q35-ok", run_opts=("--machine", "q35"))
     assert proc.returncode == 0, proc.stderr
