@@ -12,12 +12,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING
 
 from .errors import MachineError
 
-if TYPE_CHECKING:
-    from qemu.qmp.legacy import QEMUMonitorProtocol
+from .monitor import Monitor
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +65,7 @@ class Machine:
         self.env = env
         self.stderr_log = stderr_log
         self.monitor = monitor
-        self.qmp: QEMUMonitorProtocol | None = None
+        self.qmp: Monitor | None = None
         self.preexec = preexec
         self.proc: subprocess.Popen[bytes] | None = None
         self.pidfd = -1
@@ -133,37 +131,22 @@ class Machine:
         """Wait until QEMU's main loop answers the monitor: machine built, ROMs in guest RAM.
 
         False if there is no monitor or QEMU did not get there (it exited,
-        or took longer than `timeout`); the caller's event loop then sees
-        the exit or the stall and reports it.
+        or took longer than `timeout`).
         """
         if self.monitor is None:
             return False
-        from qemu.qmp.legacy import QEMUMonitorProtocol
-
-        qmp = QEMUMonitorProtocol(self.monitor)
-        qmp.settimeout(timeout)
-        try:
-            qmp.connect(negotiate=True)
-        except Exception as exc:  # noqa: BLE001 - EOF, timeout or a protocol error: QEMU is not running
-            log.debug("QMP negotiation failed: %s", exc)
-            return False
-        self.qmp = qmp
-        return True
+        if self.qmp is None:
+            self.qmp = Monitor(self.monitor)
+        return self.qmp.connected or self.qmp.connect(timeout)
 
     def _soft_stop(self, timeout: float) -> bool:
         """Ask QEMU to quit: over QMP when there is a monitor, else SIGTERM."""
         assert self.proc is not None
         if self.monitor is not None:
             try:
-                from qemu.qmp.legacy import QEMUMonitorProtocol
-
-                qmp = self.qmp
-                if qmp is None:
-                    qmp = QEMUMonitorProtocol(self.monitor)
-                    qmp.settimeout(timeout)
-                    qmp.connect()
-                qmp.settimeout(timeout)
-                qmp.cmd("quit")
+                if self.qmp is None:
+                    self.qmp = Monitor(self.monitor)
+                self.qmp.execute("quit", timeout)
             except Exception as exc:  # noqa: BLE001 - any failure falls through to signals
                 log.debug("QMP quit failed: %s", exc)
         else:
@@ -218,10 +201,7 @@ class Machine:
             self.kill()
         finally:
             if self.qmp is not None:
-                try:
-                    self.qmp.close()
-                except Exception as exc:  # noqa: BLE001 - QEMU is gone; nothing left to tell it
-                    log.debug("closing QMP: %s", exc)
+                self.qmp.close()
                 self.qmp = None
             if self.pidfd >= 0:
                 os.close(self.pidfd)

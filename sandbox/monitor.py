@@ -1,0 +1,55 @@
+"""QEMU's monitor (QMP) over an inherited socket, driven synchronously with every call bounded."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class Monitor:
+    """One QMP session on `sock`, through qemu.qmp's client.
+
+    qemu.qmp's synchronous wrapper waits for the greeting and capabilities
+    reply without a bound, and a QEMU stuck before its main loop sends the
+    greeting but never the reply; here each step has a timeout.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        from qemu.qmp import QMPClient
+
+        self.sock = sock
+        self.loop = asyncio.new_event_loop()
+        self.client = QMPClient("sandbox")
+        self.connected = False
+
+    def _run(self, coro: Any, timeout: float) -> Any:
+        return self.loop.run_until_complete(asyncio.wait_for(coro, timeout))
+
+    def connect(self, timeout: float) -> bool:
+        """Greeting and capabilities negotiation; False if QEMU did not answer in time or went away."""
+        try:
+            self._run(self.client.connect(self.sock), timeout)
+        except Exception as exc:  # noqa: BLE001 - timeout, EOF or a protocol error all mean "not running"
+            log.debug("QMP negotiation failed: %s", exc)
+            return False
+        self.connected = True
+        return True
+
+    def execute(self, command: str, timeout: float) -> Any:
+        """Run a QMP command; raises on error or timeout."""
+        if not self.connected and not self.connect(timeout):
+            raise ConnectionError("QEMU's monitor does not answer")
+        return self._run(self.client.execute(command), timeout)
+
+    def close(self) -> None:
+        try:
+            if self.connected:
+                self._run(self.client.disconnect(), 1.0)
+        except Exception as exc:  # noqa: BLE001 - QEMU is gone; nothing left to tell it
+            log.debug("closing QMP: %s", exc)
+        finally:
+            self.loop.close()
