@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import socket
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import asyncio
 
 log = logging.getLogger(__name__)
 
@@ -19,14 +21,20 @@ class Monitor:
     """
 
     def __init__(self, sock: socket.socket) -> None:
+        # Imported here, not at start-up: asyncio alone costs the launcher
+        # 15 ms, and by now QEMU is starting in parallel.
+        import asyncio
+
         from qemu.qmp import QMPClient
 
         self.sock = sock
-        self.loop = asyncio.new_event_loop()
+        self.loop: asyncio.AbstractEventLoop = asyncio.new_event_loop()
         self.client = QMPClient("sandbox")
         self.connected = False
 
     def _run(self, coro: Any, timeout: float) -> Any:
+        import asyncio
+
         return self.loop.run_until_complete(asyncio.wait_for(coro, timeout))
 
     def connect(self, timeout: float) -> bool:
