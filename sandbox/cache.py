@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import time
 from pathlib import Path
 
 from .errors import SandboxError
@@ -56,3 +57,39 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
         except OSError:
             pass
         raise
+
+
+# Boot images are the large entries (30 MB for a packed kernel, 1-2 MB
+# for an initramfs or a static init); each kernel upgrade or sandbox
+# upgrade leaves the old ones behind.
+BOOT_IMAGES = ("vmlinux-*.pvh", "initramfs-*.cpio", "init-*")
+IDLE_DAYS = 7
+_DAY = 86400.0
+
+
+def prune_boot_images(in_use: list[Path], idle_days: float = IDLE_DAYS) -> list[Path]:
+    """Mark `in_use` as used today and delete boot images nobody used for `idle_days`.
+
+    An entry's mtime is its last use (refreshed at most daily, so a run
+    costs a stat, not a write); another launcher that still uses an old
+    entry keeps it alive the same way.  Returns what was deleted.
+    """
+    now = time.time()
+    keep = {p.resolve() for p in in_use}
+    for p in keep:
+        try:
+            if now - p.stat().st_mtime > _DAY:
+                os.utime(p)
+        except OSError:
+            pass
+    removed: list[Path] = []
+    base = cache_dir()
+    for pattern in BOOT_IMAGES:
+        for p in base.glob(pattern):
+            try:
+                if p.resolve() not in keep and now - p.stat().st_mtime > idle_days * _DAY:
+                    p.unlink()
+                    removed.append(p)
+            except OSError:
+                continue
+    return removed

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import host, initramfs, kernel, protocol, qemucmd, runtime
+from . import cache, host, initramfs, kernel, protocol, qemucmd, runtime
 from .bootimages import BootImage
 from .errors import EXIT_LAUNCHER, BootStallError, SandboxError, UsageError
 from .guestinit import init_binary
@@ -205,7 +205,10 @@ def prepare(opts: RunOptions) -> Prepared:
     kernel.ensure_readable(kern.image)
     pvh_image = kernel.pvh_image(kern) if opts.pvh else None
     image = pvh_image or kern.image
-    initrd = initramfs.cached(kern, init_binary(), initramfs.wanted_modules(machine))
+    init = init_binary()
+    initrd = initramfs.cached(kern, init, initramfs.wanted_modules(machine))
+    for stale in cache.prune_boot_images([p for p in (pvh_image, initrd, init) if p is not None]):
+        log.info("removed unused cache entry %s", stale)
     tsc = host.tsc_khz() if accel == "tcg" else None
     cmdline = kernel_cmdline(accel, tsc, opts.crypto_selftests, opts.verbose, opts.kernel_append, opts.tracefs)
     return Prepared(accel, qemu, machine, image, pvh_image is not None, initrd, cmdline, tsc)
