@@ -93,4 +93,7 @@ def test_labels_confine_under_enforcing_selinux_in_a_guest(tmp_path: Path) -> No
     assert facts["file"] == f"system_u:object_r:sandbox_image_t:{level}"
     assert facts["read-same"] == "same pair"
     assert "Permission denied" in facts["read-different"], facts["read-different"]
+    # QEMU's domain reads the boot images the launcher hands it as memfds.
+    assert facts["read-memfd"] == "boot image", facts["read-memfd"]
+    assert facts["memfd-label"].split(":")[2] == "tmpfs_t", facts["memfd-label"]
     assert pairs

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from sandbox import labels, seclabel
+from sandbox.bootimages import BootImage
 
 
 def main() -> int:
@@ -68,6 +69,21 @@ def main() -> int:
         out, _ = spawn("cat", str(path)).communicate()
         text = out.decode().strip().replace("\n", " ")
         print(f"read-{name} {text}")
+    # A boot image as QEMU gets it: a sealed memfd, inherited.
+    boot = work / "vmlinux.pvh"
+    boot.write_text("boot image\n")
+    image_fd = BootImage(boot, private=True)
+    reader = subprocess.Popen(
+        [str(stub), "cat", str(image_fd.proc_path)],
+        preexec_fn=lambda: seclabel.set_exec_label(str(process)),
+        pass_fds=(image_fd.fd,),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    out, _ = reader.communicate()
+    print("read-memfd", out.decode().strip().replace("\n", " "))
+    print("memfd-label", os.getxattr(image_fd.proc_path, "security.selinux").rstrip(b"\0").decode())
+    image_fd.close()
     mine.release()
     other.release()
     for line in denials().splitlines():
