@@ -101,17 +101,42 @@ class Cgroup:
                     time.sleep(0.01)
 
 
-def _v2_usable(controllers: list[str]) -> Path | None:
-    base = _own_paths().get("")
-    if base is None or not (CGROUP_ROOT / "cgroup.controllers").exists():
+V2_BASE = "sandbox"  # root's sandboxes live in /sys/fs/cgroup/sandbox/<name>
+
+
+def _enable(directory: Path, controllers: list[str]) -> None:
+    """Make `controllers` available to `directory`'s children (cgroup.subtree_control)."""
+    enabled = (directory / "cgroup.subtree_control").read_text().split()
+    missing = [c for c in controllers if c not in enabled]
+    if missing:
+        (directory / "cgroup.subtree_control").write_text(" ".join(f"+{c}" for c in missing))
+
+
+def _v2_parent(controllers: list[str], root: Path = CGROUP_ROOT) -> Path | None:
+    """Where a v2 cgroup with `controllers` can go, or None if this is not a v2 host.
+
+    cgroup v2 lets a group hand controllers to its children only while it
+    holds no process itself, and the launcher sits in its own (leaf) group.
+    As root, sandboxes go in a group of their own under the root, which may
+    always delegate (libvirt's machine.slice, without systemd's help).  A
+    user can only use a subtree delegated to them: their own group's
+    parent-to-be must already offer the controllers.
+    """
+    if not (root / "cgroup.controllers").exists():
         return None
-    parent = CGROUP_ROOT / base.lstrip("/")
-    try:
-        available = (parent / "cgroup.controllers").read_text().split()
-    except OSError:
+    if os.geteuid() == 0:
+        base = root / V2_BASE
+        _enable(root, controllers)
+        base.mkdir(exist_ok=True)
+        _enable(base, controllers)
+        return base
+    own = _own_paths().get("")
+    if own is None:
         return None
-    if not set(controllers) <= set(available) or not os.access(parent, os.W_OK):
-        return None
+    parent = root / own.lstrip("/")
+    offered = (parent / "cgroup.subtree_control").read_text().split()
+    if not set(controllers) <= set(offered) or not os.access(parent, os.W_OK):
+        raise OSError(f"{parent} does not delegate {', '.join(controllers)} to this user (run as root)")
     return parent
 
 
@@ -120,15 +145,20 @@ def create(name: str, limits: Limits) -> Cgroup | None:
     if not limits.any():
         return None
     wanted = v2_files(limits)
-    parent = _v2_usable(list(wanted))
     try:
+        parent = _v2_parent(list(wanted))
         if parent is not None:
             d = parent / name
             d.mkdir()
-            for files in wanted.values():
-                for fname, value in files.items():
-                    if (d / fname).exists():
+            try:
+                for files in wanted.values():
+                    for fname, value in files.items():
+                        if fname == "memory.swap.max" and not (d / fname).exists():
+                            continue  # a kernel without swap accounting: nothing to limit
                         (d / fname).write_text(value)
+            except OSError:
+                Cgroup([d], 2).remove()
+                raise
             return Cgroup([d], 2)
         own = _own_paths()
         made = Cgroup([], 1)
