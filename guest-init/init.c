@@ -274,7 +274,7 @@ struct spec {
 	gid_t groups[MAX_GROUPS];
 	int ngroups;
 	mode_t umask;
-	int tty, rows, cols, home_share, x11;
+	int tty, rows, cols, home_share, x11, xpra;
 };
 
 static void read_exact(int fd, char *buf, size_t n)
@@ -326,6 +326,7 @@ static void read_spec(struct spec *s)
 		case 'W': s->cols = atoi(v); break;
 		case 'V': s->home_share = atoi(v); break;
 		case 'X': s->x11 = atoi(v) + 1; break;
+		case 'Y': s->xpra = 1; break;
 		}
 	}
 	if (!s->argc)
@@ -525,7 +526,7 @@ struct xconn {
 	size_t plen;
 };
 static struct xconn xconns[MAX_X11];
-static int x11_listen = -1, x11_port = -1;
+static int x11_listen = -1, x11_port = -1, x11_xpra;
 static uint32_t x11_next_id = 1;
 static char x11_in[X11_HDR + BUFSZ]; /* partial frame from the host */
 static size_t x11_in_len;
@@ -549,11 +550,65 @@ static void x11_frame(char type, uint32_t id, const char *data, uint32_t len)
 		write_all(x11_port, data, len);
 }
 
-static void x11_setup(int display)
+/* --x11=xpra: the xpra server runs in the guest (started by the command's
+ * wrapper, as the user); the host's xpra client opens connections, each
+ * bridged here to the server's socket.  The wrapper writes to the ready
+ * FIFO once the server says it is ready, and the host then starts its
+ * client: an earlier client would time out on a server still starting. */
+static void xpra_setup(uid_t uid, gid_t gid)
+{
+	if (mkdir(XPRA_DIR, 0700) || chown(XPRA_DIR, uid, gid))
+		die("%s: %s", XPRA_DIR, strerror(errno));
+	if (mkfifo(XPRA_DIR "/ready", 0600) || chown(XPRA_DIR "/ready", uid, gid))
+		die("%s/ready: %s", XPRA_DIR, strerror(errno));
+	x11_listen = open(XPRA_DIR "/ready", O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+	if (x11_listen < 0)
+		die("%s/ready: %s", XPRA_DIR, strerror(errno));
+}
+
+static void xpra_ready(void)
+{
+	char buf[64];
+	if (read(x11_listen, buf, sizeof buf) > 0)
+		x11_frame(X11_READY, 0, NULL, 0);
+	close(x11_listen);
+	x11_listen = -1;
+}
+
+static void xpra_open(uint32_t id)
+{
+	struct sockaddr_un a = {.sun_family = AF_UNIX};
+	snprintf(a.sun_path, sizeof a.sun_path, "%s/socket", XPRA_DIR);
+	int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (fd < 0 || connect(fd, (struct sockaddr *)&a, sizeof a)) {
+		if (fd >= 0)
+			close(fd);
+		x11_frame(X11_CLOSE, id, NULL, 0);
+		return;
+	}
+	set_nonblock(fd);
+	for (int i = 0; i < MAX_X11; i++) {
+		if (xconns[i].fd < 0) {
+			xconns[i].fd = fd;
+			xconns[i].id = id;
+			return;
+		}
+	}
+	close(fd);
+	x11_frame(X11_CLOSE, id, NULL, 0);
+}
+
+static void x11_setup(int display, int xpra, uid_t uid, gid_t gid)
 {
 	x11_port = open_port(PORT_X11, O_RDWR, 10000);
 	if (x11_port < 0)
 		die("no X11 port");
+	for (int i = 0; i < MAX_X11; i++)
+		xconns[i].fd = -1;
+	if (xpra) {
+		xpra_setup(uid, gid);
+		return;
+	}
 	mkdir("/tmp/.X11-unix", 01777);
 	chmod("/tmp/.X11-unix", 01777);
 	struct sockaddr_un a = {.sun_family = AF_UNIX};
@@ -562,8 +617,6 @@ static void x11_setup(int display)
 	if (x11_listen < 0 || bind(x11_listen, (struct sockaddr *)&a, sizeof a) || listen(x11_listen, 16))
 		die("X11 socket: %s", strerror(errno));
 	chmod(a.sun_path, 0777);
-	for (int i = 0; i < MAX_X11; i++)
-		xconns[i].fd = -1;
 }
 
 static struct xconn *x11_find(uint32_t id)
@@ -651,6 +704,8 @@ static int x11_host_to_client(void)
 			}
 		} else if (x && type == X11_CLOSE) {
 			x11_drop(x, 0);
+		} else if (!x && type == X11_OPEN && x11_xpra) {
+			xpra_open(id);
 		}
 		off += X11_HDR + len;
 	}
@@ -825,8 +880,10 @@ int main(void)
 		die("stdio ports did not appear");
 
 	setup_root(&s);
-	if (s.x11)
-		x11_setup(s.x11 - 1);
+	if (s.x11) {
+		x11_xpra = s.xpra;
+		x11_setup(s.x11 - 1, s.xpra, (uid_t)s.uid, (gid_t)s.gid);
+	}
 
 	struct child c;
 	int code = spawn(&s, &c);
@@ -915,8 +972,12 @@ int main(void)
 				x11_port = -1;
 				continue;
 			}
-			if (pfd[xbase + 1].revents)
-				x11_accept();
+			if (pfd[xbase + 1].revents) {
+				if (x11_xpra)
+					xpra_ready();
+				else
+					x11_accept();
+			}
 			for (int i = xbase + 2; i < np; i++) {
 				struct xconn *x = NULL;
 				for (int j = 0; j < MAX_X11; j++)

@@ -19,7 +19,7 @@
  *     A argv element     E env entry        C cwd        H home directory
  *     U uid   G gid      S supplementary gid (repeated)   M umask (octal)
  *     T tty mask (1 stdin, 2 stdout, 4 stderr)   R rows   W cols
- *     V home share present ("1")   X x11 display number
+ *     V home share present ("1")   X x11 display number   Y xpra mode ("1")
  * Later, host -> guest:
  *   "K <signo>\n"        deliver a signal to the command's process group
  *   "W <rows> <cols>\n"  window size changed
@@ -36,8 +36,12 @@
 #define X11_OPEN 'O'
 #define X11_DATA 'D'
 #define X11_CLOSE 'C'
+#define X11_READY 'R' /* --x11=xpra, guest -> host: the xpra server is ready */
 /* X11 port framing (both ways): 1 byte type, 4 bytes connection id (LE),
- * 4 bytes payload length (LE), payload. */
+ * 4 bytes payload length (LE), payload.  Connections are opened by the
+ * guest for --x11 (its clients dial out) and by the host for --x11=xpra
+ * (the host's xpra client dials in). */
+#define XPRA_DIR "/tmp/.sandbox-xpra" /* the xpra server's socket and ready FIFO */
 #define X11_HDR 9
 
 #endif

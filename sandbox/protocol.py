@@ -38,6 +38,7 @@ class CommandSpec:
     cols: int = 0
     home_share: bool = False
     x11_display: int | None = None
+    x11_xpra: bool = False  # --x11=xpra: the host dials in to an xpra server in the guest
 
 
 def _field(key: str, value: str) -> bytes:
@@ -65,6 +66,8 @@ def encode_spec(spec: CommandSpec) -> bytes:
     parts += [_field("S", str(g)) for g in spec.groups]
     if spec.x11_display is not None:
         parts.append(_field("X", str(spec.x11_display)))
+        if spec.x11_xpra:
+            parts.append(_field("Y", "1"))
     body = b"".join(parts)
     return b"SPEC %d\n" % len(body) + body
 

@@ -136,8 +136,9 @@ def tty_mask(force: bool | None) -> int:
     return mask
 
 
-def command_spec(opts: RunOptions, tty: int, x11_display: int | None) -> protocol.CommandSpec:
+def command_spec(opts: RunOptions, tty: int) -> protocol.CommandSpec:
     """The guest command: this user, environment and directory."""
+    x11_display = opts.x11.display if opts.x11 is not None else None
     env = dict(opts.env) if opts.env is not None else dict(os.environ)
     uid, gid = os.getuid(), os.getgid()
     home = env.get("HOME")
@@ -160,7 +161,7 @@ def command_spec(opts: RunOptions, tty: int, x11_display: int | None) -> protoco
     os.umask(umask)
     rows, cols = _winsize(0 if _isatty(0) else 1) if tty else (0, 0)
     return protocol.CommandSpec(
-        argv=opts.argv,
+        argv=opts.x11.guest_argv(opts.argv) if opts.x11 is not None else opts.argv,
         env=tuple(env.items()),
         cwd=cwd,
         home=home,
@@ -173,6 +174,7 @@ def command_spec(opts: RunOptions, tty: int, x11_display: int | None) -> protoco
         cols=cols,
         home_share=opts.home is not None,
         x11_display=x11_display,
+        x11_xpra=opts.x11 is not None and opts.x11.mode == "xpra",
     )
 
 
@@ -262,7 +264,7 @@ def boot_once(opts: RunOptions, prep: Prepared, rundir: Path, timeline: Timeline
         if opts.verbose:
             log.info("qemu: %s", " ".join(argv))
         tty = tty_mask(opts.tty)
-        cspec = command_spec(opts, tty, x11.display if x11 is not None else None)
+        cspec = command_spec(opts, tty)
         machine = Machine(
             argv,
             pass_fds=tuple(s.fileno() for s in qemu_ends) + tuple(i.fd for i in images),

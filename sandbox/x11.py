@@ -32,7 +32,7 @@ from .streams import recv_some, send_some, watch_writable
 
 log = logging.getLogger(__name__)
 
-OPEN, DATA, CLOSE = b"O", b"D", b"C"
+OPEN, DATA, CLOSE, READY = b"O", b"D", b"C", b"R"
 HEADER = struct.Struct("<cII")
 MAX_FRAME = 256 * 1024
 GUEST_DISPLAY = 0
@@ -107,10 +107,6 @@ class X11Session:
     @classmethod
     def from_args(cls, mode: str, size: str, _confinement: object = None) -> X11Session:
         """Check what --x11 needs, with one-line errors naming what to install."""
-        if mode == "xpra":
-            if shutil.which("xpra") is None:
-                raise ToolMissingError("--x11=xpra needs xpra; apt-get install xpra")
-            raise UsageError("--x11=xpra is not implemented yet; use --x11 (Xephyr)")
         if not os.environ.get("DISPLAY"):
             raise UsageError("--x11 needs a desktop, and DISPLAY is not set (a virtual one: apt-get install xvfb)")
         try:
@@ -119,6 +115,11 @@ class X11Session:
                 raise ValueError
         except ValueError:
             raise UsageError(f"--x11-size {size!r}: want WIDTHxHEIGHT, e.g. 1024x768") from None
+        if mode == "xpra":
+            xpra = shutil.which("xpra")
+            if xpra is None:
+                raise ToolMissingError("--x11=xpra needs xpra; apt-get install xpra")
+            return XpraSession(f"{w}x{h}", xpra)
         xephyr = shutil.which("Xephyr")
         if xephyr is None:
             raise ToolMissingError("--x11 needs Xephyr; apt-get install xserver-xephyr")
@@ -255,12 +256,21 @@ class X11Session:
                 break
             payload = bytes(self.from_guest[HEADER.size : HEADER.size + length])
             del self.from_guest[: HEADER.size + length]
-            if kind == OPEN:
+            if kind == READY:
+                self._on_ready()
+            elif kind == OPEN:
                 self._open(cid)
             elif kind == DATA and cid in self.conns:
                 self._to_server(cid, self.conns[cid], payload)
             elif kind == CLOSE and cid in self.conns:
                 self._drop(cid, tell_guest=False)
+
+    def guest_argv(self, argv: tuple[str, ...]) -> tuple[str, ...]:
+        """The command as the guest runs it."""
+        return argv
+
+    def _on_ready(self) -> None:
+        """The guest side is ready for the host to connect (xpra only)."""
 
     def _open(self, cid: int) -> None:
         assert self.sel is not None
@@ -316,3 +326,121 @@ class X11Session:
         conn.sock.close()
         if tell_guest:
             self._send_guest(frame(CLOSE, cid))
+
+
+# The guest side of --x11=xpra, run as the user in place of the command: an
+# xpra server on its own Xvfb, then the command on that display.  The host
+# attaches once the server is ready (the FIFO tells the init, which tells
+# the launcher): under TCG the server takes ~40 s to start, longer than an
+# xpra client waits for its hello.  The command's status is the sandbox's.
+XPRA_DIR = "/tmp/.sandbox-xpra"  # guest-init/protocol.h
+XPRA_WRAPPER = f"""d={XPRA_DIR}
+display=$1 size=$2
+shift 2
+# No system config: Debian's starts "/etc/X11/Xsession true", a stray window.
+XPRA_SYSTEM_CONF_DIRS="$d/no-system-config" xpra start ":$display" --daemon=no --bind="$d/socket" --socket-dirs="$d" \\
+  --clipboard=no --mdns=no --pulseaudio=no --notifications=no --dbus-proxy=no \\
+  --dbus-control=no --dbus-launch= --webcam=no --printing=no --file-transfer=no \\
+  --speaker=off --microphone=off --systemd-run=no --html=off --start-new-commands=no \\
+  --xvfb="Xvfb +extension Composite -screen 0 ${{size}}x24+32 -nolisten tcp -noreset -auth \\$XAUTHORITY" \\
+  >"$d/server.log" 2>&1 </dev/null &
+xpra=$!
+until grep -q "xpra is ready" "$d/server.log" 2>/dev/null; do
+  if ! kill -0 "$xpra" 2>/dev/null; then
+    echo "sandbox: the xpra server in the guest did not start:" >&2
+    tail -n 5 "$d/server.log" >&2
+    exit 125
+  fi
+  sleep 0.2
+done
+echo ready >"$d/ready"
+DISPLAY=":$display" "$@"
+status=$?
+kill "$xpra" 2>/dev/null
+exit $status
+"""
+XPRA_DISPLAY = 100
+
+
+class XpraSession(X11Session):
+    """--x11=xpra: an xpra server in the guest, the xpra client on the user's display.
+
+    Windows appear as ordinary windows on the desktop.  The host's client
+    dials a socket of the launcher's; each of its connections is carried to
+    the guest's server over the X11 port (opened by the host here, where
+    Xephyr mode has the guest open them).  No clipboard either way.
+    """
+
+    def __init__(self, size: str, xpra: str) -> None:
+        super().__init__("xpra", size, xpra)
+        self.xpra = xpra
+        self.display = XPRA_DISPLAY
+        self.title = "sandbox"
+        self.listener: socket.socket | None = None
+        self.next_id = 1
+
+    def guest_argv(self, argv: tuple[str, ...]) -> tuple[str, ...]:
+        return ("/bin/sh", "-c", XPRA_WRAPPER, "sandbox-xpra", str(self.display), self.size, *argv)
+
+    def start(self, title: str) -> None:
+        """Listen for the xpra client; it is started once the guest's server is ready."""
+        self.title = title
+        self.dir = Path(tempfile.mkdtemp(prefix="sandbox-xpra-"))
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(str(self.dir / "socket"))
+        self.listener.listen(4)
+        self.listener.setblocking(False)
+
+    def attach(self, sel: selectors.BaseSelector, port: socket.socket) -> None:
+        super().attach(sel, port)
+        assert self.listener is not None
+        sel.register(self.listener, selectors.EVENT_READ, ("xpra-listen", 0))
+
+    def _on_ready(self) -> None:
+        if self.proc is not None or self.dir is None:
+            return
+        log_path = self.dir / "client.log"
+        argv = [self.xpra, "attach", f"socket:{self.dir / 'socket'}", "--clipboard=no", "--notifications=no",
+                "--tray=no", "--system-tray=no", "--speaker=off", "--microphone=off", "--webcam=no",
+                "--opengl=no", "--file-transfer=no", "--printing=no", f"--title=@title@ ({self.title})"]  # fmt: skip
+        with log_path.open("wb") as errlog:
+            self.proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=errlog,
+                stderr=errlog,
+                start_new_session=True,
+                preexec_fn=set_parent_death_signal,
+            )
+        self.pidfd = os.pidfd_open(self.proc.pid)
+        assert self.sel is not None
+        self.sel.register(self.pidfd, selectors.EVENT_READ, ("x11-server", 0))
+        log.info("xpra client started on %s", os.environ.get("DISPLAY"))
+
+    def on_event(self, key: selectors.SelectorKey, mask: int) -> None:
+        if key.data[0] == "xpra-listen":
+            self._accept()
+        else:
+            super().on_event(key, mask)
+
+    def _accept(self) -> None:
+        assert self.listener is not None and self.sel is not None
+        try:
+            sock, _ = self.listener.accept()
+        except BlockingIOError:
+            return
+        cid = self.next_id
+        self.next_id += 1
+        sock.setblocking(False)
+        self.conns[cid] = _Conn(sock, authorized=True)
+        self.sel.register(sock, selectors.EVENT_READ, ("x11-conn", cid))
+        self._send_guest(frame(OPEN, cid))
+
+    def _open(self, cid: int) -> None:
+        self._send_guest(frame(CLOSE, cid))  # the guest opens nothing in this mode
+
+    def close(self) -> None:
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+        super().close()
