@@ -57,3 +57,11 @@ def test_host_messages() -> None:
     assert protocol.signal_message(2) == b"K 2\n"
     assert protocol.winsize_message(24, 80) == b"W 24 80\n"
     assert protocol.broken_pipe_message(1) == b"P 1\n"
+
+
+def test_x11_display_and_xpra_mode_records() -> None:
+    base = dict(argv=("xterm",), env=(), cwd="/", home="/root", uid=0, gid=0)
+    _, records = decode(protocol.encode_spec(CommandSpec(**base, x11_display=0)))  # type: ignore[arg-type]
+    assert ("X", "0") in records and not any(k == "Y" for k, _ in records)
+    _, records = decode(protocol.encode_spec(CommandSpec(**base, x11_display=100, x11_xpra=True)))  # type: ignore[arg-type]
+    assert ("X", "100") in records and ("Y", "1") in records

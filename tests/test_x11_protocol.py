@@ -33,3 +33,14 @@ def test_frames_and_xauth_records() -> None:
     assert len(x11.frame(x11.CLOSE, 1)) == 9
     rec = x11.xauth_entry(3, b"c" * 16, b"host")
     assert rec == struct.pack(">H", 256) + b"\0\x04host" + b"\0\x013" + b"\0\x12MIT-MAGIC-COOKIE-1" + b"\0\x10" + b"c" * 16
+
+
+def test_xpra_mode_runs_the_command_under_the_wrapper() -> None:
+    from sandbox.x11 import XPRA_DISPLAY, XPRA_WRAPPER, XpraSession
+
+    session = XpraSession("800x600", "/usr/bin/xpra")
+    argv = session.guest_argv(("xmessage", "-name", "a b", "hi"))
+    assert argv == ("/bin/sh", "-c", XPRA_WRAPPER, "sandbox-xpra", str(XPRA_DISPLAY), "800x600", "xmessage", "-name", "a b", "hi")
+    # The wrapper passes the command's words through untouched and returns its status.
+    assert 'DISPLAY=":$display" "$@"' in XPRA_WRAPPER and "exit $status" in XPRA_WRAPPER
+    assert "--clipboard=no" in XPRA_WRAPPER
