@@ -135,6 +135,7 @@ def test_xmessage_shows_on_the_desktop_and_its_button_ends_the_sandbox(desktop: 
         if run.proc.poll() is None:
             run.proc.kill()
             run.proc.wait()
+        print("launcher stderr:", "".join(run.stderr))  # shown when the test fails
     # The nested server closed with the app.
     assert subprocess.run(["pgrep", "-x", "Xephyr"], capture_output=True).stdout.strip() == b""
 
@@ -154,6 +155,7 @@ def test_closing_the_nested_window_ends_the_sandbox(desktop: str) -> None:
         if run.proc.poll() is None:
             run.proc.kill()
             run.proc.wait()
+        print("launcher stderr:", "".join(run.stderr))  # shown when the test fails
     # The app lost its display and got the hang-up: the sandbox is over.
     assert status in (1, 128 + 1), "".join(run.stderr)
 
@@ -253,5 +255,6 @@ def test_xpra_mode_shows_the_app_as_a_desktop_window(desktop: str, tmp_path: Pat
         if run.proc.poll() is None:
             run.proc.kill()
             run.proc.wait()
+        print("launcher stderr:", "".join(run.stderr))  # shown when the test fails
     assert any("xpra client started" in line for line in run.stderr), run.stderr
     assert subprocess.run(["pgrep", "-f", "xpra attach"], capture_output=True).stdout.strip() == b""
