@@ -6,12 +6,13 @@ import argparse
 import logging
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 from typing import NoReturn
 
 from . import __version__
-from .errors import EXIT_LAUNCHER, MachineError, SandboxError, UsageError
+from .errors import EXIT_LAUNCHER, Interrupted, MachineError, SandboxError, UsageError
 
 log = logging.getLogger("sandbox")
 
@@ -210,8 +211,22 @@ def _reserve_stdio() -> None:
             os.open("/dev/null", os.O_RDWR)  # the lowest free number: this one
 
 
+def _interrupt(signo: int, _frame: object) -> None:
+    """SIGTERM/SIGHUP outside the relay loop: unwind, so that cleanup runs.
+
+    Their default action would end the launcher on the spot and leave its
+    runtime dir, cgroups and X11 files behind.  Later signals are ignored
+    while we unwind: the first one already ends the run.
+    """
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    raise Interrupted(signo)
+
+
 def main(argv: list[str] | None = None) -> int:
     _reserve_stdio()
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
     verbose = 0
     try:
         args = build_parser().parse_args(argv)

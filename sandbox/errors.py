@@ -56,3 +56,13 @@ class TimeoutExpired(SandboxError):
     """The user's --timeout ran out; the VM was killed."""
 
     exit_status = EXIT_TIMEOUT
+
+
+class Interrupted(SandboxError):
+    """A terminating signal arrived before the guest command ran (or after it ended)."""
+
+    def __init__(self, signo: int) -> None:
+        import signal
+
+        super().__init__(f"interrupted by {signal.Signals(signo).name}")
+        self.exit_status = 128 + signo

@@ -289,6 +289,18 @@ def test_a_qemu_that_never_starts_its_machine_is_a_stall(tmp_path: Path) -> None
     assert time.monotonic() - start < 30
 
 
+@pytest.mark.parametrize("delay", [0.3, 1.0])
+def test_sigterm_during_boot_ends_the_run_and_leaves_nothing(delay: float) -> None:
+    # Before the guest command runs there is nothing to forward the signal
+    # to: the VM is stopped and everything unwound (the no_leftovers fixture
+    # checks QEMU processes and runtime dirs).
+    proc = subprocess.Popen([*SANDBOX, "run", "--", "sleep", "30"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+
+
 def test_q35_machine_with_virtio_pci() -> None:
     proc = run_sandbox("sh", "-c", "echo q35-ok", run_opts=("--machine", "q35"))
     assert proc.returncode == 0, proc.stderr

@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -258,3 +260,22 @@ def test_xpra_mode_shows_the_app_as_a_desktop_window(desktop: str, tmp_path: Pat
         print("launcher stderr:", "".join(run.stderr))  # shown when the test fails
     assert any("xpra client started" in line for line in run.stderr), run.stderr
     assert subprocess.run(["pgrep", "-f", "xpra attach"], capture_output=True).stdout.strip() == b""
+
+
+def test_sigterm_while_the_nested_server_starts_leaves_nothing(desktop: str) -> None:
+    # The signal lands while the launcher is still setting up (Xephyr just
+    # announced, the VM not yet running): it must unwind, not die on the spot
+    # leaving Xephyr's files and the runtime dir behind.
+    before = set(Path(tempfile.gettempdir()).glob("sandbox-x11-*"))
+    run = launch(desktop, "sleep", "30")
+    try:
+        run.nested()
+        run.proc.send_signal(signal.SIGTERM)
+        assert run.proc.wait(60) == 128 + signal.SIGTERM
+    finally:
+        if run.proc.poll() is None:
+            run.proc.kill()
+            run.proc.wait()
+        print("launcher stderr:", "".join(run.stderr))  # shown when the test fails
+    assert set(Path(tempfile.gettempdir()).glob("sandbox-x11-*")) == before
+    assert subprocess.run(["pgrep", "-x", "Xephyr"], capture_output=True).stdout.strip() == b""
