@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -9,7 +10,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 
@@ -22,6 +23,19 @@ log = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1
 PR_SET_THP_DISABLE = 41
 _libc = ctypes.CDLL(None, use_errno=True)
+
+
+TERMINATING = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+
+
+@contextlib.contextmanager
+def terminating_signals_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM/SIGHUP for the block; one that arrived meanwhile is delivered at its end."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, TERMINATING)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def set_parent_death_signal(sig: int = signal.SIGKILL) -> None:
@@ -74,6 +88,7 @@ class Machine:
         self.inner_pid: int | None = None
 
     def _child_setup(self) -> None:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, TERMINATING)  # held by the launcher while it spawns
         set_parent_death_signal()
         # QEMU asks for transparent huge pages for guest RAM and the TCG
         # cache; a short-lived guest touches little of either, and 2 MiB

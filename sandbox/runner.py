@@ -15,7 +15,7 @@ from . import cache, host, initramfs, kernel, protocol, qemucmd, runtime
 from .bootimages import BootImage
 from .errors import EXIT_LAUNCHER, BootStallError, SandboxError, UsageError
 from .guestinit import init_binary
-from .machine import Machine, monotonic_boottime
+from .machine import Machine, monotonic_boottime, terminating_signals_deferred
 from .relay import Relay, RelayOutcome
 from .timings import Timeline
 
@@ -290,10 +290,15 @@ def boot_once(opts: RunOptions, prep: Prepared, rundir: Path, timeline: Timeline
             on_init=images[1].release,
         )
         timeline.stamp_host("qemu_exec", monotonic_boottime())
-        with machine:
+        # Until QEMU's own pid is known (under confinement it sits below a
+        # reaper), a signal would unwind into killing only the reaper.
+        deferred = contextlib.ExitStack()
+        deferred.enter_context(terminating_signals_deferred())
+        with deferred, machine:
             if confinement is not None:
                 confinement.started(machine.pid, rundir)
                 machine.inner_pid = confinement.qemu_pid
+            deferred.close()  # a signal that came meanwhile lands here
             for s in qemu_ends:
                 s.close()
             qemu_ends = []

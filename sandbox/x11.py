@@ -72,6 +72,20 @@ def rewrite_setup(message: bytes, cookie: bytes) -> bytes:
     return head + COOKIE_NAME + b"\0" * _pad(len(COOKIE_NAME)) + cookie + b"\0" * _pad(len(cookie))
 
 
+def spawn_helper(argv: list[str], log_path: Path, pass_fds: tuple[int, ...] = ()) -> subprocess.Popen[bytes]:
+    """A host-side display program (Xephyr, the xpra client): own session, output to its log, gone with us."""
+    with log_path.open("wb") as errlog:
+        return subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=errlog,
+            stderr=errlog,
+            pass_fds=pass_fds,
+            start_new_session=True,
+            preexec_fn=set_parent_death_signal,
+        )
+
+
 def frame(kind: bytes, conn: int, payload: bytes = b"") -> bytes:
     return HEADER.pack(kind, conn, len(payload)) + payload
 
@@ -140,16 +154,7 @@ class X11Session:
         auth.write_bytes(placeholder)
         auth.chmod(0o600)
         log_path = self.dir / "xephyr.log"
-        with log_path.open("wb") as errlog:
-            self.proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=errlog,
-                stderr=errlog,
-                pass_fds=(w,),
-                start_new_session=True,
-                preexec_fn=set_parent_death_signal,
-            )
+        self.proc = spawn_helper(argv, log_path, pass_fds=(w,))
         os.close(w)
         number = b""
         deadline = time.monotonic() + 15
@@ -403,15 +408,7 @@ class XpraSession(X11Session):
         argv = [self.xpra, "attach", f"socket:{self.dir / 'socket'}", "--clipboard=no", "--notifications=no",
                 "--tray=no", "--system-tray=no", "--speaker=off", "--microphone=off", "--webcam=no",
                 "--opengl=no", "--file-transfer=no", "--printing=no", f"--title=@title@ ({self.title})"]  # fmt: skip
-        with log_path.open("wb") as errlog:
-            self.proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=errlog,
-                stderr=errlog,
-                start_new_session=True,
-                preexec_fn=set_parent_death_signal,
-            )
+        self.proc = spawn_helper(argv, log_path)
         self.pidfd = os.pidfd_open(self.proc.pid)
         assert self.sel is not None
         self.sel.register(self.pidfd, selectors.EVENT_READ, ("x11-server", 0))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -41,6 +42,32 @@ def run_sandbox(
         check=False,
         **kw,  # type: ignore[arg-type]
     )
+
+
+def run_guest_python(
+    script: Path, *args: str, files: tuple[Path, ...] = (), run_opts: tuple[str, ...] = (), timeout: float = 300
+) -> subprocess.CompletedProcess[bytes]:
+    """Run `script` with Debian's python3 in a sandbox, as root, with this repository's package importable.
+
+    The repository may sit under /root or /tmp, which are private in the
+    guest: the script, the package and `files` travel in a --home share.
+    """
+    python = Path("/usr/bin/python3")
+    if not python.exists():
+        pytest.fail("Debian's python3 is needed in the guest (./setup.sh installs it)")
+    share = VISIBLE_BASE / f"{script.stem}-{os.getpid()}"
+    share.mkdir(parents=True)
+    try:
+        for f in (script, *files):
+            shutil.copy(f, share)
+        shutil.copytree(REPO / "sandbox", share / "sandbox", ignore=shutil.ignore_patterns("__pycache__"))
+        return run_sandbox(
+            str(python), script.name, *args,
+            run_opts=("--qemu-user", "root", "--home", str(share), *run_opts),
+            cwd=share, timeout=timeout, env=dict(os.environ, PYTHONPATH="."),
+        )  # fmt: skip
+    finally:
+        shutil.rmtree(share, ignore_errors=True)
 
 
 def stderr_lines(proc: subprocess.CompletedProcess[bytes]) -> list[str]:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from conftest import VISIBLE_BASE, REPO, run_sandbox
+from conftest import REPO, run_guest_python
 
 DEVEL_MAKEFILE = Path("/usr/share/selinux/devel/Makefile")
 POLICY_ROOT = Path("/etc/selinux/default")
@@ -60,24 +59,11 @@ def test_labels_confine_under_enforcing_selinux_in_a_guest(tmp_path: Path) -> No
     policy = root / "etc/selinux/default/policy/policy.33"
     assert proc.returncode == 0 and policy.exists(), proc.stderr
 
-    python = Path("/usr/bin/python3")
-    if not python.exists():
-        pytest.fail("Debian's python3 is needed in the guest (./setup.sh installs it)")
-    # The guest sees the host root, but /root and /home are private there:
-    # the policy, the check and the package travel in the --home share.
-    share = VISIBLE_BASE / f"selinux-{os.getpid()}"
-    share.mkdir(parents=True)
-    try:
-        shutil.copy(policy, share / "policy.33")
-        shutil.copy(REPO / "tests/selinux/guest_check.py", share)
-        shutil.copytree(REPO / "sandbox", share / "sandbox", ignore=shutil.ignore_patterns("__pycache__"))
-        result = run_sandbox(
-            str(python), "guest_check.py", "policy.33",
-            run_opts=("--qemu-user", "root", "--home", str(share), "--kernel-append", "selinux=1 security=selinux audit=1"),
-            cwd=share, timeout=300, env=dict(os.environ, PYTHONPATH="."),
-        )  # fmt: skip
-    finally:
-        shutil.rmtree(share, ignore_errors=True)
+    # The policy, the check and the package travel in a --home share.
+    result = run_guest_python(
+        REPO / "tests/selinux/guest_check.py", "policy.33",
+        files=(policy,), run_opts=("--kernel-append", "selinux=1 security=selinux audit=1"),
+    )  # fmt: skip
     out = result.stdout.decode()
     print(out)
     assert result.returncode == 0, result.stderr.decode()
