@@ -16,16 +16,13 @@ from types import TracebackType
 
 from .errors import MachineError
 
-from .monitor import Monitor
+from .monitor import TERMINATING, Monitor
 
 log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
 PR_SET_THP_DISABLE = 41
 _libc = ctypes.CDLL(None, use_errno=True)
-
-
-TERMINATING = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 
 
 @contextlib.contextmanager

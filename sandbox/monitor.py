@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import logging
+import signal
 import socket
 from typing import TYPE_CHECKING, Any
+
+from .errors import SandboxError
 
 if TYPE_CHECKING:
     import asyncio
 
 log = logging.getLogger(__name__)
+
+TERMINATING = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class Monitor:
@@ -33,14 +38,44 @@ class Monitor:
         self.connected = False
 
     def _run(self, coro: Any, timeout: float) -> Any:
+        """Run `coro` to completion or timeout; a terminating signal cancels it and is then re-raised.
+
+        A Python signal handler that raises inside the event loop's
+        callbacks is swallowed by asyncio (seen: a SIGTERM during start-up
+        was lost); so the loop catches those signals itself, and they are
+        delivered again to whatever handler was there once the loop is out
+        of the way.
+        """
         import asyncio
 
-        return self.loop.run_until_complete(asyncio.wait_for(coro, timeout))
+        task = self.loop.create_task(asyncio.wait_for(coro, timeout))
+        caught: list[int] = []
+
+        def on_signal(signo: int) -> None:
+            caught.append(signo)
+            task.cancel()
+
+        saved = {s: signal.getsignal(s) for s in TERMINATING}
+        wakeup = signal.set_wakeup_fd(-1)  # the relay's, if it runs: the loop sets its own
+        signal.set_wakeup_fd(wakeup, warn_on_full_buffer=False)
+        for s in TERMINATING:
+            self.loop.add_signal_handler(s, on_signal, s)
+        try:
+            return self.loop.run_until_complete(task)
+        finally:
+            for s, handler in saved.items():
+                self.loop.remove_signal_handler(s)
+                signal.signal(s, handler)
+            signal.set_wakeup_fd(wakeup, warn_on_full_buffer=False)
+            if caught:
+                signal.raise_signal(caught[0])
 
     def connect(self, timeout: float) -> bool:
         """Greeting and capabilities negotiation; False if QEMU did not answer in time or went away."""
         try:
             self._run(self.client.connect(self.sock), timeout)
+        except (SandboxError, KeyboardInterrupt):
+            raise  # a signal's own exception: the run ends
         except Exception as exc:  # noqa: BLE001 - timeout, EOF or a protocol error all mean "not running"
             log.debug("QMP negotiation failed: %s", exc)
             return False

@@ -177,8 +177,27 @@ class X11Session:
         self.host_display = int(number)
         # The cookie is the server's only accepted credential, for its real number.
         auth.write_bytes(xauth_entry(self.host_display, self.cookie, socket.gethostname().encode()))
+        # Xephyr names its display before it lets clients in (seen on a busy
+        # host: the guest's first client was refused); wait for a real set-up.
+        while not self._accepts_clients():
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                self.close()
+                raise SandboxError(f"--x11: Xephyr on {os.environ.get('DISPLAY')} does not accept clients")
+            time.sleep(0.02)
         self.pidfd = os.pidfd_open(self.proc.pid)
         log.info("nested X server :%d on %s", self.host_display, os.environ.get("DISPLAY"))
+
+    def _accepts_clients(self) -> bool:
+        """One X11 connection set-up with the cookie: does the nested server let a client in?"""
+        hello = b"l\0" + struct.pack("<HHHHH", 11, 0, 0, 0, 0)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            probe.settimeout(2)
+            try:
+                probe.connect(self.socket_path)
+                probe.sendall(rewrite_setup(hello, self.cookie))
+                return probe.recv(1) == b"\x01"  # 1: success; 0: refused; 2: authenticate
+            except OSError:
+                return False
 
     @property
     def socket_path(self) -> str:
