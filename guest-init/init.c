@@ -682,8 +682,16 @@ static void x11_flush(struct xconn *x)
 static int x11_host_to_client(void)
 {
 	ssize_t n = read(x11_port, x11_in + x11_in_len, sizeof x11_in - x11_in_len);
-	if (n <= 0)
-		return (n == 0 || (errno != EAGAIN && errno != EINTR)) ? -1 : 0;
+	if (n == 0) {
+		/* virtio-console reads EOF while the guest has not yet taken in
+		 * that the host side is connected (a control message that can
+		 * trail the port's appearance), as well as after the host left,
+		 * and then the VM goes too: never a reason to drop the display. */
+		usleep(2000);
+		return 0;
+	}
+	if (n < 0)
+		return (errno != EAGAIN && errno != EINTR) ? -1 : 0;
 	x11_in_len += (size_t)n;
 	size_t off = 0;
 	while (x11_in_len - off >= X11_HDR) {
