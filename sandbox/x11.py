@@ -177,8 +177,9 @@ class X11Session:
         self.host_display = int(number)
         # The cookie is the server's only accepted credential, for its real number.
         auth.write_bytes(xauth_entry(self.host_display, self.cookie, socket.gethostname().encode()))
-        # Xephyr names its display before it lets clients in (seen on a busy
-        # host: the guest's first client was refused); wait for a real set-up.
+        # A real set-up with the cookie before the guest boots: if Xephyr
+        # does not let clients in, say so here, not as the app's "Can't
+        # open display" inside the guest.
         while not self._accepts_clients():
             if time.monotonic() > deadline or self.proc.poll() is not None:
                 self.close()
