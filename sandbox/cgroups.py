@@ -119,8 +119,9 @@ def _v2_parent(controllers: list[str], root: Path = CGROUP_ROOT) -> Path | None:
     holds no process itself, and the launcher sits in its own (leaf) group.
     As root, sandboxes go in a group of their own under the root, which may
     always delegate (libvirt's machine.slice, without systemd's help).  A
-    user can only use a subtree delegated to them: their own group's
-    parent-to-be must already offer the controllers.
+    user gets limits only if their own group already offers the
+    controllers to children, which a group holding the launcher itself
+    cannot: in practice a non-root launcher on v2 gets the warning.
     """
     if not (root / "cgroup.controllers").exists():
         return None

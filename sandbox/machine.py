@@ -15,7 +15,6 @@ from pathlib import Path
 from types import TracebackType
 
 from .errors import MachineError
-
 from .monitor import TERMINATING, Monitor
 
 log = logging.getLogger(__name__)
@@ -145,20 +144,22 @@ class Machine:
         False if there is no monitor or QEMU did not get there (it exited,
         or took longer than `timeout`).
         """
-        if self.monitor is None:
-            return False
-        if self.qmp is None:
+        qmp = self._qmp()
+        return qmp is not None and (qmp.connected or qmp.connect(timeout))
+
+    def _qmp(self) -> Monitor | None:
+        """The QMP session, opened on first use (there is one greeting per socket)."""
+        if self.qmp is None and self.monitor is not None:
             self.qmp = Monitor(self.monitor)
-        return self.qmp.connected or self.qmp.connect(timeout)
+        return self.qmp
 
     def _soft_stop(self, timeout: float) -> bool:
         """Ask QEMU to quit: over QMP when there is a monitor, else SIGTERM."""
         assert self.proc is not None
-        if self.monitor is not None:
+        qmp = self._qmp()
+        if qmp is not None:
             try:
-                if self.qmp is None:
-                    self.qmp = Monitor(self.monitor)
-                self.qmp.execute("quit", timeout)
+                qmp.execute("quit", timeout)
             except Exception as exc:  # noqa: BLE001 - any failure falls through to signals
                 log.debug("QMP quit failed: %s", exc)
         else:
@@ -212,12 +213,12 @@ class Machine:
         try:
             self.kill()
         finally:
-            if self.qmp is not None:
-                self.qmp.close()
-                self.qmp = None
             if self.pidfd >= 0:
                 os.close(self.pidfd)
                 self.pidfd = -1
+            if self.qmp is not None:
+                qmp, self.qmp = self.qmp, None
+                qmp.close()
 
 
 def monotonic_boottime() -> float:

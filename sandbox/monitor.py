@@ -92,6 +92,8 @@ class Monitor:
         try:
             if self.connected:
                 self._run(self.client.disconnect(), 1.0)
+        except (SandboxError, KeyboardInterrupt):
+            raise  # a signal's own exception, re-delivered by _run
         except Exception as exc:  # noqa: BLE001 - QEMU is gone; nothing left to tell it
             log.debug("closing QMP: %s", exc)
         finally:
