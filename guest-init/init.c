@@ -21,11 +21,14 @@
 #include <sys/ioctl.h>
 #include <sys/mount.h>
 #include <sys/reboot.h>
+#include <sys/resource.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/un.h>
+#include <net/if.h>
+#include <netinet/in.h>
 #include <sys/wait.h>
 #include <termios.h>
 #include <time.h>
@@ -35,7 +38,6 @@
 #include "protocol.h"
 
 #define NEWROOT "/newroot"
-#define MAX_ARGS 4096
 #define MAX_GROUPS 256
 #define BUFSZ (256 * 1024)
 
@@ -117,7 +119,7 @@ static void die(const char *fmt, ...)
 	vsnprintf(msg, sizeof msg, fmt, ap);
 	va_end(ap);
 	if (ctl_fd >= 0)
-		ctl_send("L init: %s", msg);
+		ctl_send("E %s", msg);
 	int con = open("/dev/console", O_WRONLY | O_NOCTTY);
 	if (con >= 0) {
 		dprintf(con, "sandbox-init: %s\n", msg);
@@ -263,18 +265,33 @@ static int open_port(int nr, int flags, int timeout_ms)
 
 /* ---- the command's spec ------------------------------------------------ */
 
+struct rlim {
+	int resource;
+	struct rlimit lim;
+};
+
+/* One step of the host's mount plan (sandbox/mounts.py), done in order. */
+struct mop {
+	char op;
+	const char *tag, *path;
+	mode_t mode;
+	const char *size;
+};
+
 struct spec {
-	char *argv[MAX_ARGS];
-	int argc;
-	char *envp[MAX_ARGS];
-	int envc;
+	char **argv, **envp; /* as many as the host sent: its execve took them */
+	int argc, envc;
 	const char *cwd, *home;
 	uid_t uid;
 	gid_t gid;
-	gid_t groups[MAX_GROUPS];
+	gid_t *groups;
 	int ngroups;
 	mode_t umask;
-	int tty, rows, cols, home_share, x11, xpra;
+	int tty, rows, cols, x11, xpra, rw_share;
+	struct rlim *rlims;
+	int nrlims;
+	struct mop *mops;
+	int nmops;
 };
 
 static void read_exact(int fd, char *buf, size_t n)
@@ -288,6 +305,44 @@ static void read_exact(int fd, char *buf, size_t n)
 			die("control channel closed while reading the spec");
 		got += (size_t)r;
 	}
+}
+
+static void *xcalloc(size_t n, size_t sz)
+{
+	void *p = calloc(n ? n : 1, sz);
+	if (!p)
+		die("out of memory reading the spec");
+	return p;
+}
+
+/* "<resource> <soft> <hard>", -1 for unlimited. */
+static void parse_rlimit(const char *v, struct rlim *r)
+{
+	long long soft, hard;
+	if (sscanf(v, "%d %lld %lld", &r->resource, &soft, &hard) != 3)
+		die("bad rlimit record");
+	r->lim.rlim_cur = soft < 0 ? RLIM_INFINITY : (rlim_t)soft;
+	r->lim.rlim_max = hard < 0 ? RLIM_INFINITY : (rlim_t)hard;
+}
+
+/* "<op>:<tag>:<octal mode>:<size>:<path>"; the path may hold any byte but NUL. */
+static void parse_mop(char *v, struct mop *m)
+{
+	char *f[4];
+	for (int i = 0; i < 4; i++) {
+		f[i] = v;
+		v = strchr(v, ':');
+		if (!v)
+			die("bad mount record");
+		*v++ = 0;
+	}
+	m->op = f[0][0];
+	m->tag = f[1];
+	m->mode = *f[2] ? (mode_t)strtoul(f[2], NULL, 8) : 0755;
+	m->size = f[3];
+	m->path = v;
+	if (m->path[0] != '/')
+		die("mount path is not absolute");
 }
 
 static void read_spec(struct spec *s)
@@ -310,23 +365,37 @@ static void read_spec(struct spec *s)
 	buf[len] = 0;
 	memset(s, 0, sizeof *s);
 	s->umask = 022;
+	size_t counts[256] = {0};
+	for (char *p = buf; p < buf + len; p += strlen(p) + 1)
+		counts[(unsigned char)*p]++;
+	s->argv = xcalloc(counts['A'] + 1, sizeof *s->argv);
+	s->envp = xcalloc(counts['E'] + 1, sizeof *s->envp);
+	s->groups = xcalloc(counts['S'], sizeof *s->groups);
+	s->rlims = xcalloc(counts['Z'], sizeof *s->rlims);
+	s->mops = xcalloc(counts['m'], sizeof *s->mops);
 	for (char *p = buf; p < buf + len; p += strlen(p) + 1) {
 		char *v = p + 1;
 		switch (*p) {
-		case 'A': if (s->argc < MAX_ARGS - 1) s->argv[s->argc++] = v; break;
-		case 'E': if (s->envc < MAX_ARGS - 1) s->envp[s->envc++] = v; break;
+		case 'A': s->argv[s->argc++] = v; break;
+		case 'E': s->envp[s->envc++] = v; break;
 		case 'C': s->cwd = v; break;
 		case 'H': s->home = v; break;
 		case 'U': s->uid = (uid_t)strtoul(v, NULL, 10); break;
 		case 'G': s->gid = (gid_t)strtoul(v, NULL, 10); break;
-		case 'S': if (s->ngroups < MAX_GROUPS) s->groups[s->ngroups++] = (gid_t)strtoul(v, NULL, 10); break;
+		case 'S': s->groups[s->ngroups++] = (gid_t)strtoul(v, NULL, 10); break;
 		case 'M': s->umask = (mode_t)strtoul(v, NULL, 8); break;
 		case 'T': s->tty = atoi(v); break;
 		case 'R': s->rows = atoi(v); break;
 		case 'W': s->cols = atoi(v); break;
-		case 'V': s->home_share = atoi(v); break;
 		case 'X': s->x11 = atoi(v) + 1; break;
 		case 'Y': s->xpra = 1; break;
+		case 'Z': parse_rlimit(v, &s->rlims[s->nrlims++]); break;
+		case 'm':
+			parse_mop(v, &s->mops[s->nmops]);
+			if (s->mops[s->nmops].op == MOP_SHARE_RW)
+				s->rw_share = 1;
+			s->nmops++;
+			break;
 		}
 	}
 	if (!s->argc)
@@ -346,36 +415,177 @@ static void tmpfs(const char *dst, const char *opts)
 	xmount("tmpfs", dst, "tmpfs", MS_NOSUID | MS_NODEV, opts);
 }
 
-static int under(const char *path, const char *dir)
+/* mkdir -p; returns 0 or the errno of the first directory that could not be made. */
+static int make_dirs(const char *path, mode_t mode)
 {
-	size_t l = strlen(dir);
-	return !strncmp(path, dir, l) && (path[l] == '/' || path[l] == 0);
+	char p[4200];
+	snprintf(p, sizeof p, "%s", path);
+	for (char *c = p + 1; *c; c++) {
+		if (*c != '/')
+			continue;
+		*c = 0;
+		if (mkdir(p, 0755) != 0 && errno != EEXIST)
+			return errno;
+		*c = '/';
+	}
+	if (mkdir(p, mode) != 0 && errno != EEXIST)
+		return errno;
+	return 0;
 }
 
-/* mkdir -p inside the new root, owned by the caller for the last part. */
-static void make_home(const char *home, uid_t uid, gid_t gid)
+static void mount_point(const char *target, const char *guest_path)
 {
-	char path[4096];
-	snprintf(path, sizeof path, NEWROOT "%s", home);
-	for (char *p = path + strlen(NEWROOT) + 1; *p; p++) {
-		if (*p == '/') {
-			*p = 0;
-			mkdir(path, 0755);
-			*p = '/';
+	int e = make_dirs(target, 0755);
+	if (e)
+		die("cannot make %s in the sandbox: %s%s", guest_path, strerror(e),
+		    e == EROFS ? " (its parent is on the read-only root)" : "");
+}
+
+#define NINEP_RO "trans=virtio,version=9p2000.L,msize=524288,cache=loose,access=client"
+#define NINEP_RW "trans=virtio,version=9p2000.L,msize=524288,cache=mmap,access=client"
+
+static int nstage;
+
+/* A fresh directory under /stage, the init's own tmpfs that the command
+ * never sees: it is left behind in the initramfs at the switch of root. */
+static void stage_dir(char *out, size_t sz, char kind)
+{
+	snprintf(out, sz, "/stage/%c%d", kind, nstage);
+	if (mkdir(out, 0755) != 0)
+		die("mkdir %s: %s", out, strerror(errno));
+}
+
+/* Copy-on-write `lower` at `target`: writes land in the init's tmpfs. */
+static void overlay(const char *lower, const char *target)
+{
+	char up[32], wk[32], opts[128];
+	struct stat st;
+	if (stat(lower, &st) != 0)
+		die("stat %s: %s", lower, strerror(errno));
+	stage_dir(up, sizeof up, 'u');
+	stage_dir(wk, sizeof wk, 'w');
+	nstage++;
+	/* The merged root takes the upper dir's owner and mode: the lower's. */
+	if (chown(up, st.st_uid, st.st_gid) != 0 || chmod(up, st.st_mode & 07777) != 0)
+		die("upper dir: %s", strerror(errno));
+	snprintf(opts, sizeof opts, "lowerdir=%s,upperdir=%s,workdir=%s", lower, up, wk);
+	xmount("overlay", target, "overlay", MS_NOSUID | MS_NODEV, opts);
+}
+
+static void do_mop(const struct spec *s, const struct mop *m)
+{
+	char target[4200], src[4200], stage[32], opts[160];
+	struct stat st;
+	snprintf(target, sizeof target, NEWROOT "%s", m->path);
+	switch (m->op) {
+	case MOP_OVERLAY:
+		/* The host's directory as it is, under the mounts made so far. */
+		snprintf(src, sizeof src, "/hostroot%s", m->path);
+		if (stat(src, &st) != 0 || !S_ISDIR(st.st_mode))
+			return; /* absent on the host (or hidden from QEMU): absent here */
+		mount_point(target, m->path);
+		/* A bind gives overlayfs a path with no ',' or ':' to escape. */
+		stage_dir(stage, sizeof stage, 'l');
+		xmount(src, stage, NULL, MS_BIND, NULL);
+		overlay(stage, target);
+		break;
+	case MOP_TMPFS:
+		mount_point(target, m->path);
+		if (*m->tag == 'u')
+			snprintf(opts, sizeof opts, "mode=%o,uid=%u,gid=%u%s%s", m->mode, s->uid, s->gid, *m->size ? ",size=" : "", m->size);
+		else
+			snprintf(opts, sizeof opts, "mode=%o%s%s", m->mode, *m->size ? ",size=" : "", m->size);
+		tmpfs(target, opts);
+		break;
+	case MOP_SHARE_RO:
+	case MOP_SHARE_RW:
+		mount_point(target, m->path);
+		xmount(m->tag, target, "9p", m->op == MOP_SHARE_RO ? MS_RDONLY | MS_NOSUID | MS_NODEV : MS_NOSUID | MS_NODEV,
+		       m->op == MOP_SHARE_RO ? NINEP_RO : NINEP_RW);
+		break;
+	case MOP_SHARE_COW:
+		mount_point(target, m->path);
+		stage_dir(stage, sizeof stage, 's');
+		nstage++;
+		xmount(m->tag, stage, "9p", MS_RDONLY | MS_NOSUID | MS_NODEV, NINEP_RO);
+		overlay(stage, target);
+		break;
+	case MOP_HOME:
+		/* A home the host does not have: made, empty, where it can be. */
+		if (stat(target, &st) != 0 && make_dirs(target, 0700) == 0)
+			if (chown(target, s->uid, s->gid) != 0)
+				die("chown %s: %s", target, strerror(errno));
+		break;
+	case MOP_HIDE_DIR:
+		if (stat(target, &st) == 0 && S_ISDIR(st.st_mode)) {
+			snprintf(opts, sizeof opts, "mode=700,uid=%u,gid=%u,size=1m", s->uid, s->gid);
+			tmpfs(target, opts);
+		}
+		break;
+	case MOP_HIDE_FILE:
+		if (lstat(target, &st) == 0 && !S_ISDIR(st.st_mode)) {
+			if (access("/stage/empty", F_OK) != 0) {
+				int fd = open("/stage/empty", O_WRONLY | O_CREAT | O_CLOEXEC, 0600);
+				if (fd < 0 || fchown(fd, s->uid, s->gid) != 0)
+					die("/stage/empty: %s", strerror(errno));
+				close(fd);
+			}
+			/* Never through a symlink: it could point anywhere. */
+			if (!S_ISLNK(st.st_mode))
+				xmount("/stage/empty", target, NULL, MS_BIND, NULL);
+			else if (mount("tmpfs", target, "tmpfs", 0, "") != 0 && errno != ENOTDIR)
+				die("hide %s: %s", m->path, strerror(errno));
+		}
+		break;
+	default:
+		die("unknown mount step '%c'", m->op);
+	}
+}
+
+/* No network: lookups go to the init's own refusing resolver (dns_answer),
+ * so they fail at once instead of timing out against the host's servers. */
+static void private_resolv_conf(void)
+{
+	int fd = open("/stage/resolv.conf", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+	if (fd < 0)
+		return;
+	dprintf(fd, "# sandbox: this sandbox has no network; the resolver below refuses every lookup\n"
+		    "nameserver 127.0.0.1\noptions attempts:1 timeout:1\n");
+	close(fd);
+	char target[4200] = NEWROOT "/etc/resolv.conf", link[4096];
+	struct stat st;
+	if (lstat(target, &st) == 0 && S_ISLNK(st.st_mode)) {
+		ssize_t n = readlink(target, link, sizeof link - 1);
+		if (n <= 0)
+			return;
+		link[n] = 0;
+		if (link[0] == '/') /* absolute: inside the new root, not ours */
+			snprintf(target, sizeof target, NEWROOT "%s", link);
+		if (stat(target, &st) != 0) { /* e.g. systemd-resolved's file in our fresh /run */
+			char dir[4200];
+			snprintf(dir, sizeof dir, "%s", target);
+			char *slash = strrchr(dir, '/');
+			if (slash) {
+				*slash = 0;
+				make_dirs(dir, 0755);
+			}
+			close(open(target, O_WRONLY | O_CREAT | O_CLOEXEC, 0644));
 		}
 	}
-	if (mkdir(path, 0700) == 0)
-		if (chown(path, uid, gid) != 0)
-			die("chown %s: %s", path, strerror(errno));
+	if (mount("/stage/resolv.conf", target, NULL, MS_BIND, NULL) != 0)
+		ctl_send("L no private resolv.conf: %s", strerror(errno));
 }
 
 static void setup_root(const struct spec *s)
 {
 	/* Read-only host root.  cache=loose: nothing in the guest writes it, so
 	 * the page cache never needs revalidating; msize 512k cuts round trips. */
-	xmount("root", NEWROOT, "9p", MS_RDONLY | MS_NOSUID,
-	       "trans=virtio,version=9p2000.L,msize=524288,cache=loose,access=client");
+	xmount("root", NEWROOT, "9p", MS_RDONLY | MS_NOSUID, NINEP_RO);
 	stamp("root_mounted");
+	/* The host's tree as it is, for the overlays' lower layers, before
+	 * anything is mounted over parts of it. */
+	xmount(NEWROOT, "/hostroot", NULL, MS_BIND, NULL);
+	tmpfs("/stage", "mode=755");
 	if (mount("/dev", NEWROOT "/dev", NULL, MS_MOVE, NULL) != 0)
 		die("move /dev: %s", strerror(errno));
 	if (mount("/proc", NEWROOT "/proc", NULL, MS_MOVE, NULL) != 0)
@@ -385,33 +595,92 @@ static void setup_root(const struct spec *s)
 	xmount("devpts", NEWROOT "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620");
 	mkdir(NEWROOT "/dev/shm", 01777);
 	tmpfs(NEWROOT "/dev/shm", "mode=1777");
-	tmpfs(NEWROOT "/tmp", "mode=1777");
-	tmpfs(NEWROOT "/var/tmp", "mode=1777");
-	tmpfs(NEWROOT "/run", "mode=755");
-	tmpfs(NEWROOT "/home", "mode=755");
-	const char *home = s->home;
-	if (home && home[0] == '/' && strcmp(home, "/")) {
-		char path[4096];
-		snprintf(path, sizeof path, NEWROOT "%s", home);
-		if (s->home_share) {
-			make_home(home, s->uid, s->gid);
-			xmount("home", path, "9p", MS_NOSUID | MS_NODEV,
-			       "trans=virtio,version=9p2000.L,msize=524288,cache=none,access=client");
-		} else if (!under(home, "/home") && !under(home, "/tmp") && !under(home, "/var/tmp") && !under(home, "/run")) {
-			/* e.g. /root: private too, like /home.  A home that does not
-			 * exist on the host (/nonexistent) has no mount point in the
-			 * read-only root, and stays absent as it is there. */
-			char opts[64];
-			snprintf(opts, sizeof opts, "mode=700,uid=%u,gid=%u", s->uid, s->gid);
-			struct stat st;
-			if (stat(path, &st) == 0 && S_ISDIR(st.st_mode))
-				tmpfs(path, opts);
-		} else {
-			make_home(home, s->uid, s->gid);
-		}
-	}
+	for (int i = 0; i < s->nmops; i++)
+		do_mop(s, &s->mops[i]);
+	private_resolv_conf();
 	if (chdir(NEWROOT) || mount(".", "/", NULL, MS_MOVE, NULL) || chroot(".") || chdir("/"))
 		die("switch root: %s", strerror(errno));
+}
+
+/* Loopback is up in every sandbox: local servers and their clients work. */
+static void loopback_up(void)
+{
+	int fd = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+	struct ifreq ifr;
+	memset(&ifr, 0, sizeof ifr);
+	strcpy(ifr.ifr_name, "lo");
+	if (fd < 0 || ioctl(fd, SIOCGIFFLAGS, &ifr) != 0)
+		die("loopback: %s", strerror(errno));
+	ifr.ifr_flags |= IFF_UP | IFF_RUNNING;
+	if (ioctl(fd, SIOCSIFFLAGS, &ifr) != 0)
+		die("loopback up: %s", strerror(errno));
+	close(fd);
+}
+
+/* ---- the refusing resolver ------------------------------------------------ */
+
+static int dns_fd = -1, dns_told;
+
+static void dns_setup(void)
+{
+	struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(53), .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+	dns_fd = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+	if (dns_fd >= 0 && bind(dns_fd, (struct sockaddr *)&a, sizeof a) != 0) {
+		close(dns_fd);
+		dns_fd = -1;
+	}
+}
+
+/* Answer REFUSED, and tell the host the first name asked for: a command
+ * that fails after a lookup gets a hint that there is no network. */
+static void dns_answer(void)
+{
+	unsigned char q[512];
+	struct sockaddr_storage from;
+	socklen_t fl = sizeof from;
+	ssize_t n = recvfrom(dns_fd, q, sizeof q, 0, (struct sockaddr *)&from, &fl);
+	if (n < 12)
+		return;
+	char name[256];
+	size_t off = 12, nl = 0;
+	if (q[4] == 0 && q[5] == 1) {
+		while (off < (size_t)n && q[off] && !(q[off] & 0xc0) && off + 1 + q[off] <= (size_t)n) {
+			for (size_t i = 0; i < q[off] && nl < sizeof name - 2; i++) {
+				unsigned char c = q[off + 1 + i];
+				name[nl++] = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '-' || c == '_' ? (char)c : '?';
+			}
+			name[nl++] = '.';
+			off += 1 + q[off];
+		}
+		if (off < (size_t)n && q[off] == 0 && off + 5 <= (size_t)n)
+			off += 5;
+		else
+			off = 12, nl = 0;
+	}
+	if (off == 12)
+		q[4] = q[5] = 0;
+	q[2] = (unsigned char)((q[2] & 0x79) | 0x80); /* a response; opcode and RD kept */
+	q[3] = 0x85;                                  /* RA, REFUSED */
+	memset(q + 6, 0, 6);
+	sendto(dns_fd, q, off, 0, (struct sockaddr *)&from, fl);
+	if (nl && !dns_told) {
+		dns_told = 1;
+		name[nl > 1 ? nl - 1 : nl] = 0;
+		ctl_send("N %s", name);
+	}
+}
+
+static unsigned long oom_kills(void)
+{
+	char buf[8192];
+	int fd = open("/proc/vmstat", O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return 0;
+	ssize_t n = read(fd, buf, sizeof buf - 1);
+	close(fd);
+	buf[n > 0 ? n : 0] = 0;
+	char *p = strstr(buf, "\noom_kill ");
+	return p ? strtoul(p + 10, NULL, 10) : 0;
 }
 
 /* ---- the command -------------------------------------------------------- */
@@ -425,6 +694,18 @@ struct child {
 	pid_t pid;
 	int in_w, out_r, err_r, pty;
 };
+
+/* What the child tells its parent when it cannot run the command. */
+struct exec_error {
+	int stage, err;
+};
+
+static void child_fail(int errpipe, int stage, int code)
+{
+	struct exec_error e = {stage, errno};
+	write(errpipe, &e, sizeof e);
+	_exit(code);
+}
 
 static void child_exec(const struct spec *s, int fds[3], int pty_slave, int errpipe)
 {
@@ -440,20 +721,19 @@ static void child_exec(const struct spec *s, int fds[3], int pty_slave, int errp
 	for (int i = 0; i < 3; i++)
 		if (dup2(fds[i], i) < 0)
 			_exit(125);
-	if (setgroups((size_t)s->ngroups, s->groups) || setgid(s->gid) || setuid(s->uid)) {
-		int e = errno;
-		write(errpipe, &e, sizeof e);
-		_exit(126);
-	}
+	/* The host's limits, the stack's first: it sets how much argv and
+	 * environment execve takes, and the host's execve took all of it. */
+	for (int i = 0; i < s->nrlims; i++)
+		if (setrlimit(s->rlims[i].resource, &s->rlims[i].lim) != 0)
+			child_fail(errpipe, EXEC_STAGE_RLIMIT, 125);
+	if (setgroups((size_t)s->ngroups, s->groups) || setgid(s->gid) || setuid(s->uid))
+		child_fail(errpipe, EXEC_STAGE_CREDS, 125);
 	umask(s->umask);
-	if (!s->cwd || chdir(s->cwd) != 0)
-		if (!s->home || chdir(s->home) != 0)
-			chdir("/");
+	if (chdir(s->cwd ? s->cwd : "/") != 0)
+		child_fail(errpipe, EXEC_STAGE_CWD, 125);
 	environ = (char **)s->envp; /* execvpe searches the PATH of environ */
 	execvpe(s->argv[0], (char **)s->argv, (char **)s->envp);
-	int e = errno;
-	write(errpipe, &e, sizeof e);
-	_exit(127);
+	child_fail(errpipe, EXEC_STAGE_EXEC, errno == ENOENT ? 127 : 126);
 }
 
 /* Start the command; returns 0, or an exit code (126/127) on failure. */
@@ -462,7 +742,7 @@ static int spawn(struct spec *s, struct child *c)
 	int in[2] = {-1, -1}, out[2] = {-1, -1}, err[2] = {-1, -1}, ep[2];
 	int master = -1, slave = -1;
 	c->in_w = c->out_r = c->err_r = c->pty = -1;
-	if (s->tty & 7) {
+	if (s->tty & (TTY_STDIN | TTY_STDOUT | TTY_STDERR)) {
 		master = posix_openpt(O_RDWR | O_NOCTTY | O_CLOEXEC);
 		if (master < 0 || grantpt(master) || unlockpt(master))
 			die("pty: %s", strerror(errno));
@@ -478,11 +758,11 @@ static int spawn(struct spec *s, struct child *c)
 		c->pty = master;
 	}
 	int fds[3];
-	if (s->tty & 1) fds[0] = slave;
+	if (s->tty & TTY_STDIN) fds[0] = slave;
 	else { if (pipe2(in, O_CLOEXEC)) die("pipe"); fds[0] = in[0]; c->in_w = in[1]; }
-	if (s->tty & 2) fds[1] = slave;
+	if (s->tty & TTY_STDOUT) fds[1] = slave;
 	else { if (pipe2(out, O_CLOEXEC)) die("pipe"); fds[1] = out[1]; c->out_r = out[0]; }
-	if (s->tty & 4) fds[2] = slave;
+	if (s->tty & TTY_STDERR) fds[2] = slave;
 	else { if (pipe2(err, O_CLOEXEC)) die("pipe"); fds[2] = err[1]; c->err_r = err[0]; }
 	if (pipe2(ep, O_CLOEXEC))
 		die("pipe");
@@ -498,7 +778,7 @@ static int spawn(struct spec *s, struct child *c)
 			close(fds[i]);
 	if (slave >= 0)
 		close(slave);
-	int e = 0;
+	struct exec_error e;
 	ssize_t n;
 	do
 		n = read(ep[0], &e, sizeof e);
@@ -506,13 +786,9 @@ static int spawn(struct spec *s, struct child *c)
 	close(ep[0]);
 	if (n != (ssize_t)sizeof e)
 		return 0;
-	/* Messages as a shell words them. */
-	const char *name = s->argv[0];
-	int code = e == ENOENT ? 127 : 126;
-	if (e == ENOENT && !strchr(name, '/'))
-		ctl_send("X 127 %s: command not found", name);
-	else
-		ctl_send("X %d %s: %s", code, name, strerror(e));
+	/* The host words the message: it has the command's name unmangled. */
+	int code = e.stage != EXEC_STAGE_EXEC ? 125 : e.err == ENOENT ? 127 : 126;
+	ctl_send("X %d %d %d", code, e.err, e.stage);
 	return code;
 }
 
@@ -613,6 +889,7 @@ static void x11_setup(int display, int xpra, uid_t uid, gid_t gid)
 	chmod("/tmp/.X11-unix", 01777);
 	struct sockaddr_un a = {.sun_family = AF_UNIX};
 	snprintf(a.sun_path, sizeof a.sun_path, "/tmp/.X11-unix/X%d", display);
+	unlink(a.sun_path); /* the host's own display socket shows through /tmp */
 	x11_listen = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
 	if (x11_listen < 0 || bind(x11_listen, (struct sockaddr *)&a, sizeof a) || listen(x11_listen, 16))
 		die("X11 socket: %s", strerror(errno));
@@ -888,20 +1165,23 @@ int main(void)
 		die("stdio ports did not appear");
 
 	setup_root(&s);
+	loopback_up();
+	dns_setup();
 	if (s.x11) {
 		x11_xpra = s.xpra;
 		x11_setup(s.x11 - 1, s.xpra, (uid_t)s.uid, (gid_t)s.gid);
 	}
 
 	struct child c;
+	unsigned long ooms = oom_kills();
 	int code = spawn(&s, &c);
 	int sfd = signalfd(-1, &mask, SFD_CLOEXEC | SFD_NONBLOCK);
 	struct pump pumps[3];
 	/* pumps[1]/[2] are indexed by the host fd they feed ("P 1", "P 2"). */
 	if (c.pty >= 0) {
-		int pty_in = s.tty & 1;
+		int pty_in = s.tty & TTY_STDIN;
 		pump_init(&pumps[0], pty_in ? in_port : -1, pty_in ? c.pty : -1, 0);
-		int pty_out = (s.tty & 2) ? 1 : 2;
+		int pty_out = (s.tty & TTY_STDOUT) ? 1 : 2;
 		pump_init(&pumps[pty_out], c.pty, pty_out == 1 ? out_port : err_port, 0);
 	}
 	if (c.in_w >= 0)
@@ -910,9 +1190,9 @@ int main(void)
 		pump_init(&pumps[1], c.out_r, out_port, 0);
 	if (c.err_r >= 0)
 		pump_init(&pumps[2], c.err_r, err_port, 0);
-	if (c.pty >= 0 && (s.tty & 6) == 6)
+	if (c.pty >= 0 && (s.tty & (TTY_STDOUT | TTY_STDERR)) == (TTY_STDOUT | TTY_STDERR))
 		pump_init(&pumps[2], -1, -1, 0);
-	if (!(s.tty & 1) && c.in_w < 0)
+	if (!(s.tty & TTY_STDIN) && c.in_w < 0)
 		pump_init(&pumps[0], -1, -1, 0);
 
 	int exited = code != 0, status = code;
@@ -924,6 +1204,7 @@ int main(void)
 		int np = 0, idx[3] = {-1, -1, -1};
 		pfd[np++] = (struct pollfd){ctl_fd, POLLIN, 0};
 		pfd[np++] = (struct pollfd){sfd, POLLIN, 0};
+		pfd[np++] = (struct pollfd){dns_fd, POLLIN, 0}; /* -1: ignored */
 		for (int i = 0; i < 3; i++)
 			if (pump_poll(&pumps[i], &pfd[np]))
 				idx[i] = np++;
@@ -954,6 +1235,8 @@ int main(void)
 			die("poll: %s", strerror(errno));
 		if (pfd[0].revents)
 			handle_ctl(&c, pumps);
+		if (pfd[2].revents & POLLIN)
+			dns_answer();
 		if (pfd[1].revents & POLLIN) {
 			struct signalfd_siginfo si;
 			while (read(sfd, &si, sizeof si) > 0)
@@ -1000,6 +1283,9 @@ int main(void)
 			}
 		}
 	}
+	unsigned long killed = oom_kills() - ooms;
+	if (killed)
+		ctl_send("O %lu", killed);
 	ctl_send("S %d %llu %llu", status, pumps[1].count, pumps[2].count);
 	/* Wait for the host to confirm it has every byte: QEMU drops what is
 	 * still queued when the machine powers off. */
@@ -1012,7 +1298,7 @@ int main(void)
 			break;
 	}
 	stamp("poweroff");
-	if (s.home_share)
+	if (s.rw_share)
 		sync();
 	power_off();
 	return 0;

@@ -18,8 +18,11 @@
  *   key one letter:
  *     A argv element     E env entry        C cwd        H home directory
  *     U uid   G gid      S supplementary gid (repeated)   M umask (octal)
- *     T tty mask (1 stdin, 2 stdout, 4 stderr)   R rows   W cols
- *     V home share present ("1")   X x11 display number   Y xpra mode ("1")
+ *     T tty mask (TTY_* bits)   R rows   W cols
+ *     X x11 display number   Y xpra mode ("1")
+ *     Z "<resource> <soft> <hard>" an rlimit for the command (-1: unlimited)
+ *     m "<op>:<tag>:<octal mode>:<size>:<path>" one mount step (MOP_*),
+ *       done in order over the read-only root; the path is the guest's
  * Later, host -> guest:
  *   "K <signo>\n"        deliver a signal to the command's process group
  *   "W <rows> <cols>\n"  window size changed
@@ -28,10 +31,33 @@
  * Guest -> host, every line starts with the guest's CLOCK_BOOTTIME in ns
  * at the time of sending:
  *   "<ns> T <phase> <stamp_ns>\n"           phase timestamp
- *   "<ns> X <exitcode> <message>\n"         command could not be started
+ *   "<ns> X <exitcode> <errno> <stage>\n"   command could not be started
+ *                                          (EXEC_STAGE_*; the host words it)
+ *   "<ns> N <name>\n"                       the command looked up a host name
+ *   "<ns> O <count>\n"                      the OOM killer killed processes
  *   "<ns> S <status> <out_bytes> <err_bytes>\n"  command finished
  *   "<ns> L <message>\n"                    diagnostic for the launcher log
+ *   "<ns> E <message>\n"                    fatal set-up error; the VM stops
  */
+
+#define TTY_STDIN 1
+#define TTY_STDOUT 2
+#define TTY_STDERR 4
+
+#define EXEC_STAGE_CREDS 0
+#define EXEC_STAGE_CWD 1
+#define EXEC_STAGE_EXEC 2
+#define EXEC_STAGE_RLIMIT 3
+
+/* Mount steps (tag: the 9p mount tag; for MOP_TMPFS "u" = owned by the user) */
+#define MOP_OVERLAY 'O'   /* the host's dir at path, copy-on-write */
+#define MOP_TMPFS 'T'     /* an empty tmpfs */
+#define MOP_SHARE_RO 'R'  /* 9p share `tag`, read-only */
+#define MOP_SHARE_RW 'W'  /* 9p share `tag`, writes reach the host */
+#define MOP_SHARE_COW 'C' /* 9p share `tag`, copy-on-write */
+#define MOP_HOME 'h'      /* the home dir, made empty if missing */
+#define MOP_HIDE_DIR 'H'  /* an empty private dir over path */
+#define MOP_HIDE_FILE 'F' /* an empty private file over path */
 
 #define X11_OPEN 'O'
 #define X11_DATA 'D'

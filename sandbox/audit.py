@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import time
@@ -20,6 +21,27 @@ def log_path() -> Path:
         return Path("/var/log/sandbox/audit.jsonl")
     state = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
     return Path(state) / "sandbox" / "audit.jsonl"
+
+
+ARGV_KEEP = 4096  # characters of a command kept in the log; the rest is summed up
+
+
+def summarize_argv(argv: tuple[str, ...] | list[str]) -> dict[str, Any]:
+    """The command for the log: whole when short, else its head, size and hash."""
+    total = sum(len(a) + 1 for a in argv)
+    if total <= ARGV_KEEP:
+        return {"argv": list(argv)}
+    head: list[str] = []
+    used = 0
+    for a in argv:
+        if used + len(a) + 1 > ARGV_KEEP:
+            if not head:
+                head.append(a[:ARGV_KEEP])
+            break
+        head.append(a)
+        used += len(a) + 1
+    digest = hashlib.sha256(b"\0".join(a.encode("utf-8", "surrogateescape") for a in argv)).hexdigest()
+    return {"argv_head": head, "argc": len(argv), "bytes": total, "sha256": digest}
 
 
 def record(event: str, **fields: Any) -> None:

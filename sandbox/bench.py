@@ -19,7 +19,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import host, kernel
+from . import config, host, kernel
+from .errors import ToolMissingError
 from .timings import SHUTDOWN, SPANS, TOTAL
 
 
@@ -156,7 +157,7 @@ def plot(reports: list[Report], path: Path) -> None:
 
 def run_args_from(args: Namespace) -> list[str]:
     """The `sandbox run` options that a bench forwards to every run."""
-    out = ["--accel", args.accel, "--machine", args.machine, "--memory", f"{args.memory}M", "--cpus", str(args.cpus)]
+    out = ["--accel", config.accel(args.accel)[0], "--machine", args.machine, "--memory", f"{args.memory}M", "--cpus", str(args.cpus)]
     if args.kernel:
         out += ["--kernel", str(args.kernel)]
     if args.qemu:
@@ -192,8 +193,13 @@ def bench(label: str, run_args: list[str], command: list[str], runs: int, warmup
 
 
 def main(args: Namespace, command: tuple[str, ...]) -> int:
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise ToolMissingError("--plot needs matplotlib (pip install matplotlib)") from None
     run_args = run_args_from(args)
-    facts = machine_facts(args.accel, args.kernel)
+    facts = machine_facts(config.accel(args.accel)[0], args.kernel)
     report = bench("sandbox run", run_args, list(command), args.runs, args.warmup, facts)
     print(format_report(report))
     if args.json:

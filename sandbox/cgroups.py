@@ -8,6 +8,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import ConfinementError
+
 log = logging.getLogger(__name__)
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -88,6 +90,21 @@ class Cgroup:
             with open(procs, "w") as f:
                 f.write("0")
 
+    def oom_kills(self) -> int:
+        """How many processes the OOM killer killed in this group (memory controller)."""
+        total = 0
+        for d in self.dirs:
+            for name in ("memory.events", "memory.oom_control"):  # v2, v1
+                try:
+                    text = (d / name).read_text()
+                except OSError:
+                    continue
+                for line in text.splitlines():
+                    key, _, value = line.partition(" ")
+                    if key == "oom_kill" and value.strip().isdigit():
+                        total += int(value)
+        return total
+
     def remove(self) -> None:
         for d in self.dirs:
             # The last member may still be exiting: retry briefly.
@@ -141,8 +158,12 @@ def _v2_parent(controllers: list[str], root: Path = CGROUP_ROOT) -> Path | None:
     return parent
 
 
-def create(name: str, limits: Limits) -> Cgroup | None:
-    """Cgroups holding `limits`, or None (with a warning) where none can be made."""
+def create(name: str, limits: Limits, strict: bool = True) -> Cgroup | None:
+    """Cgroups holding `limits`.
+
+    Limits the user asked for and that cannot be applied are an error
+    (ConfinementError); with `strict` off, one warning and None.
+    """
     if not limits.any():
         return None
     wanted = v2_files(limits)
@@ -178,5 +199,10 @@ def create(name: str, limits: Limits) -> Cgroup | None:
             raise
         return made
     except OSError as exc:
-        log.warning("resource limits not applied: cannot use cgroups (%s)", exc)
+        reason = exc.strerror if exc.strerror else str(exc)
+        if strict:
+            raise ConfinementError(
+                f"cannot apply the requested resource limits: {reason} (--limits=best-effort runs without them)"
+            ) from None
+        log.warning("resource limits not applied: cannot use cgroups (%s)", reason)
         return None

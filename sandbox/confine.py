@@ -16,12 +16,11 @@ import re
 import signal
 import time
 from argparse import Namespace
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import audit, cgroups, labels, runtime, seclabel
+from . import audit, cgroups, labels, mounts, runtime, seclabel
 from .errors import ConfinementError, UsageError
 from .machine import set_parent_death_signal
 
@@ -75,29 +74,35 @@ def resolve_user(name: str | None) -> Identity | None:
     return Identity(pw.pw_uid, pw.pw_gid, pw.pw_name)
 
 
-def _tree(path: Path) -> list[Path]:
-    out = [path]
-    for root, dirs, files in os.walk(path):
-        out += [Path(root) / n for n in dirs + files]
-    return out
+PR_SET_KEEPCAPS = 8
+PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE = 47, 2
+CAP_DAC_READ_SEARCH = 2
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+SYS_CAPSET = 126  # x86-64
 
 
-@contextmanager
-def lent_to(path: Path, user: Identity) -> Iterator[None]:
-    """Chown a shared tree to QEMU's uid for the run, as libvirt's DAC driver does,
-    and give every file back afterwards (new ones to the tree's owner)."""
-    owners = {p: (st.st_uid, st.st_gid) for p in _tree(path) if (st := p.lstat())}
-    try:
-        for p in owners:
-            os.lchown(p, user.uid, user.gid)
-        yield
-    finally:
-        top = owners[path]
-        for p in _tree(path):
-            try:
-                os.lchown(p, *owners.get(p, top))
-            except OSError:
-                pass
+def keep_read_search() -> None:
+    """After the switch to QEMU's uid, keep only CAP_DAC_READ_SEARCH, across exec.
+
+    A sandbox started by root runs its command as root, which reads every
+    file on the host; QEMU, as `nobody`, serves those reads over 9p.  This
+    capability lets it read and search everything and nothing more: no
+    writes, no ownership, and the root it exports is read-only.
+    """
+
+    class Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+    class Data(ctypes.Structure):
+        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+    bit = 1 << CAP_DAC_READ_SEARCH
+    data = (Data * 2)(Data(bit, bit, bit), Data(0, 0, 0))
+    hdr = Header(_LINUX_CAPABILITY_VERSION_3, 0)
+    if _libc.syscall(SYS_CAPSET, ctypes.byref(hdr), data) != 0:
+        raise OSError(ctypes.get_errno(), "capset")
+    if _libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, CAP_DAC_READ_SEARCH, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_CAP_AMBIENT)")
 
 
 @dataclass
@@ -115,32 +120,40 @@ class Confinement:
     process_label: str | None = None
     file_label: str | None = None
     qemu_pid: int | None = None
-    home_share: Path | None = None
+    strict_limits: bool = True
+    shares: tuple[str, ...] = ()
     _reservation: labels.Reservation | None = None
     _cgroup: cgroups.Cgroup | None = None
     _stack: ExitStack = field(default_factory=ExitStack)
     _started: float = 0.0
     _hidden: str | None = None
+    _run: str = ""
 
     # ---- before QEMU ---------------------------------------------------
 
-    def prepare(self, rundir: Path, home: Path | None) -> None:
+    def prepare(self, rundir: Path, shares: list[mounts.Share]) -> None:
         """Allocate the label, make the cgroup, and hand the runtime dir to QEMU's uid."""
-        self.home_share = home
+        self.shares = tuple(f"{s.host} -> {s.guest} ({s.mode})" for s in shares)
+        writable = [s.host for s in shares if s.writable]
+        if writable and self.user is not None:
+            # Lending the tree to QEMU's uid by chown changed the user's
+            # files (owners, setuid bits) and left them changed after a kill.
+            raise ConfinementError(
+                f"a read-write share ({writable[0]}) needs QEMU to run as its owner: "
+                "add --qemu-user root, or share it copy-on-write"
+            )
         self._hidden = str(runtime.runtime_base())
         if self.selinux:
             self._allocate_label()
         if self.show_label:
             log.warning("label %s", self.process_label or "none (SELinux is not in use)")
-        self._cgroup = cgroups.create(f"sandbox-{os.getpid()}-{rundir.name}", self.limits)
+        self._cgroup = cgroups.create(f"sandbox-{os.getpid()}-{rundir.name}", self.limits, strict=self.strict_limits)
         if self.user is not None:
             os.chown(rundir, self.user.uid, self.user.gid)
-            if home is not None:
-                self._stack.enter_context(lent_to(home, self.user))
         if self.file_label:
             self._stack.enter_context(seclabel.relabelled(rundir, self.file_label))
-            if home is not None:
-                self._stack.enter_context(seclabel.relabelled(home, self.file_label))
+            for path in writable:
+                self._stack.enter_context(seclabel.relabelled(path, self.file_label))
 
     def _allocate_label(self) -> None:
         if self.static_label:
@@ -172,7 +185,9 @@ class Confinement:
         if self.user is not None:
             os.setgroups([])
             os.setgid(self.user.gid)
+            _libc.prctl(PR_SET_KEEPCAPS, 1, 0, 0, 0)
             os.setuid(self.user.uid)
+            keep_read_search()
         # Credential changes clear the parent-death signal: set it again.
         parent = os.getppid()
         set_parent_death_signal()
@@ -206,6 +221,7 @@ class Confinement:
     def started(self, pid: int, rundir: Path) -> None:
         """QEMU was spawned as `pid` (the PID-namespace reaper when namespaces are on)."""
         self._started = time.time()
+        self._run = rundir.name
         self.qemu_pid = find_qemu(pid) if self.namespaces else pid
         self._audit(
             "start",
@@ -214,8 +230,9 @@ class Confinement:
             label=self.process_label,
             qemu_pid=self.qemu_pid,
             qemu_uid=self.user.uid if self.user else os.getuid(),
-            command=list(self.argv),
-            shares=["/ (read-only)"] + ([f"{self.home_share} (read-write)"] if self.home_share else []),
+            run=rundir.name,
+            command=audit.summarize_argv(self.argv),
+            shares=["/ (read-only)", *self.shares],
             rundir=str(rundir),
         )
 
@@ -236,11 +253,15 @@ class Confinement:
                     user=_username(os.getuid()),
                     label=self.process_label,
                     qemu_pid=self.qemu_pid,
-                    command=list(self.argv),
+                    run=self._run,
                     exit_status=status,
                     duration_s=round(time.time() - self._started, 3),
                 )
 
+
+    def oom_killed(self) -> bool:
+        """Whether the host's OOM killer struck inside QEMU's cgroup."""
+        return self._cgroup is not None and self._cgroup.oom_kills() > 0
 
     def _audit(self, event: str, **fields: object) -> None:
         try:
@@ -293,4 +314,5 @@ def from_args(args: Namespace, argv: tuple[str, ...]) -> Confinement:
         user=resolve_user(args.qemu_user),
         namespaces=root,
         limits=cgroups.Limits(args.memory_limit, args.cpu_weight, args.cpu_quota, args.pids_limit),
+        strict_limits=args.limits == "strict",
     )

@@ -66,8 +66,30 @@ def choose_accel(requested: str) -> tuple[str, str | None]:
             raise UsageError(f"--accel kvm: hardware KVM is not usable here ({problem})")
         return "kvm", None
     if problem:
-        return "tcg", f"KVM unavailable ({problem}); using TCG software emulation, which is much slower"
+        return "tcg", (
+            f"KVM unavailable ({problem}); using TCG software emulation, which is much slower "
+            "(said once; SANDBOX_ACCEL=tcg or accel = \"tcg\" in ~/.config/sandbox/config.toml chooses it)"
+        )
     return "kvm", None
+
+
+def show_accel_notice(verbose: int) -> bool:
+    """Whether to print the TCG notice: with -v, on a terminal, or the first time on this machine.
+
+    Scripts that capture stderr would otherwise find it in every run's output.
+    """
+    import sys
+
+    if verbose or (sys.stderr is not None and sys.stderr.isatty()):
+        return True
+    marker = cache.cache_dir() / "accel-notice-shown"
+    if marker.exists():
+        return False
+    try:
+        marker.touch()
+    except OSError:
+        pass
+    return True
 
 
 @dataclass(frozen=True)

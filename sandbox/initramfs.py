@@ -12,7 +12,7 @@ from .kernel import Kernel
 log = logging.getLogger(__name__)
 
 # What the init needs beyond the transport, which depends on the machine type.
-BASE_MODULES = ["virtio_console", "9pnet_virtio", "9p"]
+BASE_MODULES = ["virtio_console", "9pnet_virtio", "9p", "overlay"]
 # microvm: 9p over mmio, virtio-serial over PCI (qemucmd._serial_device).
 TRANSPORT_MODULES = {"microvm": ["virtio_mmio", "virtio_pci"], "q35": ["virtio_pci"]}
 
@@ -25,7 +25,7 @@ def wanted_modules(machine: str) -> list[str]:
 def build(kernel: Kernel, init: Path, wanted: list[str]) -> bytes:
     """The initramfs as bytes (a pure function of its inputs)."""
     w = CpioWriter()
-    for d in ("dev", "proc", "sys", "newroot", "modules"):
+    for d in ("dev", "proc", "sys", "newroot", "hostroot", "stage", "modules"):
         w.dir(d)
     w.char_device("dev/console", 5, 1)
     w.file("init", init.read_bytes(), 0o755)

@@ -52,6 +52,14 @@ def image_version(image: Path) -> str | None:
     return raw.split(b" ", 1)[0].decode(errors="replace") or None
 
 
+def _is_elf(path: Path) -> bool:
+    try:
+        with path.open("rb") as f:
+            return f.read(4) == b"\x7fELF"
+    except OSError:
+        return False
+
+
 def _version_key(version: str) -> list[tuple[int, str]]:
     return [(int(p), "") if p.isdigit() else (-1, p) for p in re.split(r"[.\-+~]", version)]
 
@@ -80,9 +88,15 @@ def find_kernel(
 ) -> Kernel:
     """The kernel to boot: `explicit`, or the newest one in `boot` that has 9p over virtio."""
     if explicit is not None:
+        if explicit.is_dir():
+            raise KernelError(f"--kernel {explicit} is a directory, not a kernel image (e.g. /boot/vmlinuz-VERSION)")
         if not explicit.is_file():
             raise KernelError(f"kernel image {explicit} does not exist")
-        version = image_version(explicit) or explicit.name.removeprefix("vmlinuz-")
+        version = image_version(explicit)
+        if version is None:
+            if not _is_elf(explicit):
+                raise KernelError(f"--kernel {explicit} is not a Linux kernel image (no bzImage header, not an ELF)")
+            version = explicit.name.removeprefix("vmlinuz-").removeprefix("vmlinux-")
         kernel = Kernel(explicit, version, module_root / version)
         if not kernel.modules_dir.is_dir():
             raise KernelError(f"kernel {explicit}: no modules at {kernel.modules_dir}")

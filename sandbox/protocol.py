@@ -20,6 +20,34 @@ PORT_NAMES = {
 
 TTY_STDIN, TTY_STDOUT, TTY_STDERR = 1, 2, 4
 
+# Why the guest could not start the command (ExecFailed.stage).
+EXEC_STAGE_CREDS, EXEC_STAGE_CWD, EXEC_STAGE_EXEC, EXEC_STAGE_RLIMIT = 0, 1, 2, 3
+
+# Mount steps of the guest's filesystem plan (sandbox/mounts.py builds it).
+MOP_OVERLAY = "O"
+MOP_TMPFS = "T"
+MOP_SHARE_RO = "R"
+MOP_SHARE_RW = "W"
+MOP_SHARE_COW = "C"
+MOP_HOME = "h"
+MOP_HIDE_DIR = "H"
+MOP_HIDE_FILE = "F"
+
+
+@dataclass(frozen=True)
+class MountStep:
+    """One step of the guest's mount plan, done in order over the read-only root."""
+
+    op: str
+    path: str  # in the guest
+    tag: str = ""  # 9p mount tag of a share; "u" on a tmpfs: owned by the user
+    mode: int | None = None
+    size: str = ""
+
+    def encode(self) -> str:
+        mode = f"{self.mode:o}" if self.mode is not None else ""
+        return f"{self.op}:{self.tag}:{mode}:{self.size}:{self.path}"
+
 
 @dataclass(frozen=True)
 class CommandSpec:
@@ -36,7 +64,8 @@ class CommandSpec:
     tty: int = 0
     rows: int = 0
     cols: int = 0
-    home_share: bool = False
+    rlimits: tuple[tuple[int, int, int], ...] = ()  # (resource, soft, hard), -1 = unlimited
+    mounts: tuple[MountStep, ...] = ()
     x11_display: int | None = None
     x11_xpra: bool = False  # --x11=xpra: the host dials in to an xpra server in the guest
 
@@ -61,9 +90,10 @@ def encode_spec(spec: CommandSpec) -> bytes:
         _field("T", str(spec.tty)),
         _field("R", str(spec.rows)),
         _field("W", str(spec.cols)),
-        _field("V", "1" if spec.home_share else "0"),
     ]
     parts += [_field("S", str(g)) for g in spec.groups]
+    parts += [_field("Z", f"{r} {soft} {hard}") for r, soft, hard in spec.rlimits]
+    parts += [_field("m", m.encode()) for m in spec.mounts]
     if spec.x11_display is not None:
         parts.append(_field("X", str(spec.x11_display)))
         if spec.x11_xpra:
@@ -81,6 +111,26 @@ class Stamp:
 @dataclass(frozen=True)
 class ExecFailed:
     code: int
+    errno: int
+    stage: int
+
+
+@dataclass(frozen=True)
+class LookedUp:
+    """The command asked for a host name (which the network-less guest refused)."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class OomKilled:
+    count: int
+
+
+@dataclass(frozen=True)
+class Fatal:
+    """The guest init could not set up the sandbox; the VM stops."""
+
     message: str
 
 
@@ -96,7 +146,7 @@ class LogLine:
     message: str
 
 
-GuestMessage = Stamp | ExecFailed | Finished | LogLine
+GuestMessage = Stamp | ExecFailed | Finished | LogLine | LookedUp | OomKilled | Fatal
 
 
 def parse_line(line: bytes) -> tuple[int, GuestMessage] | None:
@@ -109,8 +159,14 @@ def parse_line(line: bytes) -> tuple[int, GuestMessage] | None:
             phase, ns = rest.split(" ")
             return when, Stamp(phase, int(ns))
         if kind == "X":
-            code, _, message = rest.partition(" ")
-            return when, ExecFailed(int(code), message)
+            code, err, stage = rest.split(" ")
+            return when, ExecFailed(int(code), int(err), int(stage))
+        if kind == "N":
+            return when, LookedUp(rest)
+        if kind == "O":
+            return when, OomKilled(int(rest))
+        if kind == "E":
+            return when, Fatal(rest)
         if kind == "S":
             status, out, err = rest.split(" ")
             return when, Finished(int(status), int(out), int(err))

@@ -32,11 +32,18 @@ ESCALATE_AFTER = 5.0  # s after a forwarded signal before the VM is killed
 SHUTDOWN_GRACE = 3.0  # s for the guest to power off after our ack
 
 
+MAX_WAIT = 3600.0  # s: poll() takes an int of ms; a far deadline is waited for in steps
+
+
 @dataclass(frozen=True)
 class RelayOutcome:
     status: int | None
     stalled: bool = False
     qemu_peak_rss_kb: int | None = None
+    exec_failed: protocol.ExecFailed | None = None
+    looked_up: str | None = None  # the first host name the command asked for
+    oom_kills: int = 0  # processes the guest's OOM killer killed
+    fatal: str | None = None  # the guest init could not set up the sandbox
 
 
 class Relay:
@@ -82,6 +89,10 @@ class Relay:
         self.stalled = False
         self.ctl_in = b""
         self.finished: protocol.Finished | None = None
+        self.exec_failed: protocol.ExecFailed | None = None
+        self.looked_up: str | None = None
+        self.oom_kills = 0
+        self.fatal: str | None = None
         self.acked = False
         self.received = {protocol.PORT_STDOUT: 0, protocol.PORT_STDERR: 0}
         self.broken = {protocol.PORT_STDOUT: False, protocol.PORT_STDERR: False}
@@ -125,7 +136,14 @@ class Relay:
             return RelayOutcome(128 + self.killed_by)
         if self.stalled:
             return RelayOutcome(None, stalled=True)
-        return RelayOutcome(self.finished.status if self.finished else None, qemu_peak_rss_kb=self.qemu_peak_rss_kb)
+        return RelayOutcome(
+            self.finished.status if self.finished else None,
+            qemu_peak_rss_kb=self.qemu_peak_rss_kb,
+            exec_failed=self.exec_failed,
+            looked_up=self.looked_up,
+            oom_kills=self.oom_kills,
+            fatal=self.fatal,
+        )
 
     def _on_signal(self, signo: int, _frame: FrameType | None) -> None:
         self.signals.append(signo)
@@ -156,7 +174,7 @@ class Relay:
         ]
         if not deadlines:
             return None
-        return max(0.0, min(deadlines) - time.monotonic())
+        return min(MAX_WAIT, max(0.0, min(deadlines) - time.monotonic()))
 
     def _loop(self, wake: socket.socket) -> None:
         while not self.qemu_done:
@@ -232,7 +250,14 @@ class Relay:
                 self.progress_deadline = None
                 self._enable_stdin()
         elif isinstance(msg, protocol.ExecFailed):
-            self._write_stderr(f"sandbox: {msg.message}\n".encode())
+            self.exec_failed = msg
+        elif isinstance(msg, protocol.LookedUp):
+            self.looked_up = msg.name
+        elif isinstance(msg, protocol.OomKilled):
+            self.oom_kills += msg.count
+        elif isinstance(msg, protocol.Fatal):
+            self.fatal = msg.message
+            self.progress_deadline = None
         elif isinstance(msg, protocol.Finished):
             self.finished = msg
             self.progress_deadline = None

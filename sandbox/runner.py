@@ -6,14 +6,15 @@ import contextlib
 import logging
 import os
 import pwd
+import resource
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import cache, host, initramfs, kernel, protocol, qemucmd, runtime
+from . import cache, config, diagnostics, host, initramfs, kernel, mounts, protocol, qemucmd, runtime
 from .bootimages import BootImage
-from .errors import EXIT_LAUNCHER, BootStallError, SandboxError, UsageError
+from .errors import EXIT_LAUNCHER, BootStallError, MachineError, SandboxError, UsageError
 from .guestinit import init_binary
 from .machine import Machine, monotonic_boottime, terminating_signals_deferred
 from .relay import Relay, RelayOutcome
@@ -32,7 +33,7 @@ class RunOptions:
 
     argv: tuple[str, ...]
     kernel: Path | None = None
-    accel: str = "auto"
+    accel: str | None = None  # None: the user's default (config.accel)
     qemu: str | None = None
     machine: str = "auto"  # auto | microvm | q35
     memory_mb: int = 512
@@ -41,7 +42,12 @@ class RunOptions:
     boot_timeout: float | None = None  # None: chosen by accelerator
     boot_retries: int = 1
     tty: bool | None = None  # None: when stdin is a terminal
-    home: Path | None = None
+    shares: tuple[mounts.Share, ...] = ()
+    home: Path | None = None  # --home DIR: a read-write share shown as $HOME
+    tmpfs: tuple[tuple[str, str], ...] = ()
+    private: tuple[str, ...] = ()
+    hide: tuple[str, ...] = ()
+    unhide: tuple[str, ...] = ()
     verbose: int = 0
     kernel_append: str = ""
     pvh: bool = True
@@ -124,39 +130,80 @@ def _isatty(fd: int) -> bool:
 
 
 def tty_mask(force: bool | None) -> int:
-    """Which of the command's stdin/stdout/stderr get the guest pty."""
+    """Which of the command's stdin/stdout/stderr get the guest pty.
+
+    `-t` with a pipe on stdin gives the pty to the output only: the pipe's
+    bytes and its EOF still reach the command exactly.
+    """
     stdin_tty = _isatty(0)
     if force is False or (force is None and not stdin_tty):
         return 0
-    mask = protocol.TTY_STDIN | protocol.TTY_STDOUT if force else protocol.TTY_STDIN
-    if _isatty(1):
+    mask = protocol.TTY_STDIN if stdin_tty else 0
+    if force or _isatty(1):
         mask |= protocol.TTY_STDOUT
     if _isatty(2):
         mask |= protocol.TTY_STDERR
     return mask
 
 
-def command_spec(opts: RunOptions, tty: int) -> protocol.CommandSpec:
-    """The guest command: this user, environment and directory."""
-    x11_display = opts.x11.display if opts.x11 is not None else None
-    env = dict(opts.env) if opts.env is not None else dict(os.environ)
-    uid, gid = os.getuid(), os.getgid()
+# Passed to the command as the host has them.  The stack limit first of
+# all: it sets how much argv and environment execve accepts.
+RLIMITS = (resource.RLIMIT_STACK, resource.RLIMIT_NOFILE, resource.RLIMIT_CORE)
+
+
+def host_rlimits() -> tuple[tuple[int, int, int], ...]:
+    def value(v: int) -> int:
+        return -1 if v == resource.RLIM_INFINITY else v
+
+    return tuple((r, value(soft), value(hard)) for r in RLIMITS for soft, hard in [resource.getrlimit(r)])
+
+
+def working_directory() -> str:
+    """The launcher's cwd, which the guest shows at the same path."""
+    try:
+        return os.getcwd()
+    except OSError as exc:
+        raise UsageError(f"the working directory cannot be shown in the sandbox: {exc.strerror}") from None
+
+
+def user_home(env: dict[str, str]) -> str:
     home = env.get("HOME")
     if not home:
         try:
-            home = pwd.getpwuid(uid).pw_dir
+            home = pwd.getpwuid(os.getuid()).pw_dir
         except KeyError:
             home = "/"
         env["HOME"] = home
+    return home
+
+
+def mount_plan(opts: RunOptions, home: str, cwd: str) -> mounts.Plan:
+    """The guest's filesystem for this run."""
+    real_home = os.path.realpath(home) if home.startswith("/") else home
+    shares = list(opts.shares)
+    if opts.home is not None:
+        if not real_home.startswith("/") or real_home == "/":
+            raise UsageError(f"--home {opts.home}: HOME ({home}) is not a directory the guest can mount over")
+        shares.append(mounts.Share(opts.home, real_home, "rw"))
+    return mounts.plan(
+        real_home,
+        cwd,
+        shares=shares,
+        tmpfs=opts.tmpfs,
+        private=opts.private,
+        hide=opts.hide,
+        unhide=opts.unhide,
+    )
+
+
+def command_spec(opts: RunOptions, tty: int, plan: mounts.Plan, home: str, cwd: str, env: dict[str, str]) -> protocol.CommandSpec:
+    """The guest command: this user, environment and directory."""
+    x11_display = opts.x11.display if opts.x11 is not None else None
+    env = dict(env)
     if x11_display is not None:
         env["DISPLAY"] = f":{x11_display}"
         env.pop("XAUTHORITY", None)  # the real desktop's cookie never enters
-    cwd = opts.cwd
-    if cwd is None:
-        try:
-            cwd = os.getcwd()
-        except OSError:
-            cwd = home
+    uid, gid = os.getuid(), os.getgid()
     umask = os.umask(0)
     os.umask(umask)
     rows, cols = _winsize(0 if _isatty(0) else 1) if tty else (0, 0)
@@ -172,7 +219,8 @@ def command_spec(opts: RunOptions, tty: int) -> protocol.CommandSpec:
         tty=tty,
         rows=rows,
         cols=cols,
-        home_share=opts.home is not None,
+        rlimits=host_rlimits(),
+        mounts=plan.steps,
         x11_display=x11_display,
         x11_xpra=opts.x11 is not None and opts.x11.mode == "xpra",
     )
@@ -194,8 +242,9 @@ class Prepared:
 
 def prepare(opts: RunOptions) -> Prepared:
     """Resolve the kernel, QEMU and initramfs (all cached after the first run)."""
-    accel, warning = host.choose_accel(opts.accel)
-    if warning:
+    requested, _ = config.accel(opts.accel)
+    accel, warning = host.choose_accel(requested)
+    if warning and host.show_accel_notice(opts.verbose):
         log.warning("%s", warning)
     qemu = host.qemu_info(opts.qemu)
     machine = opts.machine
@@ -220,7 +269,15 @@ def _socketpairs(numbers: list[int]) -> dict[int, tuple[socket.socket, socket.so
     return {n: socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for n in numbers}
 
 
-def boot_once(opts: RunOptions, prep: Prepared, rundir: Path, timeline: Timeline, attempt: int) -> RunResult:
+def boot_once(
+    opts: RunOptions,
+    prep: Prepared,
+    rundir: Path,
+    timeline: Timeline,
+    attempt: int,
+    cspec: protocol.CommandSpec,
+    plan: mounts.Plan,
+) -> RunResult:
     """One boot of the VM; raises BootStallError if it stalls before the command starts."""
     x11 = opts.x11
     port_numbers = [protocol.PORT_CONTROL, protocol.PORT_STDIN, protocol.PORT_STDOUT, protocol.PORT_STDERR]
@@ -240,8 +297,7 @@ def boot_once(opts: RunOptions, prep: Prepared, rundir: Path, timeline: Timeline
         images.append(BootImage(prep.kernel_image, private=prep.pvh))
         images.append(BootImage(prep.initrd, private=True))
         shares = [qemucmd.Share("root", Path("/"))]
-        if opts.home is not None:
-            shares.append(qemucmd.Share("home", opts.home, readonly=False))
+        shares += [qemucmd.Share(tag, share.host, readonly=not share.writable) for tag, share in plan.shares]
         confinement = opts.confinement
         spec = qemucmd.MachineSpec(
             qemu=prep.qemu.path,
@@ -263,8 +319,6 @@ def boot_once(opts: RunOptions, prep: Prepared, rundir: Path, timeline: Timeline
         argv = qemucmd.build_argv(spec)
         if opts.verbose:
             log.info("qemu: %s", " ".join(argv))
-        tty = tty_mask(opts.tty)
-        cspec = command_spec(opts, tty)
         machine = Machine(
             argv,
             pass_fds=tuple(s.fileno() for s in qemu_ends) + tuple(i.fd for i in images),
@@ -282,7 +336,7 @@ def boot_once(opts: RunOptions, prep: Prepared, rundir: Path, timeline: Timeline
             machine=machine,
             timeline=timeline,
             spec_message=protocol.encode_spec(cspec),
-            tty=tty,
+            tty=cspec.tty,
             verbose=opts.verbose,
             boot_timeout=boot_timeout,
             timeout=opts.timeout,
@@ -317,10 +371,20 @@ def boot_once(opts: RunOptions, prep: Prepared, rundir: Path, timeline: Timeline
                     argv,
                     machine.failure("").log_tail,
                 )
+            if outcome.fatal is not None:
+                raise SandboxError(f"cannot set up the sandbox: {outcome.fatal}")
             if outcome.status is None:
+                if confinement is not None and confinement.oom_killed():
+                    raise MachineError(diagnostics.host_oom(opts.memory_mb, confinement.limits.memory_mb))
                 panic = _panic_line(rundir / "console.log")
                 what = f"guest kernel panic ({panic})" if panic else "guest stopped before reporting a status"
                 raise machine.failure(what, rundir / "console.log")
+            if outcome.exec_failed is not None:
+                log.warning("%s", diagnostics.exec_failure(outcome.exec_failed, cspec.argv[0], cspec.cwd))
+            if outcome.oom_kills:
+                log.warning("%s", diagnostics.guest_oom(outcome.oom_kills, outcome.status, opts.memory_mb))
+            if outcome.looked_up is not None and outcome.status != 0:
+                log.warning("%s", diagnostics.no_network(outcome.looked_up))
             return RunResult(outcome.status, timeline, outcome.qemu_peak_rss_kb)
     finally:
         for s in qemu_ends + launcher_ends:
@@ -346,19 +410,24 @@ def run(opts: RunOptions) -> RunResult:
     timeline.stamp_host("launcher_start", launcher_start_time())
     if not opts.argv:
         raise UsageError("no command given (usage: sandbox run [OPTIONS] -- CMD [ARGS...])")
+    env = dict(opts.env) if opts.env is not None else dict(os.environ)
+    home = user_home(env)
+    cwd = opts.cwd or working_directory()
+    plan = mount_plan(opts, home, cwd)
+    cspec = command_spec(opts, tty_mask(opts.tty), plan, home, cwd, env)
     prep = prepare(opts)
     timeline.tsc_khz = prep.tsc_khz
     with runtime.runtime_dir() as rundir, contextlib.ExitStack() as stack:
         label = None
         if opts.confinement is not None:
-            opts.confinement.prepare(rundir, opts.home)
+            opts.confinement.prepare(rundir, [share for _, share in plan.shares])
             label = opts.confinement.process_label
         if opts.x11 is not None:
             stack.callback(opts.x11.close)
             opts.x11.start(f"sandbox: {' '.join(opts.argv)} [{label or 'unlabelled'}]")
         for attempt in range(1, opts.boot_retries + 2):
             try:
-                return boot_once(opts, prep, rundir, timeline, attempt)
+                return boot_once(opts, prep, rundir, timeline, attempt, cspec, plan)
             except BootStallError as exc:
                 if attempt > opts.boot_retries:
                     raise

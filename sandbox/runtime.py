@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,9 +13,40 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+_fallback: Path | None = None  # this process's own base when the usual one is unsafe
+
+
+def private_dir(path: Path) -> bool:
+    """Make `path` a 0700 directory of ours, or say it cannot be trusted.
+
+    True if `path` is (now) a real directory, not a symlink, owned by this
+    user and closed to everyone else.  Anything else (another user's
+    directory, a world-writable one, a symlink planted in /tmp) is left
+    untouched and False returned: the launcher must not put its logs and
+    sockets where someone else can read, replace or redirect them.
+    """
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    except OSError:
+        return False
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and st.st_mode & 0o077 == 0
+
 
 def runtime_base() -> Path:
-    """Where runtime dirs live: $XDG_RUNTIME_DIR/sandbox, /run/sandbox for root, else /tmp."""
+    """Where runtime dirs live: $XDG_RUNTIME_DIR/sandbox, /run/sandbox for root, else /tmp/sandbox-UID.
+
+    When that place is not safe to use, a fresh private directory for this
+    process alone, with one warning.
+    """
+    global _fallback
+    if _fallback is not None:
+        return _fallback
     xdg = os.environ.get("XDG_RUNTIME_DIR")
     if xdg and os.path.isdir(xdg):
         base = Path(xdg) / "sandbox"
@@ -22,8 +54,13 @@ def runtime_base() -> Path:
         base = Path("/run/sandbox")
     else:
         base = Path(tempfile.gettempdir()) / f"sandbox-{os.getuid()}"
-    base.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return base
+    if not base.parent.exists():
+        base.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    if private_dir(base):
+        return base
+    _fallback = Path(tempfile.mkdtemp(prefix=f"sandbox-{os.getuid()}-"))
+    log.warning("%s is not a private directory of yours; using %s for this run", base, _fallback)
+    return _fallback
 
 
 def _pid_alive(pid: int) -> bool:
@@ -55,3 +92,5 @@ def runtime_dir() -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+        if base == _fallback:
+            shutil.rmtree(base, ignore_errors=True)

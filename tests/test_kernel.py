@@ -14,11 +14,21 @@ FULL_DEP = (
 CLOUD_DEP = "kernel/drivers/char/virtio_console.ko:\n"  # Debian's -cloud-amd64: no 9p at all
 
 
+def fake_bzimage(version: str) -> bytes:
+    """Just a bzImage header ("HdrS") with its version string."""
+    head = bytearray(0x400)
+    head[0x202:0x206] = b"HdrS"
+    head[0x20E:0x210] = (0x300 - 0x200).to_bytes(2, "little")
+    text = f"{version} (debian-kernel@lists.debian.org)".encode()
+    head[0x300 : 0x300 + len(text)] = text
+    return bytes(head)
+
+
 def make_tree(tmp_path: Path, kernels: dict[str, str]) -> tuple[Path, Path]:
     boot, mods = tmp_path / "boot", tmp_path / "modules"
     boot.mkdir()
     for version, dep in kernels.items():
-        (boot / f"vmlinuz-{version}").write_bytes(b"not really a kernel")
+        (boot / f"vmlinuz-{version}").write_bytes(fake_bzimage(version))
         (mods / version).mkdir(parents=True)
         (mods / version / "modules.dep").write_text(dep)
     return boot, mods
@@ -44,6 +54,17 @@ def test_explicit_cloud_kernel_is_refused_with_reason(tmp_path: Path) -> None:
     boot, mods = make_tree(tmp_path, {"6.1.0-11-cloud-amd64": CLOUD_DEP})
     with pytest.raises(KernelError, match="lacks 9p filesystem"):
         kernel.find_kernel(boot / "vmlinuz-6.1.0-11-cloud-amd64", boot, mods)
+
+
+def test_explicit_non_kernel_and_directory_are_named_for_what_they_are(tmp_path: Path) -> None:
+    boot, mods = make_tree(tmp_path, {"6.1.0-9-amd64": FULL_DEP})
+    text = tmp_path / "passwd"
+    text.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    with pytest.raises(KernelError, match="is not a Linux kernel image"):
+        kernel.find_kernel(text, boot, mods)
+    with pytest.raises(KernelError, match="is a directory, not a kernel image"):
+        kernel.find_kernel(boot, boot, mods)
+    assert kernel.find_kernel(boot / "vmlinuz-6.1.0-9-amd64", boot, mods).version == "6.1.0-9-amd64"
 
 
 def test_builtin_9p_counts(tmp_path: Path) -> None:

@@ -1,3 +1,6 @@
+import re
+from pathlib import Path
+
 from sandbox import protocol
 from sandbox.protocol import CommandSpec
 
@@ -29,7 +32,7 @@ def test_spec_records_survive_spaces_quotes_and_newlines() -> None:
     assert [v for k, v in records if k == "E"] == ["X=1\n2 '3'", "EMPTY="]
     assert dict((k, v) for k, v in records if k not in "AES") == {
         "C": "/dir with space", "H": "/root", "U": "1000", "G": "100", "M": "27",
-        "T": "3", "R": "24", "W": "80", "V": "0",
+        "T": "3", "R": "24", "W": "80",
     }  # fmt: skip
     assert [v for k, v in records if k == "S"] == ["27", "44"]
 
@@ -46,7 +49,10 @@ def test_nul_in_a_value_is_refused() -> None:
 
 def test_guest_lines_parse() -> None:
     assert protocol.parse_line(b"5 T init_start 4") == (5, protocol.Stamp("init_start", 4))
-    assert protocol.parse_line(b"6 X 127 foo: command not found") == (6, protocol.ExecFailed(127, "foo: command not found"))
+    assert protocol.parse_line(b"6 X 127 2 2") == (6, protocol.ExecFailed(127, 2, protocol.EXEC_STAGE_EXEC))
+    assert protocol.parse_line(b"6 N example.com") == (6, protocol.LookedUp("example.com"))
+    assert protocol.parse_line(b"6 O 2") == (6, protocol.OomKilled(2))
+    assert protocol.parse_line(b"6 E mount 9p on /x: No such device") == (6, protocol.Fatal("mount 9p on /x: No such device"))
     assert protocol.parse_line(b"7 S 42 10 0") == (7, protocol.Finished(42, 10, 0))
     assert protocol.parse_line(b"8 L init: oops") == (8, protocol.LogLine("init: oops"))
     assert protocol.parse_line(b"garbage") is None
@@ -65,3 +71,30 @@ def test_x11_display_and_xpra_mode_records() -> None:
     assert ("X", "0") in records and not any(k == "Y" for k, _ in records)
     _, records = decode(protocol.encode_spec(CommandSpec(**base, x11_display=100, x11_xpra=True)))  # type: ignore[arg-type]
     assert ("X", "100") in records and ("Y", "1") in records
+
+
+def test_rlimit_and_mount_records() -> None:
+    steps = (
+        protocol.MountStep(protocol.MOP_OVERLAY, "/home/a:b, c"),
+        protocol.MountStep(protocol.MOP_TMPFS, "/scratch", tag="u", mode=0o1777, size="64M"),
+    )
+    spec = CommandSpec(argv=("true",), env=(), cwd="/", home="/root", uid=0, gid=0, rlimits=((3, 8388608, -1),), mounts=steps)
+    _, records = decode(protocol.encode_spec(spec))
+    assert [v for k, v in records if k == "Z"] == ["3 8388608 -1"]
+    # The guest splits on the first four colons: the path keeps its own.
+    assert [v for k, v in records if k == "m"] == ["O::::/home/a:b, c", "T:u:1777:64M:/scratch"]
+
+
+def _c_defines() -> dict[str, str]:
+    text = (Path(__file__).resolve().parent.parent / "guest-init" / "protocol.h").read_text()
+    return {m[1]: m[2] for m in re.finditer(r"^#define (\w+) (\S+)", text, re.M)}
+
+
+def test_constants_match_the_guest_header() -> None:
+    defines = _c_defines()
+    names = [n for n in dir(protocol) if re.fullmatch(r"(PORT|TTY|EXEC_STAGE|MOP)_[A-Z0-9_]+", n) and n != "PORT_NAMES"]
+    assert len(names) >= 20
+    for name in names:
+        value = getattr(protocol, name)
+        c_value = defines[name]
+        assert (c_value == f"'{value}'") if isinstance(value, str) else int(c_value) == value, name

@@ -1,0 +1,45 @@
+"""User defaults: the environment (SANDBOX_*) and ~/.config/sandbox/config.toml."""
+
+from __future__ import annotations
+
+import functools
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from .errors import UsageError
+
+ACCELS = ("auto", "kvm", "tcg")
+
+
+def config_path() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return Path(base) / "sandbox" / "config.toml"
+
+
+@functools.cache
+def _file() -> dict[str, Any]:
+    path = config_path()
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        return {}
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise UsageError(f"{path}: {exc}") from None
+
+
+def accel(flag: str | None) -> tuple[str, bool]:
+    """(accelerator, chosen by the user) from --accel, SANDBOX_ACCEL, or the config file's `accel`."""
+    for value, source in (
+        (flag, "--accel"),
+        (os.environ.get("SANDBOX_ACCEL") or None, "SANDBOX_ACCEL"),
+        (_file().get("accel"), str(config_path())),
+    ):
+        if value is None:
+            continue
+        if value not in ACCELS:
+            raise UsageError(f"{source}: accelerator {value!r} is not one of {', '.join(ACCELS)}")
+        return str(value), True
+    return "auto", False
