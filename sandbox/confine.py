@@ -20,7 +20,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import audit, cgroups, labels, mounts, runtime, seclabel
+from . import audit, cgroups, idmap, labels, mounts, runtime, seclabel
 from .errors import ConfinementError, UsageError
 from .machine import set_parent_death_signal
 
@@ -74,7 +74,11 @@ def resolve_user(name: str | None) -> Identity | None:
     return Identity(pw.pw_uid, pw.pw_gid, pw.pw_name)
 
 
-PR_SET_KEEPCAPS = 8
+PR_CAPBSET_DROP = 24
+PR_SET_SECUREBITS = 28
+# NOROOT(+LOCKED): exec as uid 0 grants nothing; NO_SETUID_FIXUP(+LOCKED):
+# a uid change keeps the capabilities we chose to keep.
+SECURE_NOROOT_NOFIXUP = 0x1 | 0x2 | 0x4 | 0x8
 PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE = 47, 2
 CAP_DAC_READ_SEARCH = 2
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
@@ -83,6 +87,9 @@ SYS_CAPSET = 126  # x86-64
 
 def keep_read_search() -> None:
     """After the switch to QEMU's uid, keep only CAP_DAC_READ_SEARCH, across exec.
+
+    Needs SECURE_NOROOT_NOFIXUP set before the uid change, so that the change
+    keeps the capabilities this then narrows down.
 
     A sandbox started by root runs its command as root, which reads every
     file on the host; QEMU, as `nobody`, serves those reads over 9p.  This
@@ -96,6 +103,11 @@ def keep_read_search() -> None:
     class Data(ctypes.Structure):
         _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
 
+    # The bounding set too, so that nothing QEMU execs could ever regain more.
+    last_cap = int(Path("/proc/sys/kernel/cap_last_cap").read_text())
+    for cap in range(last_cap + 1):
+        if cap != CAP_DAC_READ_SEARCH and _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
     bit = 1 << CAP_DAC_READ_SEARCH
     data = (Data * 2)(Data(bit, bit, bit), Data(0, 0, 0))
     hdr = Header(_LINUX_CAPABILITY_VERSION_3, 0)
@@ -128,6 +140,11 @@ class Confinement:
     _started: float = 0.0
     _hidden: str | None = None
     _run: str = ""
+    # Idmapped views of the trees QEMU exports (see idmap.py): host path ->
+    # (detached mount fd, mount point relative to the runtime dir).
+    _views: dict[str, tuple[int, str]] = field(default_factory=dict)
+    _userns: int | None = None
+    _inside: idmap.Owner | None = None  # QEMU's uid/gid inside its user namespace
 
     # ---- before QEMU ---------------------------------------------------
 
@@ -136,12 +153,7 @@ class Confinement:
         self.shares = tuple(f"{s.host} -> {s.guest} ({s.mode})" for s in shares)
         writable = [s.host for s in shares if s.writable]
         if writable and self.user is not None:
-            # Lending the tree to QEMU's uid by chown changed the user's
-            # files (owners, setuid bits) and left them changed after a kill.
-            raise ConfinementError(
-                f"a read-write share ({writable[0]}) needs QEMU to run as its owner: "
-                "add --qemu-user root, or share it copy-on-write"
-            )
+            self._idmap_views(rundir, shares)
         self._hidden = str(runtime.runtime_base())
         if self.selinux:
             self._allocate_label()
@@ -154,6 +166,39 @@ class Confinement:
             self._stack.enter_context(seclabel.relabelled(rundir, self.file_label))
             for path in writable:
                 self._stack.enter_context(seclabel.relabelled(path, self.file_label))
+
+    def _idmap_views(self, rundir: Path, shares: list[mounts.Share]) -> None:
+        """Let QEMU (as `nobody`) write read-write shares as their owner, without a chown."""
+        assert self.user is not None
+        owners = {idmap.Owner.of(str(s.host)) for s in shares if s.writable}
+        if len(owners) > 1:
+            raise ConfinementError(
+                "read-write shares with different owners cannot be served by one QEMU; share all but one copy-on-write"
+            )
+        owner = owners.pop()
+        self._userns = idmap.make_userns(idmap.swap_map(owner.uid, self.user.uid), idmap.swap_map(owner.gid, self.user.gid))
+        self._stack.callback(os.close, self._userns)
+        self._inside = owner
+        trees = [("/", False)] + [(str(s.host), s.writable) for s in shares]
+        for i, (path, writable) in enumerate(trees):
+            if path in self._views:
+                continue
+            try:
+                fd = idmap.idmapped_clone(path, self._userns, readonly=not writable)
+            except OSError as exc:
+                raise ConfinementError(
+                    f"cannot share {path} with QEMU as {self.user.name}: {exc.strerror} "
+                    "(its filesystem has no idmapped mounts); --qemu-user root runs QEMU as root instead"
+                ) from None
+            self._stack.callback(os.close, fd)
+            name = f"view{i}"
+            (rundir / name).mkdir(mode=0o700)
+            self._views[path] = (fd, name)
+
+    def export_path(self, host: Path) -> Path:
+        """The path QEMU exports for host directory `host` (relative to its cwd when idmapped)."""
+        view = self._views.get(str(host))
+        return Path(view[1]) if view else host
 
     def _allocate_label(self) -> None:
         if self.static_label:
@@ -180,12 +225,22 @@ class Confinement:
             # Our mounts stay ours, and QEMU (and through it the 9p export)
             # sees no other sandbox's runtime dir; our own is our cwd already.
             _mount("none", "/", None, MS_REC | MS_PRIVATE, None)
+            for fd, name in self._views.values():
+                idmap.attach(fd, name)  # relative to our cwd, the runtime dir
             if self._hidden and os.path.isdir(self._hidden):
                 _mount("tmpfs", self._hidden, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=4k,mode=755")
-        if self.user is not None:
+        if self._userns is not None and self._inside is not None:
+            idmap.join_userns(self._userns)
+            if _libc.prctl(PR_SET_SECUREBITS, SECURE_NOROOT_NOFIXUP, 0, 0, 0) != 0:
+                raise OSError(ctypes.get_errno(), "prctl(PR_SET_SECUREBITS)")
+            os.setgroups([])
+            os.setgid(self._inside.gid)
+            os.setuid(self._inside.uid)
+            keep_read_search()
+        elif self.user is not None:
             os.setgroups([])
             os.setgid(self.user.gid)
-            _libc.prctl(PR_SET_KEEPCAPS, 1, 0, 0, 0)
+            _libc.prctl(PR_SET_SECUREBITS, SECURE_NOROOT_NOFIXUP, 0, 0, 0)
             os.setuid(self.user.uid)
             keep_read_search()
         # Credential changes clear the parent-death signal: set it again.

@@ -296,8 +296,10 @@ def boot_once(
     try:
         images.append(BootImage(prep.kernel_image, private=prep.pvh))
         images.append(BootImage(prep.initrd, private=True))
-        shares = [qemucmd.Share("root", Path("/"))]
-        shares += [qemucmd.Share(tag, share.host, readonly=not share.writable) for tag, share in plan.shares]
+        confinement = opts.confinement
+        export = confinement.export_path if confinement is not None else (lambda p: p)
+        shares = [qemucmd.Share("root", export(Path("/")))]
+        shares += [qemucmd.Share(tag, export(share.host), readonly=not share.writable) for tag, share in plan.shares]
         confinement = opts.confinement
         spec = qemucmd.MachineSpec(
             qemu=prep.qemu.path,
