@@ -537,6 +537,8 @@ static void do_mop(const struct spec *s, const struct mop *m)
 				die("hide %s: %s", m->path, strerror(errno));
 		}
 		break;
+	case MOP_MKDIR:
+		break; /* done before the other steps (setup_root) */
 	default:
 		die("unknown mount step '%c'", m->op);
 	}
@@ -580,12 +582,30 @@ static void setup_root(const struct spec *s)
 {
 	/* Read-only host root.  cache=loose: nothing in the guest writes it, so
 	 * the page cache never needs revalidating; msize 512k cuts round trips. */
-	xmount("root", NEWROOT, "9p", MS_RDONLY | MS_NOSUID, NINEP_RO);
+	int mkdirs = 0;
+	for (int i = 0; i < s->nmops; i++)
+		mkdirs += s->mops[i].op == MOP_MKDIR;
+	/* The host's tree as it is, for the overlays' lower layers. */
+	xmount("root", "/hostroot", "9p", MS_RDONLY | MS_NOSUID, NINEP_RO);
 	stamp("root_mounted");
-	/* The host's tree as it is, for the overlays' lower layers, before
-	 * anything is mounted over parts of it. */
-	xmount(NEWROOT, "/hostroot", NULL, MS_BIND, NULL);
 	tmpfs("/stage", "mode=755");
+	if (mkdirs) {
+		/* Mount points the host does not have: the root gets a
+		 * copy-on-write layer to make them in, then turns read-only. */
+		overlay("/hostroot", NEWROOT);
+		for (int i = 0; i < s->nmops; i++)
+			if (s->mops[i].op == MOP_MKDIR) {
+				char target[4200];
+				snprintf(target, sizeof target, NEWROOT "%s", s->mops[i].path);
+				int e = make_dirs(target, 0755);
+				if (e)
+					die("cannot make %s in the sandbox: %s", s->mops[i].path, strerror(e));
+			}
+		if (mount(NULL, NEWROOT, NULL, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID, NULL) != 0)
+			die("read-only root: %s", strerror(errno));
+	} else {
+		xmount("/hostroot", NEWROOT, NULL, MS_BIND, NULL);
+	}
 	if (mount("/dev", NEWROOT "/dev", NULL, MS_MOVE, NULL) != 0)
 		die("move /dev: %s", strerror(errno));
 	if (mount("/proc", NEWROOT "/proc", NULL, MS_MOVE, NULL) != 0)

@@ -58,6 +58,7 @@
 #define MOP_HOME 'h'      /* the home dir, made empty if missing */
 #define MOP_HIDE_DIR 'H'  /* an empty private dir over path */
 #define MOP_HIDE_FILE 'F' /* an empty private file over path */
+#define MOP_MKDIR 'D'     /* a mount point the read-only root lacks */
 
 #define X11_OPEN 'O'
 #define X11_DATA 'D'

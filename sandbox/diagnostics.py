@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import os
-import shlex
 import signal
 
 from . import protocol
 
 
 def shell_quote(text: str) -> str:
-    """`text` as a shell would show it: bare when plain, '...' or $'...' otherwise."""
-    if text and all(c.isprintable() for c in text):
-        return text if shlex.quote(text) == text else shlex.quote(text)
+    """`text` as bash shows a command name: as it is, or $'...' when it holds control characters."""
+    if not text:
+        return "''"
+    if all(c.isprintable() for c in text):
+        return text
     out = []
     for c in text:
         if c == "\n":

@@ -23,6 +23,7 @@ from .protocol import (
     MOP_HIDE_DIR,
     MOP_HIDE_FILE,
     MOP_HOME,
+    MOP_MKDIR,
     MOP_OVERLAY,
     MOP_SHARE_COW,
     MOP_SHARE_RO,
@@ -162,6 +163,17 @@ def host_kind(path: str) -> str | None:
     return "dir" if st_mod.S_ISDIR(st.st_mode) else "file"
 
 
+def covering_in(guest: str, steps: Sequence[MountStep]) -> MountStep | None:
+    """The deepest of `steps` whose mount holds `guest` (None: the read-only root)."""
+    found: MountStep | None = None
+    for m in steps:
+        if m.op in (MOP_HOME, MOP_MKDIR):
+            continue  # not mounts
+        if under(guest, m.path) and (found is None or _depth(m.path) >= _depth(found.path)):
+            found = m
+    return found
+
+
 def plan(
     home: str,
     cwd: str,
@@ -204,12 +216,7 @@ def plan(
     steps = sorted(base, key=lambda m: _depth(m.path))
 
     def covering(guest: str) -> MountStep | None:
-        """The deepest step whose mount holds `guest` (None: the read-only root)."""
-        found: MountStep | None = None
-        for m in steps + user:
-            if under(guest, m.path) and (found is None or _depth(m.path) >= _depth(found.path)):
-                found = m
-        return found
+        return covering_in(guest, steps + user)
 
     def source_of(guest: str) -> str | None:
         """The host path shown at `guest`, or None where the guest's view is empty or its own."""
@@ -230,7 +237,16 @@ def plan(
     cover = covering(cwd)
     if cwd != "/" and (cover is None or cover.op == MOP_TMPFS):
         steps.append(MountStep(MOP_OVERLAY, cwd))
-    steps += sorted(user, key=lambda m: _depth(m.path))
+    user.sort(key=lambda m: _depth(m.path))
+    # A user's mount point that the read-only root lacks is made first (the
+    # init gives the root a copy-on-write layer for that, then seals it).
+    mkdirs = []
+    for i, m in enumerate(user):
+        if covering_in(m.path, steps + user[:i]) is None and kind(m.path) != "dir":
+            if kind(m.path) is not None:
+                raise UsageError(f"{m.path} exists in the guest's root and is not a directory: cannot mount over it")
+            mkdirs.append(MountStep(MOP_MKDIR, m.path))
+    steps = mkdirs + steps + user
     if has_home:
         steps.append(MountStep(MOP_HOME, home))
     for path in hidden:

@@ -32,6 +32,7 @@ MOP_SHARE_COW = "C"
 MOP_HOME = "h"
 MOP_HIDE_DIR = "H"
 MOP_HIDE_FILE = "F"
+MOP_MKDIR = "D"
 
 
 @dataclass(frozen=True)

@@ -4,22 +4,47 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 SANDBOX = [sys.executable, "-m", "sandbox"]
-# Host directories the guest can see (not under its private /tmp or /home).
-VISIBLE_BASE = Path("/var/lib/sandbox-tests")
+# Host directories for tests that need a path outside /tmp and the home
+# (each run of the suite its own, so that two runs never meet).
+VISIBLE_BASE = Path("/var/lib/sandbox-tests") / f"session-{os.getpid()}"
+
+# Every launcher a test starts, in order: fixtures check and clean up
+# exactly these (their QEMUs and runtime dirs), never anyone else's.
+STARTED: list[int] = []
 
 
-def qemu_pids() -> set[int]:
-    out = subprocess.run(["pgrep", "-x", "qemu-system-x86"], capture_output=True, text=True, check=False).stdout
-    return {int(p) for p in out.split()}
+def popen(argv: list[str], **kw: Any) -> subprocess.Popen[bytes]:
+    """Start a launcher (the whole command line, wrappers included) and track it."""
+    proc: subprocess.Popen[bytes] = subprocess.Popen(argv, **kw)
+    STARTED.append(proc.pid)
+    return proc
+
+
+def run_tracked(argv: list[str], input: bytes | None = None, timeout: float = 120, **kw: Any) -> subprocess.CompletedProcess[bytes]:
+    """subprocess.run for a launcher, tracked; killed if it outlives `timeout`."""
+    if input is not None:
+        kw["stdin"] = subprocess.PIPE
+    proc = popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+    try:
+        out, err = proc.communicate(input, timeout)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
 
 def run_sandbox(
@@ -29,19 +54,73 @@ def run_sandbox(
     env: dict[str, str] | None = None,
     cwd: str | Path | None = None,
     run_opts: tuple[str, ...] = (),
-    **kw: object,
+    **kw: Any,
 ) -> subprocess.CompletedProcess[bytes]:
     """`sandbox run [run_opts] -- args...`, as a user would type it."""
-    return subprocess.run(
-        [*SANDBOX, "run", *run_opts, "--", *args],
-        input=input,
-        capture_output=True,
-        timeout=timeout,
-        env=env,
-        cwd=cwd,
-        check=False,
-        **kw,  # type: ignore[arg-type]
-    )
+    return run_tracked([*SANDBOX, "run", *run_opts, "--", *args], input=input, timeout=timeout, env=env, cwd=cwd, **kw)
+
+
+def _qemus_of(launchers: set[int]) -> dict[int, int]:
+    """QEMU pid -> launcher pid, for QEMUs whose runtime dir (their cwd) is one of these launchers'."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if (entry / "comm").read_text().strip() != "qemu-system-x86":
+                continue
+            name = Path(os.readlink(entry / "cwd").removesuffix(" (deleted)")).name
+        except OSError:
+            continue
+        parts = name.split("-")
+        if len(parts) >= 3 and parts[0] == "run" and parts[1].isdigit() and int(parts[1]) in launchers:
+            found[int(entry.name)] = int(parts[1])
+    return found
+
+
+def _runtime_dirs_of(launchers: set[int]) -> list[Path]:
+    bases = [Path("/run/sandbox"), *Path(tempfile.gettempdir()).glob("sandbox-*")]
+    return [d for base in bases for pid in launchers for d in base.glob(f"run-{pid}-*")]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie of ours that nobody waited for is not running
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def clean_up(launchers: set[int]) -> list[str]:
+    """Kill and remove whatever these launchers left; say what that was."""
+    problems = []
+    for pid in sorted(launchers):
+        if _alive(pid):
+            problems.append(f"launcher {pid} still running")
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while _qemus_of(launchers) and time.monotonic() < deadline:
+        time.sleep(0.1)  # QEMU dies with its launcher (parent-death signal)
+    for qemu, launcher in _qemus_of(launchers).items():
+        problems.append(f"QEMU {qemu} of launcher {launcher} outlived it")
+        os.kill(qemu, signal.SIGKILL)
+    for d in _runtime_dirs_of(launchers):
+        problems.append(f"runtime dir {d} left behind")
+        shutil.rmtree(d, ignore_errors=True)
+    return problems
+
+
+@pytest.fixture(autouse=True)
+def own_sandboxes() -> Iterator[None]:
+    """Fails the test if a sandbox it started leaves a launcher, QEMU or runtime dir behind."""
+    first = len(STARTED)
+    yield
+    problems = clean_up(set(STARTED[first:]))
+    if problems:
+        pytest.fail("; ".join(problems))
 
 
 def run_guest_python(
@@ -75,28 +154,62 @@ def stderr_lines(proc: subprocess.CompletedProcess[bytes]) -> list[str]:
     return [ln for ln in proc.stderr.decode().splitlines() if "KVM unavailable" not in ln]
 
 
-@pytest.fixture
-def no_leftovers() -> Iterator[None]:
-    """Fails the test if it leaves a QEMU process or a runtime dir behind."""
-    before = qemu_pids()
-    base = Path("/run/sandbox") if os.geteuid() == 0 else None
-    dirs_before = set(base.iterdir()) if base and base.exists() else set()
-    yield
-    assert qemu_pids() - before == set(), "a QEMU process outlived its sandbox"
-    if base and base.exists():
-        assert set(base.iterdir()) - dirs_before == set(), "a runtime dir was left behind"
-
-
 @pytest.fixture(scope="session", autouse=True)
 def session_leftovers() -> Iterator[None]:
-    """After the whole suite: no QEMU process and no runtime dir of ours remains."""
-    before = qemu_pids()
+    """After the whole suite: nothing any of its sandboxes started remains."""
     yield
-    left = qemu_pids() - before
-    assert not left, f"QEMU processes left after the suite: {left}"
-    base = Path("/run/sandbox")
-    if base.exists():
-        stale = [p for p in base.iterdir() if p.name.startswith("run-")]
-        assert not stale, f"runtime dirs left after the suite: {stale}"
+    problems = clean_up(set(STARTED))
+    assert not problems, problems
     if VISIBLE_BASE.exists():
         VISIBLE_BASE.rmdir()  # fails (and so reports) if a test left something in it
+    try:
+        VISIBLE_BASE.parent.rmdir()
+    except OSError:
+        pass  # another run's session is still there
+
+
+def _unreadable_for_others(path: Path) -> bool:
+    return any(not parent.stat().st_mode & 0o001 for parent in path.parents)
+
+
+class Nobody:
+    """Runs the launcher as the `nobody` user, with caches of its own (shared by the session)."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.home = Path(f"/home/sandbox-test-{os.getpid()}")
+        for d in (base, base / "state", base / "run", self.home):
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+            shutil.chown(d, "nobody", "nogroup")
+        self.prefix = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+        if _unreadable_for_others(Path(__file__)) or not os.access(SANDBOX[0], os.X_OK):
+            # The checkout sits where others cannot enter (e.g. /root): let
+            # the launcher read it, without any other privilege.
+            self.prefix += ["--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search"]
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {
+            "PATH": os.environ["PATH"], "HOME": str(self.home), "USER": "nobody", "XDG_CACHE_HOME": str(self.base),
+            "XDG_STATE_HOME": str(self.base / "state"), "XDG_RUNTIME_DIR": str(self.base / "run"),
+        }  # fmt: skip
+        env.update(extra)
+        return {k: v for k, v in env.items() if v}
+
+    def run(self, *args: str, env: dict[str, str] | None = None, cwd: str | Path = "/", **kw: Any) -> subprocess.CompletedProcess[bytes]:
+        """`sandbox ARGS...` as nobody."""
+        return run_tracked([*self.prefix, *SANDBOX, *args], env=env or self.env(), cwd=cwd, timeout=240, **kw)
+
+    def close(self) -> None:
+        shutil.rmtree(self.base, ignore_errors=True)
+        shutil.rmtree(self.home, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def nobody() -> Iterator[Nobody]:
+    if os.geteuid() != 0:
+        pytest.fail("the non-root tests switch to the nobody user and must start as root")
+    user = Nobody(VISIBLE_BASE / "nobody")
+    try:
+        yield user
+    finally:
+        user.close()

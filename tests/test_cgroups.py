@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
 from conftest import REPO, run_guest_python
+from sandbox import cgroups
+from sandbox.errors import ConfinementError
 
 
 def test_v2_limits_on_the_guest_kernels_cgroup2_tree() -> None:
     if os.geteuid() != 0:
         pytest.fail("root's v2 layout is what this checks (the guest command runs as the caller)")
-    result = run_guest_python(REPO / "tests/cgroupv2/guest_check.py")
+    result = run_guest_python(REPO / "tests/cgroupv2/cgroupv2_check.py")
     out = result.stdout.decode()
     print(out)
     assert result.returncode == 0, result.stderr.decode()
@@ -28,3 +31,16 @@ def test_v2_limits_on_the_guest_kernels_cgroup2_tree() -> None:
     assert facts["fork"] == "refused Resource temporarily unavailable", facts["fork"]
     assert facts["forked"] == "7" and facts["pids.current"] == "8"
     assert facts["removed"] == "True"
+
+
+def test_limits_that_cannot_be_applied_are_an_error_unless_best_effort(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A host with neither a writable v2 tree nor v1 hierarchies there.
+    monkeypatch.setattr(cgroups, "CGROUP_ROOT", tmp_path)
+    limits = cgroups.Limits(memory_mb=256, pids=10)
+    with pytest.raises(ConfinementError, match="cannot apply the requested resource limits.*--limits=best-effort"):
+        cgroups.create("x", limits)
+    assert cgroups.create("x", limits, strict=False) is None
+    assert "resource limits not applied" in caplog.text
+    assert cgroups.create("x", cgroups.Limits()) is None  # none asked for: nothing to fail

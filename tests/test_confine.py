@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SANDBOX
+from conftest import SANDBOX, popen
 
-pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("no_leftovers")]
+pytestmark = [pytest.mark.vm]
 
 
 def children(pid: int) -> list[int]:
@@ -61,7 +61,7 @@ def status(pid: int) -> dict[str, str]:
 def test_qemu_is_confined_as_libvirt_would(capsys: pytest.CaptureFixture[str]) -> None:
     if os.geteuid() != 0:
         pytest.fail("confinement as root is what this checks")
-    proc = subprocess.Popen(
+    proc = popen(
         [*SANDBOX, "run", "--pids-limit", "64", "--memory-limit", "1G", "--cpu-weight", "50",
          "--", "sh", "-c", "echo ready; read line; echo got $line"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -75,6 +75,10 @@ def test_qemu_is_confined_as_libvirt_would(capsys: pytest.CaptureFixture[str]) -
         # DAC: nobody/nogroup, no supplementary groups
         assert st["Uid"].split() == ["65534"] * 4 and st["Gid"].split() == ["65534"] * 4
         assert st["Groups"].strip() == ""
+        # capabilities: only reading (the root's command may read all the root can), nothing to regain
+        read_search = f"{1 << 2:016x}"
+        assert [st[k].strip() for k in ("CapEff", "CapPrm", "CapBnd", "CapAmb")] == [read_search] * 4, st
+        evidence["caps"] = f"CAP_DAC_READ_SEARCH only ({read_search})"
         # seccomp filter mode, no privilege gain
         assert st["Seccomp"].strip() == "2" and st["NoNewPrivs"].strip() == "1"
         # namespaces differ from the launcher's
@@ -130,7 +134,8 @@ def test_qemu_is_confined_as_libvirt_would(capsys: pytest.CaptureFixture[str]) -
     start, stop = (json.loads(line) for line in audit.splitlines())
     assert start["event"] == "start" and stop["event"] == "stop"
     assert start["qemu_pid"] == qemu == stop["qemu_pid"] and start["qemu_uid"] == 65534
-    assert start["command"][:2] == ["sh", "-c"] and start["shares"] == ["/ (read-only)"]
+    assert start["command"]["argv"][:2] == ["sh", "-c"] and start["shares"] == ["/ (read-only)"]
+    assert "command" not in stop and stop["run"] == start["run"]  # the argv is logged once
     assert stop["exit_status"] == 0 and stop["duration_s"] > 0 and "user" in start and "label" in start
     with capsys.disabled():
         print("\nconfinement evidence:\n  " + "\n  ".join(f"{k}: {v}" for k, v in evidence.items()))

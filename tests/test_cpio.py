@@ -1,6 +1,7 @@
 import shutil
 import stat
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -24,7 +25,7 @@ def test_cpio_tool_lists_entries_sorted_with_parents_first() -> None:
     assert out.decode().split() == ["bin", "bin/sh", "dev", "dev/console", "init", "modules", "modules/b.ko", "newroot"]
 
 
-def test_cpio_tool_extracts_content_modes_and_devices(tmp_path) -> None:
+def test_cpio_tool_extracts_content_modes_and_devices(tmp_path: Path) -> None:
     subprocess.run(["cpio", "-i", "-d", "--quiet", "--no-absolute-filenames"], input=sample(), cwd=tmp_path, check=True)
     assert (tmp_path / "init").read_bytes() == b"\x7fELF-binary"
     assert stat.S_IMODE((tmp_path / "init").stat().st_mode) == 0o755

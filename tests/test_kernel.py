@@ -34,7 +34,7 @@ def make_tree(tmp_path: Path, kernels: dict[str, str]) -> tuple[Path, Path]:
     return boot, mods
 
 
-def test_newest_kernel_with_9p_wins_and_cloud_kernels_are_skipped(tmp_path: Path, caplog) -> None:
+def test_newest_kernel_with_9p_wins_and_cloud_kernels_are_skipped(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     boot, mods = make_tree(tmp_path, {"6.1.0-9-amd64": FULL_DEP, "6.1.0-10-amd64": FULL_DEP, "6.1.0-11-cloud-amd64": CLOUD_DEP})
     caplog.set_level("INFO")
     k = kernel.find_kernel(None, boot, mods)
@@ -136,7 +136,9 @@ def test_pack_pvh_keeps_only_nonzero_pages_and_the_note() -> None:
     import struct
 
     note = struct.pack("<III", 4, 4, 18) + b"Xen\0" + struct.pack("<I", 0x1000040) + bytes(4)
-    page = lambda b: bytes([b]) * 4096  # noqa: E731
+    def page(b: int) -> bytes:
+        return bytes([b]) * 4096
+
     first = note + bytes(4096 - len(note)) + page(1) + page(0) + page(0) + page(2) + b"\3" * 100 + bytes(3996)
     elf = _elf([(0x1000000, first, len(first) + 5 * 4096), (0x2000000, page(0) + page(7), 8192)], 0x1000)
     packed = kernel.pack_pvh(elf)

@@ -27,7 +27,7 @@ def test_levels_and_contexts() -> None:
         labels.Context.parse("no-colons")
 
 
-def _hold_one(directory: str, barrier: multiprocessing.synchronize.Barrier, queue: multiprocessing.Queue) -> None:  # type: ignore[name-defined]
+def _hold_one(directory: str, barrier: multiprocessing.synchronize.Barrier, queue: "multiprocessing.Queue[tuple[int, int]]") -> None:
     res = labels.reserve(Path(directory))
     queue.put(res.pair)
     barrier.wait()  # hold until every process has its pair

@@ -55,7 +55,7 @@ def test_dependency_loop_is_reported() -> None:
         modules.resolve(["a"], modules.parse_modules_dep("a.ko: b.ko\nb.ko: a.ko\n"))
 
 
-def test_compressed_modules_are_decompressed(tmp_path) -> None:
+def test_compressed_modules_are_decompressed(tmp_path: Path) -> None:
     (tmp_path / "kernel").mkdir()
     (tmp_path / "kernel/x.ko.xz").write_bytes(lzma.compress(b"\x7fELFmodule", format=lzma.FORMAT_XZ))
     (tmp_path / "modules.dep").write_text("kernel/x.ko.xz:\n")

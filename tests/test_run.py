@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import VISIBLE_BASE, SANDBOX, run_sandbox, stderr_lines
+from conftest import SANDBOX, VISIBLE_BASE, Nobody, popen, run_sandbox, run_tracked, stderr_lines
 
-pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("no_leftovers")]
+pytestmark = [pytest.mark.vm]
 
 
 @pytest.fixture
@@ -95,7 +95,7 @@ def _vm_hwm_kb(pid: int) -> int:
 
 def test_100mb_of_stdout_streams_without_buffering() -> None:
     total = 100 * 1024 * 1024
-    proc = subprocess.Popen(
+    proc = popen(
         [*SANDBOX, "run", "--", "head", "-c", str(total), "/dev/zero"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
     )  # fmt: skip
@@ -150,31 +150,11 @@ def test_home_share_persists_writes(visible_dir: Path) -> None:
         assert (p.stat().st_uid, p.stat().st_gid) == owner, p
 
 
-def test_runs_as_a_non_root_user(visible_dir: Path) -> None:
-    if os.geteuid() != 0:
-        pytest.fail("this test switches to the nobody user and must start as root")
-    cache = visible_dir / "cache"
-    cache.mkdir()
-    shutil.chown(cache, "nobody", "nogroup")
-    env = {"PATH": os.environ["PATH"], "HOME": "/home/sbuser", "XDG_CACHE_HOME": str(cache), "USER": "nobody",
-           "XDG_STATE_HOME": str(cache), "XDG_RUNTIME_DIR": str(cache)}  # fmt: skip
-    cmd = [*SANDBOX, "run", "--", "sh", "-c", 'id -u; id -g; echo "$HOME"; touch "$HOME/x" && echo home-ok']
-    setpriv = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
-    if not os.access(SANDBOX[0], os.X_OK) or _unreadable_for_others(Path(__file__)):
-        # The checkout sits in a directory that others cannot enter (e.g. /root):
-        # let the launcher read it, without any other privilege.
-        setpriv += ["--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search"]
-    proc = subprocess.run([*setpriv, *cmd], capture_output=True, env=env, timeout=180, cwd="/")
+def test_runs_as_a_non_root_user(nobody: Nobody) -> None:
+    env = nobody.env(HOME="/home/sbuser")  # a home the host does not have: made, empty, in the guest
+    proc = nobody.run("run", "--", "sh", "-c", 'id -u; id -g; echo "$HOME"; touch "$HOME/x" && echo home-ok', env=env)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.decode().split() == ["65534", "65534", "/home/sbuser", "home-ok"]
-
-
-def _unreadable_for_others(path: Path) -> bool:
-    for parent in [path, *path.parents]:
-        mode = parent.stat().st_mode
-        if parent != path and not mode & 0o001:
-            return True
-    return False
 
 
 def test_command_not_found_is_127_and_not_executable_is_126(visible_dir: Path) -> None:
@@ -199,7 +179,7 @@ def test_timeout_kills_the_vm_with_124() -> None:
 
 def test_sigint_is_forwarded_to_the_command() -> None:
     script = 'trap "echo got-int; exit 7" INT; echo ready; while :; do sleep 0.1; done'
-    proc = subprocess.Popen([*SANDBOX, "run", "--", "sh", "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = popen([*SANDBOX, "run", "--", "sh", "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdout is not None
     assert proc.stdout.readline() == b"ready\n"
     proc.send_signal(signal.SIGINT)
@@ -210,7 +190,7 @@ def test_sigint_is_forwarded_to_the_command() -> None:
 
 def test_two_sandboxes_at_once() -> None:
     procs = [
-        subprocess.Popen([*SANDBOX, "run", "--", "sh", "-c", f"sleep 1; echo {i}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        popen([*SANDBOX, "run", "--", "sh", "-c", f"sleep 1; echo {i}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         for i in range(2)
     ]
     outs = [p.communicate(timeout=180) for p in procs]
@@ -221,7 +201,7 @@ def test_two_sandboxes_at_once() -> None:
 def test_tty_gets_a_pty_with_the_window_size() -> None:
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 33, 101, 0, 0))
-    proc = subprocess.Popen(
+    proc = popen(
         [*SANDBOX, "run", "--", "sh", "-c", "tty; stty size; test -t 0 && echo stdin-tty"],
         stdin=slave, stdout=slave, stderr=slave, close_fds=True,
     )  # fmt: skip
@@ -294,7 +274,7 @@ def test_sigterm_during_boot_ends_the_run_and_leaves_nothing(delay: float) -> No
     # Before the guest command runs there is nothing to forward the signal
     # to: the VM is stopped and everything unwound (the no_leftovers fixture
     # checks QEMU processes and runtime dirs).
-    proc = subprocess.Popen([*SANDBOX, "run", "--", "sleep", "30"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = popen([*SANDBOX, "run", "--", "sleep", "30"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     time.sleep(delay)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
@@ -309,7 +289,7 @@ def test_q35_machine_with_virtio_pci() -> None:
 
 def test_a_closed_reader_ends_the_command_by_sigpipe() -> None:
     # `yes | head -1`: yes must die of SIGPIPE (141), as it would on the host.
-    proc = subprocess.Popen([*SANDBOX, "run", "--", "yes"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = popen([*SANDBOX, "run", "--", "yes"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdout is not None
     assert proc.stdout.readline() == b"y\n"
     proc.stdout.close()
@@ -317,7 +297,7 @@ def test_a_closed_reader_ends_the_command_by_sigpipe() -> None:
 
 
 def test_closed_stdin_reads_as_eof() -> None:
-    proc = subprocess.run([*SANDBOX, "run", "--", "sh", "-c", "cat; echo rc=$?"], stdin=subprocess.DEVNULL,
-                          capture_output=True, timeout=120, preexec_fn=lambda: os.close(0))  # fmt: skip
+    proc = run_tracked([*SANDBOX, "run", "--", "sh", "-c", "cat; echo rc=$?"], stdin=subprocess.DEVNULL,
+                       timeout=120, preexec_fn=lambda: os.close(0))  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == b"rc=0\n"

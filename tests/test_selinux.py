@@ -61,7 +61,7 @@ def test_labels_confine_under_enforcing_selinux_in_a_guest(tmp_path: Path) -> No
 
     # The policy, the check and the package travel in a --home share.
     result = run_guest_python(
-        REPO / "tests/selinux/guest_check.py", "policy.33",
+        REPO / "tests/selinux/selinux_check.py", "policy.33",
         files=(policy,), run_opts=("--kernel-append", "selinux=1 security=selinux audit=1"),
     )  # fmt: skip
     out = result.stdout.decode()

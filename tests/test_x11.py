@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SANDBOX, run_sandbox, stderr_lines
+from conftest import SANDBOX, popen, run_sandbox, stderr_lines
 
-pytestmark = [pytest.mark.vm, pytest.mark.x11, pytest.mark.usefixtures("no_leftovers")]
+pytestmark = [pytest.mark.vm, pytest.mark.x11]
 
 TOOLS = ("Xvfb", "Xephyr", "xdotool", "xwininfo", "xprop", "xmessage", "xdpyinfo", "import")
 
@@ -68,7 +68,7 @@ class Launched:
 
 
 def launch(desktop: str, *command: str, mode: str = "xephyr") -> Launched:
-    proc = subprocess.Popen([*SANDBOX, "run", "-v", f"--x11={mode}", "--", *command],
+    proc = popen([*SANDBOX, "run", "-v", f"--x11={mode}", "--", *command],
                             env=dict(os.environ, DISPLAY=desktop), stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
     lines: list[str] = []
 

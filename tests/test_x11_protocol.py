@@ -7,7 +7,9 @@ from sandbox import x11
 
 def client_setup(order: bytes, name: bytes, data: bytes) -> bytes:
     fmt = "<" if order == b"l" else ">"
-    pad = lambda b: b + b"\0" * ((4 - len(b) % 4) % 4)  # noqa: E731
+    def pad(b: bytes) -> bytes:
+        return b + b"\0" * ((4 - len(b) % 4) % 4)
+
     return order + b"\0" + struct.pack(fmt + "HHHHH", 11, 0, len(name), len(data), 0) + pad(name) + pad(data)
 
 

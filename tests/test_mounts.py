@@ -1,0 +1,143 @@
+"""The guest's mount plan and the --share/--tmpfs syntax (pure: no VM)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sandbox import mounts
+from sandbox.errors import UsageError
+from sandbox.protocol import MountStep
+
+O, T, H, F, D = "O", "T", "H", "F", "D"
+
+
+def kinds(existing: dict[str, str]):  # type: ignore[no-untyped-def]
+    return lambda path: existing.get(path)
+
+
+def ops(plan: mounts.Plan) -> list[tuple[str, str]]:
+    return [(m.op, m.path) for m in plan.steps]
+
+
+def test_default_plan_is_copy_on_write_home_tmp_and_empty_run() -> None:
+    plan = mounts.plan("/root", "/root/proj", kind=kinds({"/root/.ssh": "dir", "/root/.netrc": "file"}))
+    assert ops(plan) == [
+        (O, "/home"), (O, "/tmp"), (O, "/root"), (T, "/run"), (T, "/var/tmp"),
+        ("h", "/root"), (H, "/root/.ssh"), (F, "/root/.netrc"),
+    ]  # fmt: skip
+    assert plan.shares == ()
+    modes = {m.path: m.mode for m in plan.steps if m.op == T}
+    assert modes == {"/run": 0o755, "/var/tmp": 0o1777}
+
+
+def test_a_home_under_home_needs_no_overlay_of_its_own() -> None:
+    plan = mounts.plan("/home/alice", "/home/alice", kind=kinds({}))
+    assert ops(plan)[:4] == [(O, "/home"), (O, "/tmp"), (T, "/run"), (T, "/var/tmp")]
+    assert (O, "/home/alice") not in ops(plan)
+
+
+@pytest.mark.parametrize(
+    "cwd, extra",
+    [
+        ("/srv/project", [(O, "/srv/project")]),  # on the read-only root: made copy-on-write
+        ("/var/tmp/build", [(O, "/var/tmp/build")]),  # under a fresh tmpfs: shown anyway
+        ("/tmp/work", []),  # already copy-on-write
+        ("/", []),
+    ],
+)
+def test_the_working_directory_is_always_shown(cwd: str, extra: list[tuple[str, str]]) -> None:
+    plan = mounts.plan("/home/u", cwd, kind=kinds({}))
+    base = [(O, "/home"), (O, "/tmp"), (T, "/run"), (T, "/var/tmp")]
+    assert ops(plan) == base + extra + [("h", "/home/u")]
+
+
+def test_a_hidden_working_directory_is_an_error_that_names_the_way_out() -> None:
+    with pytest.raises(UsageError, match=r"/home/u/.ssh/keys is hidden.*--unhide /home/u/.ssh"):
+        mounts.plan("/home/u", "/home/u/.ssh/keys", kind=kinds({}))
+
+
+def test_private_paths_are_empty_tmpfs() -> None:
+    plan = mounts.plan("/home/u", "/srv", private=["/tmp", "/home/u"], kind=kinds({}))
+    steps = {m.path: m for m in plan.steps if m.op == T}
+    assert steps["/tmp"].mode == 0o1777 and steps["/home/u"] == MountStep(T, "/home/u", tag="u", mode=0o700)
+    assert (O, "/tmp") not in ops(plan)
+
+
+def test_hide_and_unhide() -> None:
+    existing = {"/home/u/.ssh": "dir", "/home/u/.aws": "dir", "/home/u/notes": "file", "/etc/secret": "file"}
+    plan = mounts.plan("/home/u", "/home/u", hide=["notes", "/etc/secret"], unhide=["~/.ssh"], kind=kinds(existing))
+    hidden = [(m.op, m.path) for m in plan.steps if m.op in (H, F)]
+    assert hidden == [(H, "/home/u/.aws"), (F, "/home/u/notes"), (F, "/etc/secret")]
+
+
+def test_shares_are_exported_by_tag_and_mounted_after_the_defaults() -> None:
+    shares = [
+        mounts.Share(Path("/data"), "/mnt/data", "ro"),
+        mounts.Share(Path("/srv/out"), "/tmp/out", "rw"),
+        mounts.Share(Path("/srv/src"), "/tmp", "cow"),  # replaces the default /tmp overlay
+    ]
+    plan = mounts.plan("/home/u", "/home/u", shares=shares, tmpfs=[("/mnt/scratch", "64M")],
+                       kind=kinds({"/mnt": "dir", "/tmp": "dir"}))  # fmt: skip
+    assert [(tag, s.host) for tag, s in plan.shares] == [("share0", Path("/data")), ("share1", Path("/srv/out")), ("share2", Path("/srv/src"))]
+    assert (O, "/tmp") not in ops(plan)
+    user = [(m.op, m.path, m.tag, m.size) for m in plan.steps if m.op in "RWCT" and m.path not in ("/run", "/var/tmp")]
+    assert user == [
+        ("C", "/tmp", "share2", ""), ("R", "/mnt/data", "share0", ""), ("W", "/tmp/out", "share1", ""),
+        (T, "/mnt/scratch", "", "64M"),
+    ]  # fmt: skip
+    # Mount points missing on the read-only root are made first; /tmp/out is
+    # inside a copy-on-write mount, where the guest can make it itself.
+    assert [m.path for m in plan.steps if m.op == D] == ["/mnt/data", "/mnt/scratch"]
+    assert plan.steps[0].op == D
+
+
+def test_secrets_in_a_shared_home_are_looked_up_in_the_share() -> None:
+    share = mounts.Share(Path("/srv/h"), "/home/u", "rw")
+    plan = mounts.plan("/home/u", "/home/u", shares=[share], kind=kinds({"/srv/h/.ssh": "dir"}))
+    assert [(m.op, m.path) for m in plan.steps if m.op in (H, F)] == [(H, "/home/u/.ssh")]
+
+
+def test_mounting_over_a_file_is_refused() -> None:
+    with pytest.raises(UsageError, match="not a directory"):
+        mounts.plan("/home/u", "/", tmpfs=[("/etc/passwd", "")], kind=kinds({"/etc/passwd": "file"}))
+
+
+def test_share_syntax(tmp_path: Path) -> None:
+    (tmp_path / "a:b").mkdir()
+    (tmp_path / "plain").mkdir()
+    cwd = str(tmp_path)
+    assert mounts.parse_share("plain", cwd) == mounts.Share(tmp_path / "plain", str(tmp_path / "plain"), "cow")
+    assert mounts.parse_share("plain:rw", cwd) == mounts.Share(tmp_path / "plain", str(tmp_path / "plain"), "rw")
+    assert mounts.parse_share("plain:/mnt/x", cwd).guest == "/mnt/x"
+    assert mounts.parse_share("plain:/mnt/x:ro", cwd) == mounts.Share(tmp_path / "plain", "/mnt/x", "ro")
+    # A last field of ro/rw/cow is always the mode; \: escapes a colon.
+    assert mounts.parse_share("a\\:b:/g:cow", cwd) == mounts.Share(tmp_path / "a:b", "/g", "cow")
+    assert mounts.parse_share(f"{tmp_path}/a\\:b", cwd).host == tmp_path / "a:b"
+
+
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("missing", "is not a directory"),
+        ("plain:relative", "is not absolute"),
+        ("plain:/g:rw:extra", "expected HOST[:GUEST]"),
+        ("plain:/", "over the guest's root"),
+        ("", "expected HOST"),
+    ],
+)
+def test_bad_shares(tmp_path: Path, text: str, needle: str) -> None:
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(UsageError, match=needle.replace("[", r"\[")):
+        mounts.parse_share(text, str(tmp_path))
+
+
+def test_tmpfs_syntax() -> None:
+    assert mounts.parse_tmpfs("/scratch") == ("/scratch", "")
+    assert mounts.parse_tmpfs("/scratch:256M") == ("/scratch", "256M")
+    assert mounts.parse_tmpfs("/a\\:b:1g") == ("/a:b", "1g")
+    with pytest.raises(UsageError):
+        mounts.parse_tmpfs("/a:lots")
+    with pytest.raises(UsageError):
+        mounts.parse_tmpfs("relative")
