@@ -187,8 +187,8 @@ class Confinement:
                 fd = idmap.idmapped_clone(path, self._userns, readonly=not writable)
             except OSError as exc:
                 raise ConfinementError(
-                    f"cannot share {path} with QEMU as {self.user.name}: {exc.strerror} "
-                    "(its filesystem has no idmapped mounts); --qemu-user root runs QEMU as root instead"
+                    f"cannot share {path} with QEMU as {self.user.name}: its filesystem has no idmapped mounts "
+                    f"({os.strerror(exc.errno or 0)}); --qemu-user root runs QEMU as root instead"
                 ) from None
             self._stack.callback(os.close, fd)
             name = f"view{i}"

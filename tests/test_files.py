@@ -234,6 +234,21 @@ def test_kill_9_of_the_launcher_or_a_timeout_leaves_the_tree_as_the_command_left
     assert after == before
 
 
+def test_a_tree_without_idmapped_mounts_is_refused_with_the_way_out() -> None:
+    proc = run_sandbox("true", run_opts=("--share", "/proc:/mnt/p:rw"))
+    assert proc.returncode == 125
+    assert stderr_lines(proc) == [
+        "sandbox: cannot share /proc with QEMU as nobody: its filesystem has no idmapped mounts "
+        "(Invalid argument); --qemu-user root runs QEMU as root instead"
+    ]
+
+
+def test_private_gives_an_empty_tmpfs() -> None:
+    proc = run_sandbox("sh", "-c", "ls -A /tmp | wc -l; touch /tmp/x && echo ok", cwd="/", run_opts=("--private", "/tmp"))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == b"0\nok\n"
+
+
 def test_a_normal_users_rw_share_writes_as_that_user(nobody: Nobody, srv_dir: Path) -> None:
     tree = srv_dir / "mine"
     tree.mkdir()
