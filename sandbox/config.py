@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import os
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +20,13 @@ def config_path() -> Path:
 @functools.cache
 def _file() -> dict[str, Any]:
     path = config_path()
+    if not path.exists():
+        return {}  # the common case: no parser to import on the start-up path
+    import tomllib
+
     try:
         with path.open("rb") as f:
             return tomllib.load(f)
-    except FileNotFoundError:
-        return {}
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise UsageError(f"{path}: {exc}") from None
 
