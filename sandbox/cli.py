@@ -12,10 +12,13 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from . import __version__
+from . import __version__, process
 from .errors import EXIT_LAUNCHER, Interrupted, MachineError, SandboxError, UsageError
 
 log = logging.getLogger("sandbox")
+
+# Outside the relay loop, these unwind the launcher (cleanup runs) instead of ending it on the spot.
+UNWINDING = (signal.SIGTERM, signal.SIGHUP)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -224,12 +227,7 @@ def _run(args: argparse.Namespace) -> int:
         confinement=confinement,
         x11=x11,
     )
-    result = None
-    try:
-        result = runner.run(opts)
-    finally:
-        if confinement is not None:
-            confinement.finish(result.status if result else None)
+    result = runner.run(opts)
     if args.timings and result is not None:
         phases = result.timeline.phases()
         if args.timings == "json":
@@ -272,14 +270,13 @@ def _interrupt(signo: int, _frame: object) -> None:
     runtime dir, cgroups and X11 files behind.  Later signals are ignored
     while we unwind: the first one already ends the run.
     """
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_IGN)
+    process.ignore(UNWINDING)
     raise Interrupted(signo)
 
 
 def main(argv: list[str] | None = None) -> int:
     _reserve_stdio()
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    for sig in UNWINDING:
         signal.signal(sig, _interrupt)
     verbose = 0
     try:

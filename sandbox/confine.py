@@ -13,16 +13,16 @@ import logging
 import os
 import pwd
 import re
-import signal
 import time
 from argparse import Namespace
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import audit, cgroups, idmap, labels, mounts, runtime, seclabel
 from .errors import ConfinementError, UsageError
-from .machine import set_parent_death_signal
+from .process import FORWARDED, ignore, set_name, set_parent_death_signal
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,6 @@ CLONE_NEWNET = 0x40000000
 MS_REC = 0x4000
 MS_PRIVATE = 1 << 18
 MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
-PR_SET_NAME = 15
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -133,6 +132,7 @@ class Confinement:
     file_label: str | None = None
     qemu_pid: int | None = None
     strict_limits: bool = True
+    exit_status: int | None = None  # the run's, for the stop record
     shares: tuple[str, ...] = ()
     _reservation: labels.Reservation | None = None
     _cgroup: cgroups.Cgroup | None = None
@@ -147,6 +147,15 @@ class Confinement:
     _inside: idmap.Owner | None = None  # QEMU's uid/gid inside its user namespace
 
     # ---- before QEMU ---------------------------------------------------
+
+    @contextmanager
+    def around(self, rundir: Path, shares: list[mounts.Share]) -> Iterator[None]:
+        """The walls for one run: put up on entry, taken down (with the stop record) on exit."""
+        self.prepare(rundir, shares)
+        try:
+            yield
+        finally:
+            self.finish(self.exit_status)
 
     def prepare(self, rundir: Path, shares: list[mounts.Share]) -> None:
         """Allocate the label, make the cgroup, and hand the runtime dir to QEMU's uid."""
@@ -263,11 +272,10 @@ class Confinement:
             set_parent_death_signal()
             return
         os.closerange(3, 65536)
-        _libc.prctl(PR_SET_NAME, b"sandbox-reaper", 0, 0, 0)
+        set_name("sandbox-reaper")
         # Stop requests go to QEMU itself (QMP, or a signal to its pid);
         # a stray signal for the launcher's name must not end the VM here.
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
-            signal.signal(sig, signal.SIG_IGN)
+        ignore(FORWARDED)
         _, status = os.waitpid(child, 0)
         os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
 

@@ -2,42 +2,20 @@
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import logging
 import os
 import signal
 import socket
 import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
+from . import process
 from .errors import MachineError
-from .monitor import TERMINATING, Monitor
+from .monitor import Monitor
 
 log = logging.getLogger(__name__)
-
-PR_SET_PDEATHSIG = 1
-PR_SET_THP_DISABLE = 41
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-@contextlib.contextmanager
-def terminating_signals_deferred() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM/SIGHUP for the block; one that arrived meanwhile is delivered at its end."""
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, TERMINATING)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-
-
-def set_parent_death_signal(sig: int = signal.SIGKILL) -> None:
-    """Ask the kernel to kill this process when its parent dies."""
-    if _libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
 
 
 def log_tail(path: Path, limit: int = 2000) -> str:
@@ -84,36 +62,22 @@ class Machine:
         self.inner_pid: int | None = None
 
     def _child_setup(self) -> None:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, TERMINATING)  # held by the launcher while it spawns
-        set_parent_death_signal()
         # QEMU asks for transparent huge pages for guest RAM and the TCG
         # cache; a short-lived guest touches little of either, and 2 MiB
         # pages made every touch cost 512 times as much resident memory.
-        _libc.prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0)
+        process.disable_transparent_hugepages()
         if self.preexec is not None:
             self.preexec()
 
     def start(self) -> None:
-        with self.stderr_log.open("wb") as err:
-            try:
-                self.proc = subprocess.Popen(
-                    self.argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=err,
-                    stderr=err,
-                    pass_fds=self.pass_fds,
-                    close_fds=True,
-                    cwd=self.cwd,
-                    env=self.env,
-                    # Its own session: a Ctrl-C at the terminal is for the
-                    # launcher to forward to the guest, not for QEMU.
-                    start_new_session=True,
-                    preexec_fn=self._child_setup,
-                )
-            except OSError as exc:
-                raise MachineError(f"cannot start {self.argv[0]}: {exc.strerror}", self.argv) from exc
-            except subprocess.SubprocessError as exc:
-                raise MachineError(f"cannot start {self.argv[0]}: {exc}", self.argv) from exc
+        try:
+            self.proc = process.spawn(
+                self.argv, self.stderr_log, self.pass_fds, cwd=self.cwd, env=self.env, preexec=self._child_setup
+            )
+        except OSError as exc:
+            raise MachineError(f"cannot start {self.argv[0]}: {exc.strerror}", self.argv) from exc
+        except subprocess.SubprocessError as exc:
+            raise MachineError(f"cannot start {self.argv[0]}: {exc}", self.argv) from exc
         self.pidfd = os.pidfd_open(self.proc.pid)
 
     @property
@@ -132,10 +96,7 @@ class Machine:
         """The exit status, or None if QEMU still runs after `timeout` seconds."""
         if self.proc is None:
             return self.returncode
-        try:
-            self.returncode = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            return None
+        self.returncode = process.wait(self.proc, timeout)
         return self.returncode
 
     def wait_running(self, timeout: float) -> bool:
@@ -153,48 +114,29 @@ class Machine:
             self.qmp = Monitor(self.monitor)
         return self.qmp
 
-    def _soft_stop(self, timeout: float) -> bool:
-        """Ask QEMU to quit: over QMP when there is a monitor, else SIGTERM."""
+    def _quit(self) -> None:
+        """The polite stop: QMP's quit when there is a monitor, else SIGTERM."""
         assert self.proc is not None
         qmp = self._qmp()
-        if qmp is not None:
-            try:
-                qmp.execute("quit", timeout)
-            except Exception as exc:  # noqa: BLE001 - any failure falls through to signals
-                log.debug("QMP quit failed: %s", exc)
-        else:
+        if qmp is None:
             self.proc.send_signal(signal.SIGTERM)
-            if self.inner_pid is not None:
-                os.kill(self.inner_pid, signal.SIGTERM)
-        return self.wait(timeout) is not None
+            return
+        try:
+            qmp.execute("quit", 1.0)
+        except Exception as exc:  # noqa: BLE001 - any failure falls through to signals
+            log.debug("QMP quit failed: %s", exc)
 
     def stop(self, soft_timeout: float = 1.0) -> int:
-        """End QEMU: a soft stop first, then SIGKILL.  Returns its exit status."""
+        """End QEMU: a soft stop first, then SIGKILL (QEMU itself, then its reaper).  Returns its exit status."""
         if self.proc is None:
             return self.returncode or 0
-        if self.poll() is None and soft_timeout > 0:
-            self._soft_stop(soft_timeout)
-        if self.poll() is None:
-            self.proc.kill()
-            self.wait()
-        assert self.returncode is not None
+        self.returncode = process.stop(self.proc, self._quit, soft_timeout, self.inner_pid)
         return self.returncode
 
     def kill(self) -> None:
         """SIGKILL at once: for timeouts and escalation, where the guest's state does not matter."""
-        if self.proc is None or self.poll() is not None:
-            return
-        if self.inner_pid is not None:
-            # Kill QEMU itself so that its reaper collects it and exits:
-            # killing the reaper first would leave QEMU a zombie for init.
-            try:
-                os.kill(self.inner_pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            if self.wait(5.0) is not None:
-                return
-        self.proc.kill()
-        self.wait()
+        if self.proc is not None:
+            self.returncode = process.stop(self.proc, timeout=0, inner_pid=self.inner_pid)
 
     def failure(self, message: str, console_log: Path | None = None) -> MachineError:
         """A MachineError carrying the command line and the log tails."""
@@ -220,7 +162,3 @@ class Machine:
                 qmp, self.qmp = self.qmp, None
                 qmp.close()
 
-
-def monotonic_boottime() -> float:
-    """Host CLOCK_BOOTTIME in seconds: one clock for every phase stamp."""
-    return time.clock_gettime(time.CLOCK_BOOTTIME)

@@ -8,13 +8,13 @@ import socket
 from typing import TYPE_CHECKING, Any
 
 from .errors import SandboxError
+from .process import TERMINATING
 
 if TYPE_CHECKING:
     import asyncio
 
 log = logging.getLogger(__name__)
 
-TERMINATING = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class Monitor:

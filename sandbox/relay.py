@@ -20,14 +20,14 @@ from typing import Any, BinaryIO
 
 from . import protocol
 from .errors import TimeoutExpired
-from .machine import Machine, monotonic_boottime
+from .machine import Machine
+from .process import FORWARDED
 from .streams import recv_some, send_some, watch_writable
-from .timings import Timeline
+from .timings import Timeline, monotonic_boottime
 
 log = logging.getLogger(__name__)
 
 CHUNK = 256 * 1024
-FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 ESCALATE_AFTER = 5.0  # s after a forwarded signal before the VM is killed
 SHUTDOWN_GRACE = 3.0  # s for the guest to power off after our ack
 

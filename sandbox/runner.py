@@ -16,9 +16,10 @@ from . import cache, config, diagnostics, host, initramfs, kernel, mounts, proto
 from .bootimages import BootImage
 from .errors import EXIT_LAUNCHER, BootStallError, MachineError, SandboxError, UsageError
 from .guestinit import init_binary
-from .machine import Machine, monotonic_boottime, terminating_signals_deferred
+from .machine import Machine
+from .process import terminating_signals_deferred
 from .relay import Relay, RelayOutcome
-from .timings import Timeline
+from .timings import Timeline, monotonic_boottime
 
 if TYPE_CHECKING:
     from .confine import Confinement
@@ -422,14 +423,17 @@ def run(opts: RunOptions) -> RunResult:
     with runtime.runtime_dir() as rundir, contextlib.ExitStack() as stack:
         label = None
         if opts.confinement is not None:
-            opts.confinement.prepare(rundir, [share for _, share in plan.shares])
+            stack.enter_context(opts.confinement.around(rundir, [share for _, share in plan.shares]))
             label = opts.confinement.process_label
         if opts.x11 is not None:
             stack.callback(opts.x11.close)
             opts.x11.start(f"sandbox: {' '.join(opts.argv)} [{label or 'unlabelled'}]")
         for attempt in range(1, opts.boot_retries + 2):
             try:
-                return boot_once(opts, prep, rundir, timeline, attempt, cspec, plan)
+                result = boot_once(opts, prep, rundir, timeline, attempt, cspec, plan)
+                if opts.confinement is not None:
+                    opts.confinement.exit_status = result.status
+                return result
             except BootStallError as exc:
                 if attempt > opts.boot_retries:
                     raise

@@ -16,7 +16,6 @@ import os
 import secrets
 import selectors
 import shutil
-import signal
 import socket
 import struct
 import subprocess
@@ -26,8 +25,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import process
 from .errors import SandboxError, ToolMissingError, UsageError
-from .machine import set_parent_death_signal
 from .streams import recv_some, send_some, watch_writable
 
 log = logging.getLogger(__name__)
@@ -70,20 +69,6 @@ def rewrite_setup(message: bytes, cookie: bytes) -> bytes:
     major, minor = struct.unpack_from(order + "HH", message, 2)
     head = message[0:2] + struct.pack(order + "HHHHH", major, minor, len(COOKIE_NAME), len(cookie), 0)
     return head + COOKIE_NAME + b"\0" * _pad(len(COOKIE_NAME)) + cookie + b"\0" * _pad(len(cookie))
-
-
-def spawn_helper(argv: list[str], log_path: Path, pass_fds: tuple[int, ...] = ()) -> subprocess.Popen[bytes]:
-    """A host-side display program (Xephyr, the xpra client): own session, output to its log, gone with us."""
-    with log_path.open("wb") as errlog:
-        return subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=errlog,
-            stderr=errlog,
-            pass_fds=pass_fds,
-            start_new_session=True,
-            preexec_fn=set_parent_death_signal,
-        )
 
 
 def frame(kind: bytes, conn: int, payload: bytes = b"") -> bytes:
@@ -154,7 +139,7 @@ class X11Session:
         auth.write_bytes(placeholder)
         auth.chmod(0o600)
         log_path = self.dir / "xephyr.log"
-        self.proc = spawn_helper(argv, log_path, pass_fds=(w,))
+        self.proc = process.spawn(argv, log_path, pass_fds=(w,))
         os.close(w)
         number = b""
         deadline = time.monotonic() + 15
@@ -209,13 +194,8 @@ class X11Session:
         for conn in list(self.conns.values()):
             conn.sock.close()
         self.conns.clear()
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            process.stop(self.proc, timeout=5)
         if self.pidfd >= 0:
             os.close(self.pidfd)
             self.pidfd = -1
@@ -428,7 +408,7 @@ class XpraSession(X11Session):
         argv = [self.xpra, "attach", f"socket:{self.dir / 'socket'}", "--clipboard=no", "--notifications=no",
                 "--tray=no", "--system-tray=no", "--speaker=off", "--microphone=off", "--webcam=no",
                 "--opengl=no", "--file-transfer=no", "--printing=no", f"--title=@title@ ({self.title})"]  # fmt: skip
-        self.proc = spawn_helper(argv, log_path)
+        self.proc = process.spawn(argv, log_path)
         self.pidfd = os.pidfd_open(self.proc.pid)
         assert self.sel is not None
         self.sel.register(self.pidfd, selectors.EVENT_READ, ("x11-server", 0))

@@ -1,0 +1,134 @@
+"""Child processes of the launcher: spawned with nothing leaked, gone with it, stopped politely then by force."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+# Signals that end the launcher (held while a child is spawned, so that
+# none lands between fork and knowing the child's pid).
+TERMINATING = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# Signals passed on to the guest command while it runs.
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+
+PR_SET_PDEATHSIG = 1
+PR_SET_NAME = 15
+PR_SET_THP_DISABLE = 41
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def set_parent_death_signal(sig: int = signal.SIGKILL) -> None:
+    """Ask the kernel to kill this process when its parent dies."""
+    if _libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+
+
+def set_name(name: str) -> None:
+    """This process's name as ps and top show it."""
+    _libc.prctl(PR_SET_NAME, name.encode()[:15], 0, 0, 0)
+
+
+def disable_transparent_hugepages() -> None:
+    _libc.prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0)
+
+
+def ignore(signals: tuple[int, ...] | tuple[signal.Signals, ...]) -> None:
+    for sig in signals:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def terminating_signals_deferred() -> Iterator[None]:
+    """Hold TERMINATING signals for the block; one that arrived meanwhile is delivered at its end."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, TERMINATING)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def spawn(
+    argv: list[str],
+    log_path: Path,
+    pass_fds: tuple[int, ...] = (),
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+    preexec: Callable[[], None] | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start a helper: its own session, stdin /dev/null, output to `log_path`, only `pass_fds` inherited.
+
+    It dies with the launcher (parent-death signal), and the launcher's
+    terminating signals, held while it spawns, are not held in it.
+    """
+
+    def child() -> None:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, TERMINATING)
+        set_parent_death_signal()
+        if preexec is not None:
+            preexec()
+
+    with log_path.open("wb") as log:
+        return subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            pass_fds=pass_fds,
+            close_fds=True,
+            cwd=cwd,
+            env=env,
+            # Its own session: a Ctrl-C at the terminal is for the launcher
+            # to forward to the guest, not for its helpers.
+            start_new_session=True,
+            preexec_fn=child,
+        )
+
+
+def wait(proc: subprocess.Popen[bytes], timeout: float | None) -> int | None:
+    """The exit status, or None if it still runs after `timeout` seconds."""
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+def stop(
+    proc: subprocess.Popen[bytes],
+    polite: Callable[[], None] | None = None,
+    timeout: float = 1.0,
+    inner_pid: int | None = None,
+) -> int:
+    """End `proc`: `polite` (default SIGTERM) and up to `timeout` s, then SIGKILL.
+
+    `inner_pid` is the real program when `proc` is a reaper above it (a PID
+    namespace's init): it is killed first, so that the reaper collects it
+    and exits, instead of leaving it to the kernel's own reaping.
+    """
+    if proc.poll() is not None:
+        return proc.returncode
+    if timeout > 0:
+        try:
+            if polite is not None:
+                polite()
+            else:
+                proc.send_signal(signal.SIGTERM)
+                if inner_pid is not None:
+                    os.kill(inner_pid, signal.SIGTERM)
+        except (OSError, ProcessLookupError):
+            pass
+        status = wait(proc, timeout)
+        if status is not None:
+            return status
+    if inner_pid is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(inner_pid, signal.SIGKILL)
+        status = wait(proc, 5.0)
+        if status is not None:
+            return status
+    proc.kill()
+    return proc.wait()
