@@ -14,7 +14,6 @@ import statistics
 import subprocess
 import sys
 import time
-from argparse import Namespace
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -155,29 +154,6 @@ def plot(reports: list[Report], path: Path) -> None:
     fig.savefig(path)
 
 
-def run_args_from(args: Namespace) -> list[str]:
-    """The `sandbox run` options that a bench forwards to every run."""
-    out = ["--accel", config.accel(args.accel)[0], "--machine", args.machine, "--memory", f"{args.memory}M", "--cpus", str(args.cpus)]
-    if args.kernel:
-        out += ["--kernel", str(args.kernel)]
-    if args.qemu:
-        out += ["--qemu", args.qemu]
-    if args.cpu_model:
-        out += ["--cpu-model", args.cpu_model]
-    out += ["--tb-size", str(args.tb_size)]
-    if args.no_pvh:
-        out.append("--no-pvh")
-    if args.kernel_append:
-        out += ["--kernel-append", args.kernel_append]
-    if args.crypto_selftests:
-        out.append("--crypto-selftests")
-    if args.tracefs:
-        out.append("--tracefs")
-    if args.no_confine:
-        out.append("--no-confine")
-    return out
-
-
 def bench(label: str, run_args: list[str], command: list[str], runs: int, warmup: int, facts: dict[str, Any]) -> Report:
     samples: list[Sample] = []
     for i in range(warmup + runs):
@@ -192,18 +168,27 @@ def bench(label: str, run_args: list[str], command: list[str], runs: int, warmup
     return summarize(label, command, samples, facts)
 
 
-def main(args: Namespace, command: tuple[str, ...]) -> int:
-    if args.plot:
+def main(
+    run_args: list[str],
+    command: tuple[str, ...],
+    runs: int,
+    warmup: int,
+    json_path: Path | None,
+    plot_path: Path | None,
+    accel: str | None,
+    kernel_path: Path | None,
+) -> int:
+    """`sandbox bench`: `runs` timed runs of `sandbox run RUN_ARGS -- COMMAND`."""
+    if plot_path:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
             raise ToolMissingError("--plot needs matplotlib (pip install matplotlib)") from None
-    run_args = run_args_from(args)
-    facts = machine_facts(config.accel(args.accel)[0], args.kernel)
-    report = bench("sandbox run", run_args, list(command), args.runs, args.warmup, facts)
+    facts = machine_facts(config.accel(accel)[0], kernel_path)
+    report = bench("sandbox run", run_args, list(command), runs, warmup, facts)
     print(format_report(report))
-    if args.json:
-        args.json.write_text(json.dumps(asdict(report), indent=2) + "\n")
-    if args.plot:
-        plot([report], args.plot)
+    if json_path:
+        json_path.write_text(json.dumps(asdict(report), indent=2) + "\n")
+    if plot_path:
+        plot([report], plot_path)
     return 0 if report.failures == 0 else 1

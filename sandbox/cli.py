@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
-import re
 import signal
 import sys
 from pathlib import Path
 from typing import NoReturn
 
-from . import __version__, process
+from . import __version__, options, process
 from .errors import EXIT_LAUNCHER, Interrupted, MachineError, SandboxError, UsageError
 
 log = logging.getLogger("sandbox")
@@ -28,95 +26,15 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
-def _size_mb(text: str) -> int:
-    m = re.fullmatch(r"(\d+)\s*([kKmMgG]?)i?[bB]?", text.strip())
-    if not m:
-        raise argparse.ArgumentTypeError(f"bad size {text!r} (e.g. 512M, 2G)")
-    value, unit = int(m.group(1)), m.group(2).upper()
-    mb = {"K": value // 1024, "": value, "M": value, "G": value * 1024}[unit]
-    if mb < 64:
-        raise argparse.ArgumentTypeError(f"{text!r} is too small (64M at least)")
-    return mb
-
-
-# Measured with Debian's 6.1 kernel: 64M hangs before the first console
-# line (the kernel image does not fit), 72M panics unpacking the
-# initramfs, 80M boots; 96M leaves room for a real command.
-MIN_GUEST_MB = 96
-
-
-def _guest_memory(text: str) -> int:
-    mb = _size_mb(text)
-    if mb < MIN_GUEST_MB:
-        raise argparse.ArgumentTypeError(f"{text!r} is too small: the guest kernel needs {MIN_GUEST_MB}M at least")
-    total = _host_memory_mb()
-    if total and mb > total:
-        raise argparse.ArgumentTypeError(f"{text!r} is more than this host's {total}M of memory")
-    return mb
-
-
-def _host_memory_mb() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) // 1024
-    except (OSError, ValueError):
-        pass
-    return None
-
-
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a finite positive number: {text!r}")
-    return value
-
-
-def _cpus(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"bad CPU count {text!r}")
-    # More vCPUs than host CPUs only competes with itself: under TCG a
-    # 16-vCPU guest on 2 cores took 20 s to boot, 64 never got there.
-    host = len(os.sched_getaffinity(0))
-    if int(text) > host:
-        raise argparse.ArgumentTypeError(f"{text} CPUs: this host offers {host}, so --cpus {host} at most")
-    return int(text)
-
-
 def _add_vm_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--kernel", type=Path, help="kernel image (default: newest /boot/vmlinuz-* with 9p)")
-    p.add_argument("--accel", choices=("auto", "kvm", "tcg"), help="default: SANDBOX_ACCEL, the config file, or auto")
-    p.add_argument("--qemu", help="QEMU binary (default: qemu-system-x86_64)")
-    p.add_argument("--machine", choices=("auto", "microvm", "q35"), default="auto")
-    p.add_argument("--memory", type=_guest_memory, default=512, metavar="SIZE", help="guest RAM (default 512M)")
-    p.add_argument("--cpus", type=_cpus, default=1)
-    p.add_argument("--cpu-model", metavar="MODEL", help="QEMU -cpu (default: host under KVM, x86-64-v2 under TCG)")
-    p.add_argument("--tb-size", type=int, default=24, metavar="MB", help="TCG translation cache size (default 24)")
-    p.add_argument("--boot-timeout", type=_positive, metavar="S", help="give up on a boot that stalls this long")
-    p.add_argument("--no-pvh", action="store_true", help="boot the bzImage instead of the extracted vmlinux")
-    p.add_argument("--kernel-append", default="", metavar="ARGS", help="extra guest kernel arguments")
-    p.add_argument("--crypto-selftests", action="store_true", help="keep the guest kernel's crypto self-tests")
-    p.add_argument("--tracefs", action="store_true", help="keep the guest kernel's tracefs (ftrace event files)")
+    options.add(p, options.VM)
     p.add_argument("-v", "--verbose", action="count", default=0, help="show QEMU's argv and the console (-vv: full boot log)")
 
 
 def _add_confinement_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("confinement")
-    g.add_argument("--security", choices=("auto", "selinux", "none"), default="auto")
-    g.add_argument("--label", metavar="static:LABEL", help="a fixed SELinux label for QEMU")
-    g.add_argument("--show-label", action="store_true", help="print the label in use to stderr")
-    g.add_argument("--qemu-user", metavar="USER", help="run QEMU as this user when started as root (default: nobody)")
+    options.add(g, options.CONFINEMENT)
     g.add_argument("--no-confine", action="store_true", help="no namespaces, seccomp, uid change or cgroup")
-    g.add_argument("--memory-limit", type=_size_mb, metavar="SIZE", help="cgroup memory.max for QEMU")
-    g.add_argument("--cpu-weight", type=int, metavar="N", help="cgroup cpu.weight (1-10000)")
-    g.add_argument("--cpu-quota", type=_positive, metavar="CPUS", help="cgroup cpu.max, in CPUs (e.g. 0.5)")
-    g.add_argument("--pids-limit", type=int, metavar="N", help="cgroup pids.max for QEMU")
-    g.add_argument("--limits", choices=("strict", "best-effort"), default="strict",
-                   help="a limit that cannot be applied is an error (strict) or a warning")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run one command in a fresh VM")
     _add_vm_options(run)
-    run.add_argument("--timeout", type=_positive, metavar="S", help="kill the VM after S seconds (exit 124)")
+    run.add_argument("--timeout", type=options.positive, metavar="S", help="kill the VM after S seconds (exit 124)")
     tty = run.add_mutually_exclusive_group()
     tty.add_argument("-t", "--tty", dest="tty", action="store_const", const=True, default=None)
     tty.add_argument("-T", "--no-tty", dest="tty", action="store_const", const=False)
@@ -191,39 +109,27 @@ def _run(args: argparse.Namespace) -> int:
     tmpfs = tuple(mounts.parse_tmpfs(text) for text in args.tmpfs)
     confinement = None
     if not args.no_confine:
-        from . import confine
+        from .confinement import walls
 
-        confinement = confine.from_args(args, cmd)
+        confinement = walls.from_options(walls.ConfinementOptions(**options.values(args, options.CONFINEMENT)), cmd)
     x11 = None
     if args.x11:
         from . import x11 as x11mod
 
-        x11 = x11mod.X11Session.from_args(args.x11, args.x11_size, confinement)
+        x11 = x11mod.X11Session.create(args.x11, args.x11_size)
     opts = runner.RunOptions(
         argv=cmd,
-        kernel=args.kernel,
-        accel=args.accel,
-        qemu=args.qemu,
+        **options.values(args, options.VM),
         cwd=cwd,
         shares=shares,
         tmpfs=tmpfs,
         private=tuple(os.path.expanduser(p) for p in args.private),
         hide=tuple(args.hide),
         unhide=tuple(args.unhide),
-        machine=args.machine,
-        memory_mb=args.memory,
-        cpus=args.cpus,
         timeout=args.timeout,
-        boot_timeout=args.boot_timeout,
         tty=args.tty,
         home=args.home.resolve() if args.home else None,
         verbose=args.verbose,
-        kernel_append=args.kernel_append,
-        pvh=not args.no_pvh,
-        crypto_selftests=args.crypto_selftests,
-        tracefs=args.tracefs,
-        cpu_model=args.cpu_model,
-        tb_size_mb=args.tb_size,
         confinement=confinement,
         x11=x11,
     )
@@ -243,11 +149,13 @@ def _run(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from . import bench
 
-    return bench.main(args, _command(args) or ("true",))
+    vm = options.values(args, options.VM)
+    run_args = options.forward(options.VM, vm) + (["--no-confine"] if args.no_confine else [])
+    return bench.main(run_args, _command(args) or ("true",), args.runs, args.warmup, args.json, args.plot, vm["accel"], vm["kernel"])
 
 
 def _audit(args: argparse.Namespace) -> int:
-    from . import audit
+    from .confinement import audit
 
     for line in audit.tail(args.n):
         print(line)

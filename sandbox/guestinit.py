@@ -1,4 +1,4 @@
-"""Builds the static guest init (and the host TSC probe) from guest-init/, cached by source hash."""
+"""Builds the static guest init (guest-init/) and the host TSC probe (tsc_khz.c), cached by source hash."""
 
 from __future__ import annotations
 
@@ -29,33 +29,23 @@ def _source_dir() -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def _sources() -> dict[str, bytes]:
-    src = _source_dir()
-    return {name: (src / name).read_bytes() for name in ("init.c", "protocol.h", "tsc_khz.c")}
-
-
-def _compile(out: Path, source: str, flags: list[str]) -> None:
+def _compile(out: Path, source: Path, flags: list[str]) -> None:
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
-        raise ToolMissingError(f"no C compiler to build the guest init; {COMPILER_HINT}")
+        raise ToolMissingError(f"no C compiler to build {source.name}; {COMPILER_HINT}")
     tmp = out.with_name(f".tmp-{out.name}")
-    proc = subprocess.run(
-        [cc, *flags, "-o", str(tmp), str(_source_dir() / source)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    proc = subprocess.run([cc, *flags, "-o", str(tmp), str(source)], capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         tmp.unlink(missing_ok=True)
         first = (proc.stderr.strip().splitlines() or ["compiler failed"])[-1]
         hint = f" ({COMPILER_HINT} for static glibc)" if "-lc" in proc.stderr or "crt" in proc.stderr else ""
-        raise InitramfsError(f"cannot build guest {source}: {first}{hint}")
+        raise InitramfsError(f"cannot build {source.name}: {first}{hint}")
     tmp.replace(out)
 
 
-def _built(name: str, source: str, flags: list[str]) -> Path:
-    src = _sources()
-    key = cache.content_hash(*(src[n] for n in sorted(src)), " ".join(flags).encode())
+def _built(name: str, source: Path, flags: list[str], headers: tuple[Path, ...] = ()) -> Path:
+    """`source` compiled with `flags`, cached by the hash of its text, its headers' and the flags."""
+    key = cache.content_hash(*(f.read_bytes() for f in (source, *headers)), " ".join(flags).encode())
     out = cache.cache_dir() / f"{name}-{key}"
     if not out.exists():
         log.info("building %s", out)
@@ -65,9 +55,10 @@ def _built(name: str, source: str, flags: list[str]) -> Path:
 
 def init_binary() -> Path:
     """The static guest init, built on first use."""
-    return _built("init", "init.c", INIT_CFLAGS)
+    src = _source_dir()
+    return _built("init", src / "init.c", INIT_CFLAGS, (src / "protocol.h",))
 
 
 def tsc_probe() -> Path:
-    """The host TSC-rate probe, built on first use."""
-    return _built("tsc_khz", "tsc_khz.c", ["-O2"])
+    """The host TSC-rate probe (a host-side helper, shipped beside this module), built on first use."""
+    return _built("tsc_khz", Path(__file__).with_name("tsc_khz.c"), ["-O2"])

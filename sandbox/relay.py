@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import errno
 import logging
 import os
@@ -16,11 +17,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 from . import protocol
-from .errors import TimeoutExpired
-from .machine import Machine
+from .backend import Guest
 from .process import FORWARDED
 from .streams import recv_some, send_some, watch_writable
 from .timings import Timeline, monotonic_boottime
@@ -30,15 +30,35 @@ log = logging.getLogger(__name__)
 CHUNK = 256 * 1024
 ESCALATE_AFTER = 5.0  # s after a forwarded signal before the VM is killed
 SHUTDOWN_GRACE = 3.0  # s for the guest to power off after our ack
-
-
 MAX_WAIT = 3600.0  # s: poll() takes an int of ms; a far deadline is waited for in steps
 
 
+class State(enum.Enum):
+    """Where a run is; each state has its own deadlines (see Relay)."""
+
+    BOOTING = "booting"  # until the command runs: no progress for boot_timeout -> stall
+    RUNNING = "running"  # stdin flows, signals are forwarded; --timeout applies
+    SIGNALLED = "signalled"  # a signal was forwarded: ESCALATE_AFTER, then the VM is killed
+    FINISHED = "finished"  # the status arrived; acked once every byte has: SHUTDOWN_GRACE to power off
+    ENDED = "ended"  # the machine is gone
+
+
+class End(enum.Enum):
+    """How a run ended."""
+
+    EXIT = "exit"  # the command's status arrived (its own, or 128+N for its signal)
+    SIGNAL = "signal"  # the VM was killed after a signal to the launcher: 128+N
+    TIMEOUT = "timeout"  # --timeout ran out
+    STALL = "stall"  # the boot made no progress
+    DIED = "died"  # the machine ended without a status (panic, crash, set-up failure)
+
+
 @dataclass(frozen=True)
-class RelayOutcome:
-    status: int | None
-    stalled: bool = False
+class Outcome:
+    """How the run ended, and what the guest said on the way."""
+
+    end: End
+    status: int | None = None
     qemu_peak_rss_kb: int | None = None
     exec_failed: protocol.ExecFailed | None = None
     looked_up: str | None = None  # the first host name the command asked for
@@ -46,47 +66,90 @@ class RelayOutcome:
     fatal: str | None = None  # the guest init could not set up the sandbox
 
 
+class Deadlines:
+    """Named points in time.monotonic(); the loop sleeps until the nearest."""
+
+    def __init__(self) -> None:
+        self._at: dict[str, float] = {}
+
+    def set(self, name: str, seconds_from_now: float) -> None:
+        self._at[name] = time.monotonic() + seconds_from_now
+
+    def set_at(self, name: str, when: float | None) -> None:
+        if when is None:
+            self._at.pop(name, None)
+        else:
+            self._at[name] = when
+
+    def clear(self, name: str) -> None:
+        self._at.pop(name, None)
+
+    def expired(self, name: str) -> bool:
+        return name in self._at and time.monotonic() >= self._at[name]
+
+    def wait(self) -> float | None:
+        """Seconds to the nearest deadline (at most MAX_WAIT), or None for none."""
+        if not self._at:
+            return None
+        return min(MAX_WAIT, max(0.0, min(self._at.values()) - time.monotonic()))
+
+
+class DisplayBridge(Protocol):
+    """The X11 side of a run (sandbox/x11.py), driven by the relay's loop."""
+
+    on_display_gone: Callable[[], None] | None
+
+    def attach(self, sel: selectors.BaseSelector, port: socket.socket) -> None: ...
+
+    def on_event(self, key: selectors.SelectorKey, mask: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class Stdio:
+    """The user's side of the command's streams (0, 1, 2 for `sandbox run`)."""
+
+    stdin: int = 0
+    stdout: int = 1
+    stderr: int = 2
+
+
 class Relay:
-    """Moves bytes until QEMU exits, and decides how the run ended."""
+    """Moves bytes until the machine ends, and decides how the run ended."""
 
     def __init__(
         self,
-        ports: dict[int, socket.socket],
-        console: socket.socket,
+        guest: Guest,
         console_log: Path,
-        machine: Machine,
         timeline: Timeline,
         spec_message: bytes,
         tty: int,
         verbose: int,
         boot_timeout: float,
-        timeout: float | None,
-        x11: Any = None,
-        on_init: Callable[[], None] | None = None,
+        timeout_at: float | None,
+        x11: DisplayBridge | None = None,
+        stdio: Stdio = Stdio(),
     ) -> None:
-        self.ports = ports
-        self.ctl = ports[protocol.PORT_CONTROL]
-        self.console = console
+        self.guest = guest
+        self.ch = guest.channels
         self.console_log_path = console_log
-        self.machine = machine
         self.timeline = timeline
         self.ctl_out = bytearray(spec_message)
         self.tty = tty
         self.verbose = verbose
         self.boot_timeout = boot_timeout
         self.x11 = x11
-        self.on_init = on_init  # called once, when the guest's init reports in
+        self.io = stdio
         self.sel = selectors.PollSelector()
-        now = time.monotonic()
-        self.progress_deadline: float | None = now + boot_timeout
-        self.timeout_deadline = now + timeout if timeout else None
-        self.escalate_deadline: float | None = None
-        self.shutdown_deadline: float | None = None
+        self.state = State.BOOTING
+        self.deadlines = Deadlines()
+        self.deadlines.set("progress", boot_timeout)
+        # --timeout counts from the launcher's start, across boot retries.
+        self.deadlines.set_at("timeout", timeout_at)
+        self.end: End | None = None
         self.signals: list[int] = []
         self.killed_by: int | None = None
         self.pending_signal: int | None = None
-        self.timed_out = False
-        self.stalled = False
+        self.booted = False
         self.ctl_in = b""
         self.finished: protocol.Finished | None = None
         self.exec_failed: protocol.ExecFailed | None = None
@@ -94,19 +157,17 @@ class Relay:
         self.oom_kills = 0
         self.fatal: str | None = None
         self.acked = False
-        self.received = {protocol.PORT_STDOUT: 0, protocol.PORT_STDERR: 0}
-        self.broken = {protocol.PORT_STDOUT: False, protocol.PORT_STDERR: False}
+        self.received = {"stdout": 0, "stderr": 0}
+        self.broken = {"stdout": False, "stderr": False}
         self.stdin_buf = b""
         self.stdin_open = True
         self.stdin_registered = False
-        self.started = False
-        self.qemu_done = False
         self.console_log: BinaryIO | None = None
         self.qemu_peak_rss_kb: int | None = None
 
     # ---- set-up and tear-down ------------------------------------------
 
-    def run(self) -> RelayOutcome:
+    def run(self) -> Outcome:
         wake_r, wake_w = socket.socketpair()
         wake_r.setblocking(False)
         wake_w.setblocking(False)
@@ -114,15 +175,15 @@ class Relay:
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (*FORWARDED, signal.SIGWINCH)}
         saved_tty = None
         if self.tty & protocol.TTY_STDIN:
-            saved_tty = termios.tcgetattr(0)
-            ttymod.setraw(0)
+            saved_tty = termios.tcgetattr(self.io.stdin)
+            ttymod.setraw(self.io.stdin)
         self.console_log = self.console_log_path.open("wb")
         try:
             self._register(wake_r)
             self._loop(wake_r)
         finally:
             if saved_tty is not None:
-                termios.tcsetattr(0, termios.TCSADRAIN, saved_tty)
+                termios.tcsetattr(self.io.stdin, termios.TCSADRAIN, saved_tty)
             for s, h in old_handlers.items():
                 signal.signal(s, h)
             signal.set_wakeup_fd(old_wakeup)
@@ -130,14 +191,20 @@ class Relay:
             wake_w.close()
             self.console_log.close()
             self.sel.close()
-        if self.timed_out:
-            raise TimeoutExpired("the command timed out; the VM was killed")
-        if self.killed_by is not None:
-            return RelayOutcome(128 + self.killed_by)
-        if self.stalled:
-            return RelayOutcome(None, stalled=True)
-        return RelayOutcome(
-            self.finished.status if self.finished else None,
+        return self.outcome()
+
+    def outcome(self) -> Outcome:
+        if self.end is None:
+            self.end = End.EXIT if self.finished is not None else End.DIED
+        status = self.finished.status if self.finished is not None else None
+        if self.end is End.SIGNAL:
+            assert self.killed_by is not None
+            status = 128 + self.killed_by
+        elif self.end in (End.TIMEOUT, End.STALL, End.DIED):
+            status = None
+        return Outcome(
+            self.end,
+            status,
             qemu_peak_rss_kb=self.qemu_peak_rss_kb,
             exec_failed=self.exec_failed,
             looked_up=self.looked_up,
@@ -149,36 +216,25 @@ class Relay:
         self.signals.append(signo)
 
     def _register(self, wake: socket.socket) -> None:
-        for sock in self.ports.values():
+        for sock in self.ch.all():
             sock.setblocking(False)
-        self.console.setblocking(False)
         self.sel.register(wake, selectors.EVENT_READ, "wake")
-        self.sel.register(self.ctl, selectors.EVENT_READ | selectors.EVENT_WRITE, "ctl")
-        self.sel.register(self.ports[protocol.PORT_STDOUT], selectors.EVENT_READ, protocol.PORT_STDOUT)
-        self.sel.register(self.ports[protocol.PORT_STDERR], selectors.EVENT_READ, protocol.PORT_STDERR)
-        self.sel.register(self.console, selectors.EVENT_READ, "console")
-        self.sel.register(self.machine.pidfd, selectors.EVENT_READ, "qemu")
-        if self.x11 is not None:
-            self.x11.attach(self.sel, self.ports[protocol.PORT_X11])
+        self.sel.register(self.ch.control, selectors.EVENT_READ | selectors.EVENT_WRITE, "ctl")
+        self.sel.register(self.ch.stdout, selectors.EVENT_READ, "stdout")
+        self.sel.register(self.ch.stderr, selectors.EVENT_READ, "stderr")
+        self.sel.register(self.ch.console, selectors.EVENT_READ, "console")
+        self.sel.register(self.guest.end_fd, selectors.EVENT_READ, "end")
+        if self.x11 is not None and self.ch.x11 is not None:
+            self.x11.attach(self.sel, self.ch.x11)
             # The user closed the nested window: the app has lost its
             # display; tell it as a terminal's hang-up would.
             self.x11.on_display_gone = lambda: self.signals.append(signal.SIGHUP)
 
     # ---- the loop --------------------------------------------------------
 
-    def _next_timeout(self) -> float | None:
-        deadlines = [
-            d
-            for d in (self.progress_deadline, self.timeout_deadline, self.escalate_deadline, self.shutdown_deadline)
-            if d is not None
-        ]
-        if not deadlines:
-            return None
-        return min(MAX_WAIT, max(0.0, min(deadlines) - time.monotonic()))
-
     def _loop(self, wake: socket.socket) -> None:
-        while not self.qemu_done:
-            for key, mask in self.sel.select(self._next_timeout()):
+        while self.state is not State.ENDED:
+            for key, mask in self.sel.select(self.deadlines.wait()):
                 self._dispatch(key, mask, wake)
             self._handle_signals()
             self._check_deadlines()
@@ -197,7 +253,7 @@ class Relay:
                 self._flush_ctl()
             if mask & selectors.EVENT_READ:
                 self._read_ctl()
-        elif tag in (protocol.PORT_STDOUT, protocol.PORT_STDERR):
+        elif tag in ("stdout", "stderr"):
             self._read_output(tag)
         elif tag == "console":
             self._read_console()
@@ -205,9 +261,9 @@ class Relay:
             self._read_stdin()
         elif tag == "stdin-sock":
             self._flush_stdin()
-        elif tag == "qemu":
-            self.machine.wait()
-            self.qemu_done = True
+        elif tag == "end":
+            self.guest.reap()
+            self.state = State.ENDED
         elif self.x11 is not None:
             self.x11.on_event(key, mask)
 
@@ -218,11 +274,11 @@ class Relay:
         self._flush_ctl()
 
     def _flush_ctl(self) -> None:
-        send_some(self.ctl, self.ctl_out)
-        watch_writable(self.sel, self.ctl, "ctl", bool(self.ctl_out))
+        send_some(self.ch.control, self.ctl_out)
+        watch_writable(self.sel, self.ch.control, "ctl", bool(self.ctl_out))
 
     def _read_ctl(self) -> None:
-        data = self._take(self.ctl)
+        data = self._take(self.ch.control)
         if data is None:
             return
         now = monotonic_boottime()
@@ -240,14 +296,14 @@ class Relay:
     def _on_message(self, msg: protocol.GuestMessage) -> None:
         if isinstance(msg, protocol.Stamp):
             self.timeline.stamp_guest(msg.phase, msg.guest_ns)
-            if self.on_init is not None:
-                self.on_init()
-                self.on_init = None
-            if not self.started:
-                self.progress_deadline = time.monotonic() + self.boot_timeout
-            if msg.phase == "command_exec":
-                self.started = True
-                self.progress_deadline = None
+            if not self.booted:
+                self.booted = True
+                self.guest.booted()
+            if self.state is State.BOOTING:
+                self.deadlines.set("progress", self.boot_timeout)
+            if msg.phase == "command_exec" and self.state is State.BOOTING:
+                self.state = State.RUNNING
+                self.deadlines.clear("progress")
                 self._enable_stdin()
         elif isinstance(msg, protocol.ExecFailed):
             self.exec_failed = msg
@@ -257,11 +313,13 @@ class Relay:
             self.oom_kills += msg.count
         elif isinstance(msg, protocol.Fatal):
             self.fatal = msg.message
-            self.progress_deadline = None
+            self.deadlines.clear("progress")
         elif isinstance(msg, protocol.Finished):
             self.finished = msg
-            self.progress_deadline = None
-            self.qemu_peak_rss_kb = _peak_rss_kb(self.machine.inner_pid or self.machine.pid)
+            self.state = State.FINISHED
+            for name in ("progress", "timeout", "escalate"):
+                self.deadlines.clear(name)
+            self.qemu_peak_rss_kb = self.guest.peak_rss_kb()
             self._maybe_ack()
         elif isinstance(msg, protocol.LogLine):
             log.warning("guest: %s", msg.message)
@@ -271,10 +329,10 @@ class Relay:
         f = self.finished
         if f is None or self.acked:
             return
-        if self.received[protocol.PORT_STDOUT] >= f.out_bytes and self.received[protocol.PORT_STDERR] >= f.err_bytes:
+        if self.received["stdout"] >= f.out_bytes and self.received["stderr"] >= f.err_bytes:
             self.acked = True
             self._send_ctl(protocol.ACK)
-            self.shutdown_deadline = time.monotonic() + SHUTDOWN_GRACE
+            self.deadlines.set("shutdown", SHUTDOWN_GRACE)
 
     # ---- output ------------------------------------------------------------
 
@@ -286,13 +344,14 @@ class Relay:
             return None
         return data
 
-    def _read_output(self, port: int) -> None:
-        data = self._take(self.ports[port])
+    def _read_output(self, stream: str) -> None:
+        """stdout or stderr from the guest, to ours."""
+        data = self._take(self.ch.stdout if stream == "stdout" else self.ch.stderr)
         if data is None:
             return
-        self.received[port] += len(data)
-        if not self.broken[port]:
-            fd = 1 if port == protocol.PORT_STDOUT else 2
+        self.received[stream] += len(data)
+        if not self.broken[stream]:
+            fd = self.io.stdout if stream == "stdout" else self.io.stderr
             try:
                 _write_all(fd, data)
             except OSError as exc:
@@ -300,18 +359,18 @@ class Relay:
                     raise
                 # The reader is gone: the command should see EPIPE, as it
                 # would writing to a closed pipe directly.
-                self.broken[port] = True
-                self._send_ctl(protocol.broken_pipe_message(fd))
+                self.broken[stream] = True
+                self._send_ctl(protocol.broken_pipe_message(1 if stream == "stdout" else 2))
         self._maybe_ack()
 
     def _write_stderr(self, data: bytes) -> None:
         try:
-            _write_all(2, data)
+            _write_all(self.io.stderr, data)
         except OSError:
             pass
 
     def _read_console(self) -> None:
-        data = self._take(self.console)
+        data = self._take(self.ch.console)
         if data is None:
             return
         assert self.console_log is not None
@@ -327,16 +386,16 @@ class Relay:
         Until then a stalled boot can be retried without losing input.
         """
         try:
-            os.fstat(0)
+            os.fstat(self.io.stdin)
         except OSError:
             self._close_stdin()
             return
-        self.sel.register(0, selectors.EVENT_READ, "stdin")
+        self.sel.register(self.io.stdin, selectors.EVENT_READ, "stdin")
         self.stdin_registered = True
 
     def _read_stdin(self) -> None:
         try:
-            data = os.read(0, CHUNK)
+            data = os.read(self.io.stdin, CHUNK)
         except BlockingIOError:
             return
         except OSError:
@@ -348,7 +407,7 @@ class Relay:
         self._flush_stdin()
 
     def _flush_stdin(self) -> None:
-        sock = self.ports[protocol.PORT_STDIN]
+        sock = self.ch.stdin
         try:
             sent = sock.send(self.stdin_buf)
         except BlockingIOError:
@@ -362,7 +421,7 @@ class Relay:
         # While a chunk is pending, wait for the socket rather than reading more.
         if self.stdin_buf:
             if self.stdin_registered:
-                self.sel.unregister(0)
+                self.sel.unregister(self.io.stdin)
                 self.stdin_registered = False
             if not self._registered(sock):
                 self.sel.register(sock, selectors.EVENT_WRITE, "stdin-sock")
@@ -370,7 +429,7 @@ class Relay:
             if self._registered(sock):
                 self.sel.unregister(sock)
             if not self.stdin_registered and self.stdin_open:
-                self.sel.register(0, selectors.EVENT_READ, "stdin")
+                self.sel.register(self.io.stdin, selectors.EVENT_READ, "stdin")
                 self.stdin_registered = True
 
     def _registered(self, fileobj: Any) -> bool:
@@ -388,9 +447,9 @@ class Relay:
         """
         self.stdin_open = False
         if self.stdin_registered:
-            self.sel.unregister(0)
+            self.sel.unregister(self.io.stdin)
             self.stdin_registered = False
-        sock = self.ports[protocol.PORT_STDIN]
+        sock = self.ch.stdin
         if self._registered(sock):
             self.sel.unregister(sock)
         try:
@@ -406,40 +465,44 @@ class Relay:
             if signo == signal.SIGWINCH:
                 if self.tty:
                     try:
-                        size = os.get_terminal_size(0 if self.tty & protocol.TTY_STDIN else 1)
+                        size = os.get_terminal_size(self.io.stdin if self.tty & protocol.TTY_STDIN else self.io.stdout)
                     except OSError:
                         continue  # the terminal is gone
                     self._send_ctl(protocol.winsize_message(size.lines, size.columns))
                 continue
-            if self.escalate_deadline is not None or not self.started or self.finished is not None:
+            if self.state is not State.RUNNING:
                 # A second signal, or nothing to forward it to: end the VM now.
-                self._kill(signo)
+                self._kill(End.SIGNAL, signo)
                 return
             self._send_ctl(protocol.signal_message(signo))
-            self.escalate_deadline = time.monotonic() + ESCALATE_AFTER
+            self.state = State.SIGNALLED
+            self.deadlines.set("escalate", ESCALATE_AFTER)
             self.pending_signal = signo
 
-    def _kill(self, signo: int | None) -> None:
-        if signo is not None and self.killed_by is None and self.finished is None:
+    def _kill(self, end: End, signo: int | None = None) -> None:
+        if self.state is State.FINISHED:
+            end = End.EXIT  # the status is in: a late signal changes nothing
+        if end is End.SIGNAL:
+            assert signo is not None
             self.killed_by = signo
-        self.machine.kill()
-        self.qemu_done = True
+        self.end = end
+        self.guest.kill()
+        self.state = State.ENDED
 
     def _check_deadlines(self) -> None:
-        now = time.monotonic()
-        if self.progress_deadline is not None and now >= self.progress_deadline:
-            self.stalled = True
-            self._kill(None)
-        elif self.timeout_deadline is not None and now >= self.timeout_deadline and self.finished is None:
-            self.timed_out = True
-            self._kill(None)
-        elif self.escalate_deadline is not None and now >= self.escalate_deadline and self.finished is None:
+        if self.state is State.ENDED:
+            return
+        if self.deadlines.expired("progress"):
+            self._kill(End.STALL)
+        elif self.deadlines.expired("timeout"):
+            self._kill(End.TIMEOUT)
+        elif self.deadlines.expired("escalate"):
             log.warning("the guest did not end after the signal; killing the VM")
-            self._kill(self.pending_signal)
-        elif self.shutdown_deadline is not None and now >= self.shutdown_deadline:
+            self._kill(End.SIGNAL, self.pending_signal)
+        elif self.deadlines.expired("shutdown"):
             log.debug("guest did not power off in %.1f s; stopping QEMU", SHUTDOWN_GRACE)
-            self.machine.stop(soft_timeout=0.5)
-            self.qemu_done = True
+            self.guest.stop(soft_timeout=0.5)
+            self.state = State.ENDED
 
     def _drain(self) -> None:
         """After QEMU is gone: take what is still buffered in our socket ends.
@@ -449,8 +512,8 @@ class Relay:
         readers: dict[object, Callable[[], None]] = {
             "ctl": self._read_ctl,
             "console": self._read_console,
-            protocol.PORT_STDOUT: lambda: self._read_output(protocol.PORT_STDOUT),
-            protocol.PORT_STDERR: lambda: self._read_output(protocol.PORT_STDERR),
+            "stdout": lambda: self._read_output("stdout"),
+            "stderr": lambda: self._read_output("stderr"),
         }
         for key in list(self.sel.get_map().values()):
             reader = readers.get(key.data)
@@ -458,18 +521,6 @@ class Relay:
                 if not select.select([key.fileobj], [], [], 0)[0]:
                     break  # nothing more, and no EOF: someone else holds the other end
                 reader()
-
-
-def _peak_rss_kb(pid: int) -> int | None:
-    """QEMU's peak resident set (VmHWM), read while it still runs."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return None
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -7,22 +7,21 @@ import logging
 import os
 import pwd
 import resource
-import socket
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import cache, config, diagnostics, host, initramfs, kernel, mounts, protocol, qemucmd, runtime
-from .bootimages import BootImage
-from .errors import EXIT_LAUNCHER, BootStallError, MachineError, SandboxError, UsageError
+from . import cache, config, diagnostics, host, initramfs, kernel, mounts, protocol, runtime
+from .errors import EXIT_LAUNCHER, BootStallError, MachineError, SandboxError, TimeoutExpired, UsageError
 from .guestinit import init_binary
-from .machine import Machine
-from .process import terminating_signals_deferred
-from .relay import Relay, RelayOutcome
+from .qemu import argv as qemuargv
+from .qemu.backend import BootSpec, DirectGuest
+from .relay import End, Relay
 from .timings import Timeline, monotonic_boottime
 
 if TYPE_CHECKING:
-    from .confine import Confinement
+    from .confinement.walls import Confinement
     from .x11 import X11Session
 
 log = logging.getLogger(__name__)
@@ -266,10 +265,6 @@ def prepare(opts: RunOptions) -> Prepared:
     return Prepared(accel, qemu, machine, image, pvh_image is not None, initrd, cmdline, tsc)
 
 
-def _socketpairs(numbers: list[int]) -> dict[int, tuple[socket.socket, socket.socket]]:
-    return {n: socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for n in numbers}
-
-
 def boot_once(
     opts: RunOptions,
     prep: Prepared,
@@ -278,122 +273,60 @@ def boot_once(
     attempt: int,
     cspec: protocol.CommandSpec,
     plan: mounts.Plan,
+    timeout_at: float | None,
 ) -> RunResult:
     """One boot of the VM; raises BootStallError if it stalls before the command starts."""
-    x11 = opts.x11
-    port_numbers = [protocol.PORT_CONTROL, protocol.PORT_STDIN, protocol.PORT_STDOUT, protocol.PORT_STDERR]
-    if x11 is not None:
-        port_numbers.append(protocol.PORT_X11)
-    ports = _socketpairs(port_numbers)
-    console = socket.socketpair()
-    monitor = socket.socketpair()
-    qemu_ends = [s[1] for s in ports.values()] + [console[1], monitor[1]]
-    launcher_ends = [s[0] for s in ports.values()] + [console[0], monitor[0]]
-    # Kernel and initramfs go to QEMU as open files: a QEMU that runs as
-    # another uid, in another mount namespace, needs no path to our cache.
-    # A PVH kernel goes as a private copy the launcher can empty (bootimages.py);
-    # a bzImage is read into QEMU's own memory, so a copy would gain nothing.
-    images: list[BootImage] = []
-    try:
-        images.append(BootImage(prep.kernel_image, private=prep.pvh))
-        images.append(BootImage(prep.initrd, private=True))
-        confinement = opts.confinement
-        export = confinement.export_path if confinement is not None else (lambda p: p)
-        shares = [qemucmd.Share("root", export(Path("/")))]
-        shares += [qemucmd.Share(tag, export(share.host), readonly=not share.writable) for tag, share in plan.shares]
-        confinement = opts.confinement
-        spec = qemucmd.MachineSpec(
-            qemu=prep.qemu.path,
-            accel=prep.accel,
-            machine=prep.machine,
-            kernel=images[0].proc_path,
-            initrd=images[1].proc_path,
-            cmdline=prep.cmdline,
-            memory_mb=opts.memory_mb,
-            cpus=opts.cpus,
-            console_fd=console[1].fileno(),
-            monitor_fd=monitor[1].fileno(),
-            shares=tuple(shares),
-            ports=tuple(qemucmd.Port(n, protocol.PORT_NAMES[n], ports[n][1].fileno()) for n in port_numbers),
-            tb_size_mb=opts.tb_size_mb if prep.accel == "tcg" else None,
-            cpu_model=opts.cpu_model,
-            seccomp=confinement is not None and confinement.seccomp and prep.qemu.seccomp,
-        )
-        argv = qemucmd.build_argv(spec)
-        if opts.verbose:
-            log.info("qemu: %s", " ".join(argv))
-        machine = Machine(
-            argv,
-            pass_fds=tuple(s.fileno() for s in qemu_ends) + tuple(i.fd for i in images),
-            cwd=rundir,
-            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"},
-            stderr_log=rundir / "qemu.log",
-            monitor=monitor[0],
-            preexec=confinement.preexec if confinement is not None else None,
-        )
-        boot_timeout = opts.boot_timeout or (20.0 if prep.accel == "tcg" else 10.0)
+    confinement = opts.confinement
+    boot = BootSpec(
+        qemu=prep.qemu.path,
+        accel=prep.accel,
+        machine=prep.machine,
+        kernel_image=prep.kernel_image,
+        pvh=prep.pvh,
+        initrd=prep.initrd,
+        cmdline=prep.cmdline,
+        memory_mb=opts.memory_mb,
+        cpus=opts.cpus,
+        tb_size_mb=opts.tb_size_mb if prep.accel == "tcg" else None,
+        cpu_model=opts.cpu_model,
+        seccomp=confinement is not None and confinement.seccomp and prep.qemu.seccomp,
+        x11=opts.x11 is not None,
+        shares=tuple(qemuargv.Share(tag, share.host, readonly=not share.writable) for tag, share in plan.shares),
+    )
+    boot_timeout = opts.boot_timeout or (20.0 if prep.accel == "tcg" else 10.0)
+    with DirectGuest(boot, rundir, timeline, confinement, opts.verbose) as guest:
+        guest.wait_built(boot_timeout, attempt)
         relay = Relay(
-            ports={n: s[0] for n, s in ports.items()},
-            console=console[0],
+            guest,
             console_log=rundir / "console.log",
-            machine=machine,
             timeline=timeline,
             spec_message=protocol.encode_spec(cspec),
             tty=cspec.tty,
             verbose=opts.verbose,
             boot_timeout=boot_timeout,
-            timeout=opts.timeout,
-            x11=x11,
-            on_init=images[1].release,
+            timeout_at=timeout_at,
+            x11=opts.x11,
         )
-        timeline.stamp_host("qemu_exec", monotonic_boottime())
-        # Until QEMU's own pid is known (under confinement it sits below a
-        # reaper), a signal would unwind into killing only the reaper.
-        deferred = contextlib.ExitStack()
-        deferred.enter_context(terminating_signals_deferred())
-        with deferred, machine:
-            if confinement is not None:
-                confinement.started(machine.pid, rundir)
-                machine.inner_pid = confinement.qemu_pid
-            deferred.close()  # a signal that came meanwhile lands here
-            for s in qemu_ends:
-                s.close()
-            qemu_ends = []
-            if machine.wait_running(boot_timeout):
-                images[0].release()
-            elif machine.poll() is None:
-                raise BootStallError(
-                    f"guest boot made no progress for {boot_timeout:g} s (attempt {attempt}): QEMU never answered its monitor",
-                    argv,
-                    machine.failure("").log_tail,
-                )
-            outcome: RelayOutcome = relay.run()
-            if outcome.stalled:
-                raise BootStallError(
-                    f"guest boot made no progress for {boot_timeout:g} s (attempt {attempt})",
-                    argv,
-                    machine.failure("").log_tail,
-                )
-            if outcome.fatal is not None:
-                raise SandboxError(f"cannot set up the sandbox: {outcome.fatal}")
-            if outcome.status is None:
-                if confinement is not None and confinement.oom_killed():
-                    raise MachineError(diagnostics.host_oom(opts.memory_mb, confinement.limits.memory_mb))
-                panic = _panic_line(rundir / "console.log")
-                what = f"guest kernel panic ({panic})" if panic else "guest stopped before reporting a status"
-                raise machine.failure(what, rundir / "console.log")
-            if outcome.exec_failed is not None:
-                log.warning("%s", diagnostics.exec_failure(outcome.exec_failed, cspec.argv[0], cspec.cwd))
-            if outcome.oom_kills:
-                log.warning("%s", diagnostics.guest_oom(outcome.oom_kills, outcome.status, opts.memory_mb))
-            if outcome.looked_up is not None and outcome.status != 0:
-                log.warning("%s", diagnostics.no_network(outcome.looked_up))
-            return RunResult(outcome.status, timeline, outcome.qemu_peak_rss_kb)
-    finally:
-        for s in qemu_ends + launcher_ends:
-            s.close()
-        for image in images:
-            image.close()
+        outcome = relay.run()
+        if outcome.end is End.STALL:
+            failure = guest.failure("")
+            raise BootStallError(f"guest boot made no progress for {boot_timeout:g} s (attempt {attempt})", failure.argv, failure.log_tail)
+        if outcome.end is End.TIMEOUT:
+            raise TimeoutExpired("the command timed out; the VM was killed")
+        if outcome.fatal is not None:
+            raise SandboxError(f"cannot set up the sandbox: {outcome.fatal}")
+        if outcome.status is None:
+            if confinement is not None and confinement.oom_killed():
+                raise MachineError(diagnostics.host_oom(opts.memory_mb, confinement.limits.memory_mb))
+            panic = _panic_line(rundir / "console.log")
+            raise guest.failure(f"guest kernel panic ({panic})" if panic else "guest stopped before reporting a status")
+        if outcome.exec_failed is not None:
+            log.warning("%s", diagnostics.exec_failure(outcome.exec_failed, cspec.argv[0], cspec.cwd))
+        if outcome.oom_kills:
+            log.warning("%s", diagnostics.guest_oom(outcome.oom_kills, outcome.status, opts.memory_mb))
+        if outcome.looked_up is not None and outcome.status != 0:
+            log.warning("%s", diagnostics.no_network(outcome.looked_up))
+        return RunResult(outcome.status, timeline, outcome.qemu_peak_rss_kb)
 
 
 def _panic_line(console_log: Path) -> str | None:
@@ -420,6 +353,9 @@ def run(opts: RunOptions) -> RunResult:
     cspec = command_spec(opts, tty_mask(opts.tty), plan, home, cwd, env)
     prep = prepare(opts)
     timeline.tsc_khz = prep.tsc_khz
+    # --timeout counts from the launcher's start (as `timeout sandbox run` would), across retries.
+    started = timeline.host.get("launcher_start", monotonic_boottime())
+    timeout_at = time.monotonic() + opts.timeout - (monotonic_boottime() - started) if opts.timeout else None
     with runtime.runtime_dir() as rundir, contextlib.ExitStack() as stack:
         label = None
         if opts.confinement is not None:
@@ -430,7 +366,7 @@ def run(opts: RunOptions) -> RunResult:
             opts.x11.start(f"sandbox: {' '.join(opts.argv)} [{label or 'unlabelled'}]")
         for attempt in range(1, opts.boot_retries + 2):
             try:
-                result = boot_once(opts, prep, rundir, timeline, attempt, cspec, plan)
+                result = boot_once(opts, prep, rundir, timeline, attempt, cspec, plan, timeout_at)
                 if opts.confinement is not None:
                     opts.confinement.exit_status = result.status
                 return result

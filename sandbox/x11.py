@@ -86,10 +86,10 @@ class _Conn:
 class X11Session:
     """One nested X server and the connections the guest opens to it."""
 
-    def __init__(self, mode: str, size: str, xephyr: str) -> None:
+    def __init__(self, mode: str, size: str, program: str) -> None:
         self.mode = mode
         self.size = size
-        self.xephyr = xephyr
+        self.program = program  # the host-side display program: Xephyr, or xpra's client
         self.display = GUEST_DISPLAY  # as the guest sees it
         self.host_display: int | None = None
         self.cookie = secrets.token_bytes(16)
@@ -104,7 +104,7 @@ class X11Session:
         self.on_display_gone: Callable[[], None] | None = None
 
     @classmethod
-    def from_args(cls, mode: str, size: str, _confinement: object = None) -> X11Session:
+    def create(cls, mode: str, size: str) -> X11Session:
         """Check what --x11 needs, with one-line errors naming what to install."""
         if not os.environ.get("DISPLAY"):
             raise UsageError("--x11 needs a desktop, and DISPLAY is not set (a virtual one: apt-get install xvfb)")
@@ -133,7 +133,7 @@ class X11Session:
         r, w = os.pipe()
         # Display numbers are chosen by Xephyr itself (-displayfd): no race
         # with other servers.  -nolisten tcp: a local socket only.
-        argv = [self.xephyr, "-displayfd", str(w), "-auth", str(auth), "-nolisten", "tcp",
+        argv = [self.program, "-displayfd", str(w), "-auth", str(auth), "-nolisten", "tcp",
                 "-screen", self.size, "-title", title, "-no-host-grab", "-resizeable"]  # fmt: skip
         placeholder = xauth_entry(0, self.cookie, socket.gethostname().encode())
         auth.write_bytes(placeholder)
@@ -378,7 +378,6 @@ class XpraSession(X11Session):
 
     def __init__(self, size: str, xpra: str) -> None:
         super().__init__("xpra", size, xpra)
-        self.xpra = xpra
         self.display = XPRA_DISPLAY
         self.title = "sandbox"
         self.listener: socket.socket | None = None
@@ -405,7 +404,7 @@ class XpraSession(X11Session):
         if self.proc is not None or self.dir is None:
             return
         log_path = self.dir / "client.log"
-        argv = [self.xpra, "attach", f"socket:{self.dir / 'socket'}", "--clipboard=no", "--notifications=no",
+        argv = [self.program, "attach", f"socket:{self.dir / 'socket'}", "--clipboard=no", "--notifications=no",
                 "--tray=no", "--system-tray=no", "--speaker=off", "--microphone=off", "--webcam=no",
                 "--opengl=no", "--file-transfer=no", "--printing=no", f"--title=@title@ ({self.title})"]  # fmt: skip
         self.proc = process.spawn(argv, log_path)

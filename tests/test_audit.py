@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 
-from sandbox import audit
+from sandbox.confinement import audit
 
 
 def test_short_argv_is_kept_whole() -> None:

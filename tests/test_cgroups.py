@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, run_guest_python
-from sandbox import cgroups
+from sandbox.confinement import cgroups
 from sandbox.errors import ConfinementError
 
 

@@ -6,8 +6,8 @@ import socket
 import time
 from pathlib import Path
 
-from sandbox.machine import Machine
-from sandbox.monitor import Monitor
+from sandbox.qemu.machine import Machine
+from sandbox.qemu.monitor import Monitor
 
 
 def test_monitor_gives_up_on_a_silent_peer() -> None:

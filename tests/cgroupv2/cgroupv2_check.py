@@ -1,5 +1,5 @@
 """Runs as root inside a guest, on the guest kernel's own cgroup v2 tree:
-drives sandbox.cgroups as the launcher would on a v2-only host.
+drives sandbox.confinement.cgroups as the launcher would on a v2-only host.
 
 Prints one line per fact for the host-side test to check.
 """
@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from sandbox import cgroups
+from sandbox.confinement import cgroups
 
 
 def main() -> int:

@@ -13,8 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-from sandbox import labels, seclabel
-from sandbox.bootimages import BootImage
+from sandbox.confinement import libselinux as seclabel, mcs as labels
+from sandbox.qemu.bootimages import BootImage
 
 
 def main() -> int:

@@ -7,8 +7,8 @@ import signal
 import socket
 from typing import TYPE_CHECKING, Any
 
-from .errors import SandboxError
-from .process import TERMINATING
+from ..errors import SandboxError
+from ..process import TERMINATING
 
 if TYPE_CHECKING:
     import asyncio

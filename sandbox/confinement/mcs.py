@@ -15,7 +15,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ConfinementError
+from ..errors import ConfinementError
 
 CATEGORIES = 1024  # c0..c1023, as libvirt uses
 

@@ -22,7 +22,7 @@ import ctypes
 import os
 from dataclasses import dataclass
 
-from .errors import ConfinementError
+from ..errors import ConfinementError
 
 _libc = ctypes.CDLL(None, use_errno=True)
 

@@ -11,8 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
-from . import process
-from .errors import MachineError
+from .. import process
+from ..errors import MachineError
 from .monitor import Monitor
 
 log = logging.getLogger(__name__)

@@ -14,15 +14,15 @@ import os
 import pwd
 import re
 import time
-from argparse import Namespace
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import audit, cgroups, idmap, labels, mounts, runtime, seclabel
-from .errors import ConfinementError, UsageError
-from .process import FORWARDED, ignore, set_name, set_parent_death_signal
+from .. import mounts, runtime
+from ..errors import ConfinementError, UsageError
+from ..process import FORWARDED, ignore, set_name, set_parent_death_signal
+from . import audit, cgroups, idmap, libselinux, mcs
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ class Confinement:
     strict_limits: bool = True
     exit_status: int | None = None  # the run's, for the stop record
     shares: tuple[str, ...] = ()
-    _reservation: labels.Reservation | None = None
+    _reservation: mcs.Reservation | None = None
     _cgroup: cgroups.Cgroup | None = None
     _stack: ExitStack = field(default_factory=ExitStack)
     _started: float = 0.0
@@ -172,9 +172,9 @@ class Confinement:
         if self.user is not None:
             os.chown(rundir, self.user.uid, self.user.gid)
         if self.file_label:
-            self._stack.enter_context(seclabel.relabelled(rundir, self.file_label))
+            self._stack.enter_context(libselinux.relabelled(rundir, self.file_label))
             for path in writable:
-                self._stack.enter_context(seclabel.relabelled(path, self.file_label))
+                self._stack.enter_context(libselinux.relabelled(path, self.file_label))
 
     def _idmap_views(self, rundir: Path, shares: list[mounts.Share]) -> None:
         """Let QEMU (as `nobody`) write read-write shares as their owner, without a chown."""
@@ -211,15 +211,15 @@ class Confinement:
 
     def _allocate_label(self) -> None:
         if self.static_label:
-            ctx = labels.Context.parse(self.static_label)
+            ctx = mcs.Context.parse(self.static_label)
             self.process_label = str(ctx)
-            self.file_label = str(labels.Context(ctx.user, "object_r", "svirt_image_t", ctx.level))
+            self.file_label = str(mcs.Context(ctx.user, "object_r", "svirt_image_t", ctx.level))
             pair = re.fullmatch(r"s0:c(\d+),c(\d+)", ctx.level)
             if pair:  # a fixed pair still may not be shared with a live sandbox
-                self._reservation = labels.reserve_static(runtime.runtime_base() / "mcs", (int(pair[1]), int(pair[2])))
+                self._reservation = mcs.reserve_static(runtime.runtime_base() / "mcs", (int(pair[1]), int(pair[2])))
             return
-        self._reservation = labels.reserve(runtime.runtime_base() / "mcs")
-        proc, image = labels.sandbox_contexts(self._reservation.pair)
+        self._reservation = mcs.reserve(runtime.runtime_base() / "mcs")
+        proc, image = mcs.sandbox_contexts(self._reservation.pair)
         self.process_label, self.file_label = str(proc), str(image)
 
     # ---- in the forked child, before exec ----------------------------------
@@ -258,7 +258,7 @@ class Confinement:
         if os.getppid() != parent:
             os._exit(1)
         if self.process_label:
-            seclabel.set_exec_label(self.process_label)
+            libselinux.set_exec_label(self.process_label)
 
     def _become_pid1(self) -> None:
         """Fork into the new PID namespace; the parent stays as a reaper that relays status.
@@ -355,16 +355,31 @@ def find_qemu(reaper: int, timeout: float = 2.0) -> int:
     return reaper
 
 
-def from_args(args: Namespace, argv: tuple[str, ...]) -> Confinement:
+@dataclass(frozen=True)
+class ConfinementOptions:
+    """What the user asked of the walls (options.CONFINEMENT)."""
+
+    security: str = "auto"  # auto | selinux | none
+    label: str | None = None  # static:LABEL
+    show_label: bool = False
+    qemu_user: str | None = None
+    memory_limit: int | None = None
+    cpu_weight: int | None = None
+    cpu_quota: float | None = None
+    pids_limit: int | None = None
+    limits: str = "strict"  # strict | best-effort
+
+
+def from_options(opts: ConfinementOptions, argv: tuple[str, ...]) -> Confinement:
     """The confinement `sandbox run` asked for."""
-    mode = args.security
-    if args.label and not args.label.startswith("static:"):
+    mode = opts.security
+    if opts.label and not opts.label.startswith("static:"):
         raise UsageError("--label takes static:LABEL")
-    selinux_on = seclabel.enabled()
+    selinux_on = libselinux.enabled()
     if mode == "selinux" and not selinux_on:
         raise ConfinementError("--security selinux: SELinux is not enabled on this host")
     use_selinux = mode == "selinux" or (mode == "auto" and selinux_on)
-    if args.label and not use_selinux:
+    if opts.label and not use_selinux:
         raise ConfinementError("--label needs SELinux, which is not in use here")
     root = os.geteuid() == 0
     if not root:
@@ -372,10 +387,10 @@ def from_args(args: Namespace, argv: tuple[str, ...]) -> Confinement:
     return Confinement(
         argv=argv,
         selinux=use_selinux,
-        static_label=args.label.removeprefix("static:") if args.label else None,
-        show_label=args.show_label,
-        user=resolve_user(args.qemu_user),
+        static_label=opts.label.removeprefix("static:") if opts.label else None,
+        show_label=opts.show_label,
+        user=resolve_user(opts.qemu_user),
         namespaces=root,
-        limits=cgroups.Limits(args.memory_limit, args.cpu_weight, args.cpu_quota, args.pids_limit),
-        strict_limits=args.limits == "strict",
+        limits=cgroups.Limits(opts.memory_limit, opts.cpu_weight, opts.cpu_quota, opts.pids_limit),
+        strict_limits=opts.limits == "strict",
     )

@@ -1,7 +1,7 @@
 from pathlib import Path
 
-from sandbox import qemucmd
-from sandbox.qemucmd import MachineSpec, Port, Share
+from sandbox.qemu import argv as qemucmd
+from sandbox.qemu.argv import MachineSpec, Port, Share
 
 
 def spec(**kw: object) -> MachineSpec:

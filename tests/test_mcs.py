@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sandbox import cgroups, labels
+from sandbox.confinement import cgroups, mcs as labels
 from sandbox.errors import ConfinementError
 
 

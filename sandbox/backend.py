@@ -1,0 +1,72 @@
+"""What the rest of sandbox needs from "a running guest", whatever runs it.
+
+The direct QEMU backend (sandbox/qemu/backend.py) is one implementation;
+a libvirt or a restored-snapshot backend would be others.  The relay
+(sandbox/relay.py) and the runner see only this.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from typing import Protocol
+
+from .errors import MachineError
+
+
+@dataclass
+class Channels:
+    """The launcher's ends of the host/guest channels (see guest-init/protocol.h)."""
+
+    control: socket.socket
+    stdin: socket.socket
+    stdout: socket.socket
+    stderr: socket.socket
+    console: socket.socket  # the guest's serial console (log only)
+    x11: socket.socket | None = None
+
+    def all(self) -> list[socket.socket]:
+        return [s for s in (self.control, self.stdin, self.stdout, self.stderr, self.console, self.x11) if s is not None]
+
+    def close(self) -> None:
+        for s in self.all():
+            s.close()
+
+
+class Guest(Protocol):
+    """A started machine running the guest init."""
+
+    channels: Channels
+
+    @property
+    def end_fd(self) -> int:
+        """Readable once the machine has ended (its process is gone)."""
+        ...
+
+    def reap(self) -> int | None:
+        """Its exit status, once it has ended (None while it runs)."""
+        ...
+
+    def booted(self) -> None:
+        """The guest init reported in: what only the boot needed can go."""
+        ...
+
+    def stop(self, soft_timeout: float = 1.0) -> int:
+        """A polite stop, then a forced one after `soft_timeout` seconds."""
+        ...
+
+    def kill(self) -> None:
+        """The forced stop, at once."""
+        ...
+
+    def pids(self) -> tuple[int, ...]:
+        """Host processes that make up the machine (for `info` and memory)."""
+        ...
+
+    def peak_rss_kb(self) -> int | None:
+        """The machine's peak resident memory so far, read while it runs."""
+        ...
+
+    def failure(self, message: str) -> MachineError:
+        """An error carrying what diagnoses this machine (command line, log tails)."""
+        ...
