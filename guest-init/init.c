@@ -586,7 +586,7 @@ static void setup_root(const struct spec *s)
 	for (int i = 0; i < s->nmops; i++)
 		mkdirs += s->mops[i].op == MOP_MKDIR;
 	/* The host's tree as it is, for the overlays' lower layers. */
-	xmount("root", "/hostroot", "9p", MS_RDONLY | MS_NOSUID, NINEP_RO);
+	xmount(ROOT_TAG, "/hostroot", "9p", MS_RDONLY | MS_NOSUID, NINEP_RO);
 	stamp("root_mounted");
 	tmpfs("/stage", "mode=755");
 	if (mkdirs) {

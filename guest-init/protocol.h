@@ -40,6 +40,9 @@
  *   "<ns> E <message>\n"                    fatal set-up error; the VM stops
  */
 
+/* The 9p mount tag of the host's root; shares are tagged by the host's plan. */
+#define ROOT_TAG "root"
+
 #define TTY_STDIN 1
 #define TTY_STDOUT 2
 #define TTY_STDERR 4

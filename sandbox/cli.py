@@ -98,8 +98,6 @@ def _run(args: argparse.Namespace) -> int:
     from . import runner, timings
 
     cmd = _command(args)
-    if not cmd:
-        raise UsageError("no command given (usage: sandbox run [OPTIONS] -- CMD [ARGS...])")
     if args.home is not None and not args.home.is_dir():
         raise UsageError(f"--home {args.home}: not a directory")
     from . import mounts

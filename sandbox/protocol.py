@@ -18,6 +18,8 @@ PORT_NAMES = {
     PORT_X11: "sandbox.x11",
 }
 
+ROOT_TAG = "root"  # the 9p mount tag of the host's root
+
 TTY_STDIN, TTY_STDOUT, TTY_STDERR = 1, 2, 4
 
 # Why the guest could not start the command (ExecFailed.stage).

@@ -60,6 +60,10 @@ class RunOptions:
     env: tuple[tuple[str, str], ...] | None = None  # None: this process's environment
     cwd: str | None = None
 
+    def __post_init__(self) -> None:
+        if not self.argv:
+            raise UsageError("no command given (usage: sandbox run [OPTIONS] -- CMD [ARGS...])")
+
 
 @dataclass
 class RunResult:
@@ -344,8 +348,6 @@ def run(opts: RunOptions) -> RunResult:
     """Run the command in a fresh VM and return how it ended."""
     timeline = Timeline()
     timeline.stamp_host("launcher_start", launcher_start_time())
-    if not opts.argv:
-        raise UsageError("no command given (usage: sandbox run [OPTIONS] -- CMD [ARGS...])")
     env = dict(opts.env) if opts.env is not None else dict(os.environ)
     home = user_home(env)
     cwd = opts.cwd or working_directory()

@@ -92,9 +92,12 @@ def _c_defines() -> dict[str, str]:
 
 def test_constants_match_the_guest_header() -> None:
     defines = _c_defines()
-    names = [n for n in dir(protocol) if re.fullmatch(r"(PORT|TTY|EXEC_STAGE|MOP)_[A-Z0-9_]+", n) and n != "PORT_NAMES"]
-    assert len(names) >= 20
+    names = [n for n in dir(protocol) if re.fullmatch(r"(PORT|TTY|EXEC_STAGE|MOP)_[A-Z0-9_]+|ROOT_TAG", n) and n != "PORT_NAMES"]
+    assert len(names) >= 21
     for name in names:
         value = getattr(protocol, name)
         c_value = defines[name]
-        assert (c_value == f"'{value}'") if isinstance(value, str) else int(c_value) == value, name
+        if isinstance(value, str):
+            assert c_value in (f"'{value}'", f'"{value}"'), name
+        else:
+            assert int(c_value) == value, name

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SANDBOX, VISIBLE_BASE, Nobody, popen, run_sandbox, run_tracked, stderr_lines
+from conftest import SANDBOX, STARTED, VISIBLE_BASE, Nobody, clean_up, popen, run_sandbox, run_tracked, stderr_lines
 
 pytestmark = [pytest.mark.vm]
 
@@ -301,3 +301,20 @@ def test_closed_stdin_reads_as_eof() -> None:
                        timeout=120, preexec_fn=lambda: os.close(0))  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == b"rc=0\n"
+
+
+def test_an_unrelated_qemu_is_neither_reported_nor_touched() -> None:
+    # Benchmarks, other users and other test runs share the machine: the
+    # fixtures judge only the sandboxes a test started.
+    other = subprocess.Popen(["qemu-system-x86_64", "-machine", "none", "-display", "none", "-nodefaults", "-S"],
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        time.sleep(0.3)
+        assert other.poll() is None
+        proc = run_sandbox("true")
+        assert proc.returncode == 0, proc.stderr
+        assert clean_up({STARTED[-1]}) == []
+        assert other.poll() is None, "the unrelated QEMU was killed"
+    finally:
+        other.kill()
+        other.wait()

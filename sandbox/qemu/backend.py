@@ -166,7 +166,7 @@ class DirectGuest:
             cpus=boot.cpus,
             console_fd=console[1].fileno(),
             monitor_fd=monitor[1].fileno(),
-            shares=(qemuargv.Share("root", export(Path("/"))),)
+            shares=(qemuargv.Share(protocol.ROOT_TAG, export(Path("/"))),)
             + tuple(qemuargv.Share(s.tag, export(s.path), s.readonly) for s in boot.shares),
             ports=tuple(qemuargv.Port(n, protocol.PORT_NAMES[n], ports[n][1].fileno()) for n in numbers),
             tb_size_mb=boot.tb_size_mb,
