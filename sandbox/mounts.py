@@ -183,6 +183,7 @@ def plan(
     hide: Sequence[str] = (),
     unhide: Sequence[str] = (),
     kind: Callable[[str], str | None] = host_kind,
+    resolve: Callable[[str], str] = os.path.realpath,
 ) -> Plan:
     """The mount steps for a guest whose user has `home` and starts in `cwd` (real paths)."""
     has_home = home.startswith("/") and home != "/"
@@ -251,8 +252,12 @@ def plan(
         steps.append(MountStep(MOP_HOME, home))
     for path in hidden:
         src = source_of(path)
+        if src is not None and src == path:
+            # A secret that is a symlink (~/.netrc -> dotfiles/netrc) is
+            # hidden where it points: the guest never mounts through a link.
+            path = src = resolve(path)
         k = kind(src) if src is not None else None
-        if k is not None:
+        if k is not None and all(m.path != path for m in steps):
             steps.append(MountStep(MOP_HIDE_DIR if k == "dir" else MOP_HIDE_FILE, path))
     return Plan(tuple(steps), tuple(exported))
 

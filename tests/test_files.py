@@ -114,7 +114,9 @@ def test_secrets_are_hidden_and_can_be_unhidden(srv_dir: Path) -> None:
     home = srv_dir / "home"
     (home / ".ssh").mkdir(parents=True)
     (home / ".ssh" / "id_ed25519").write_text("PRIVATE KEY\n")
-    (home / ".netrc").write_text("machine example.com password hunter2\n")
+    (home / "dotfiles").mkdir()
+    (home / "dotfiles" / "netrc").write_text("machine example.com password hunter2\n")
+    (home / ".netrc").symlink_to("dotfiles/netrc")  # hidden where it points
     (home / ".bashrc").write_text("# my rc\n")
     (home / "notes").write_text("secret notes\n")
     env = dict(os.environ, HOME=str(home))

@@ -141,3 +141,10 @@ def test_tmpfs_syntax() -> None:
         mounts.parse_tmpfs("/a:lots")
     with pytest.raises(UsageError):
         mounts.parse_tmpfs("relative")
+
+
+def test_a_secret_that_is_a_symlink_is_hidden_where_it_points() -> None:
+    links = {"/home/u/.netrc": "/home/u/dotfiles/netrc"}
+    plan = mounts.plan("/home/u", "/home/u", kind=kinds({"/home/u/dotfiles/netrc": "file"}),
+                       resolve=lambda p: links.get(p, p))  # fmt: skip
+    assert [(m.op, m.path) for m in plan.steps if m.op in (H, F)] == [(F, "/home/u/dotfiles/netrc")]
