@@ -184,7 +184,7 @@ def main(
             import matplotlib  # noqa: F401
         except ImportError:
             raise ToolMissingError("--plot needs matplotlib (pip install matplotlib)") from None
-    facts = machine_facts(config.accel(accel)[0], kernel_path)
+    facts = machine_facts(config.accel(accel), kernel_path)
     report = bench("sandbox run", run_args, list(command), runs, warmup, facts)
     print(format_report(report))
     if json_path:

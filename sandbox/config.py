@@ -31,8 +31,8 @@ def _file() -> dict[str, Any]:
         raise UsageError(f"{path}: {exc}") from None
 
 
-def accel(flag: str | None) -> tuple[str, bool]:
-    """(accelerator, chosen by the user) from --accel, SANDBOX_ACCEL, or the config file's `accel`."""
+def accel(flag: str | None) -> str:
+    """The accelerator asked for: --accel, else SANDBOX_ACCEL, else the config file's `accel`, else auto."""
     for value, source in (
         (flag, "--accel"),
         (os.environ.get("SANDBOX_ACCEL") or None, "SANDBOX_ACCEL"),
@@ -42,5 +42,5 @@ def accel(flag: str | None) -> tuple[str, bool]:
             continue
         if value not in ACCELS:
             raise UsageError(f"{source}: accelerator {value!r} is not one of {', '.join(ACCELS)}")
-        return str(value), True
-    return "auto", False
+        return str(value)
+    return "auto"

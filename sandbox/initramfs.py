@@ -13,7 +13,7 @@ log = logging.getLogger(__name__)
 
 # What the init needs beyond the transport, which depends on the machine type.
 BASE_MODULES = ["virtio_console", "9pnet_virtio", "9p", "overlay"]
-# microvm: 9p over mmio, virtio-serial over PCI (qemucmd._serial_device).
+# microvm: 9p over mmio, virtio-serial over PCI (qemu/argv.py, _serial_device).
 TRANSPORT_MODULES = {"microvm": ["virtio_mmio", "virtio_pci"], "q35": ["virtio_pci"]}
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,9 +159,7 @@ def host_kind(path: str) -> str | None:
         st = os.lstat(path)
     except OSError:
         return None
-    import stat as st_mod
-
-    return "dir" if st_mod.S_ISDIR(st.st_mode) else "file"
+    return "dir" if stat.S_ISDIR(st.st_mode) else "file"
 
 
 def covering_in(guest: str, steps: Sequence[MountStep]) -> MountStep | None:

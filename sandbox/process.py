@@ -119,7 +119,7 @@ def stop(
                 proc.send_signal(signal.SIGTERM)
                 if inner_pid is not None:
                     os.kill(inner_pid, signal.SIGTERM)
-        except (OSError, ProcessLookupError):
+        except OSError:  # gone already
             pass
         status = wait(proc, timeout)
         if status is not None:

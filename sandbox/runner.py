@@ -246,8 +246,7 @@ class Prepared:
 
 def prepare(opts: RunOptions) -> Prepared:
     """Resolve the kernel, QEMU and initramfs (all cached after the first run)."""
-    requested, _ = config.accel(opts.accel)
-    accel, warning = host.choose_accel(requested)
+    accel, warning = host.choose_accel(config.accel(opts.accel))
     if warning and host.show_accel_notice(opts.verbose):
         log.warning("%s", warning)
     qemu = host.qemu_info(opts.qemu)

@@ -19,15 +19,15 @@ def fresh(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_flag_then_environment_then_config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    assert config.accel(None) == ("auto", False)
+    assert config.accel(None) == "auto"
     path = tmp_path / "config" / "sandbox" / "config.toml"
     path.parent.mkdir(parents=True)
     path.write_text('accel = "tcg"\n')
     config._file.cache_clear()  # read once per process
-    assert config.accel(None) == ("tcg", True)
+    assert config.accel(None) == "tcg"
     monkeypatch.setenv("SANDBOX_ACCEL", "auto")
-    assert config.accel(None) == ("auto", True)
-    assert config.accel("kvm") == ("kvm", True)
+    assert config.accel(None) == "auto"
+    assert config.accel("kvm") == "kvm"
 
 
 def test_bad_values_name_their_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -101,7 +101,7 @@ def test_qemu_is_confined_as_libvirt_would(capsys: pytest.CaptureFixture[str]) -
         assert cwd.startswith("/run/sandbox/run-"), cwd
         fds = {int(fd): os.readlink(f"/proc/{qemu}/fd/{fd}") for fd in os.listdir(f"/proc/{qemu}/fd")}
         assert fds[0] == "/dev/null" and fds[1].endswith("/qemu.log") and fds[2] == fds[1]
-        # The boot images: sealed in-memory copies (sandbox/bootimages.py),
+        # The boot images: sealed in-memory copies (sandbox/qemu/bootimages.py),
         # the one file QEMU shares with the launcher, which empties them.
         images = sorted(t for t in fds.values() if t.startswith("/memfd:"))
         assert [Path(t.split(" ")[0]).suffix for t in images] == [".cpio", ".pvh"], images

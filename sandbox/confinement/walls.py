@@ -238,19 +238,17 @@ class Confinement:
                 idmap.attach(fd, name)  # relative to our cwd, the runtime dir
             if self._hidden and os.path.isdir(self._hidden):
                 _mount("tmpfs", self._hidden, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=4k,mode=755")
-        if self._userns is not None and self._inside is not None:
-            idmap.join_userns(self._userns)
+        if self.user is not None:
+            # In QEMU's user namespace (read-write shares) its ids are the
+            # tree owner's there; either way they are nobody's on the host.
+            uid, gid = (self._inside.uid, self._inside.gid) if self._inside is not None else (self.user.uid, self.user.gid)
+            if self._userns is not None:
+                idmap.join_userns(self._userns)
             if _libc.prctl(PR_SET_SECUREBITS, SECURE_NOROOT_NOFIXUP, 0, 0, 0) != 0:
                 raise OSError(ctypes.get_errno(), "prctl(PR_SET_SECUREBITS)")
             os.setgroups([])
-            os.setgid(self._inside.gid)
-            os.setuid(self._inside.uid)
-            keep_read_search()
-        elif self.user is not None:
-            os.setgroups([])
-            os.setgid(self.user.gid)
-            _libc.prctl(PR_SET_SECUREBITS, SECURE_NOROOT_NOFIXUP, 0, 0, 0)
-            os.setuid(self.user.uid)
+            os.setgid(gid)
+            os.setuid(uid)
             keep_read_search()
         # Credential changes clear the parent-death signal: set it again.
         parent = os.getppid()

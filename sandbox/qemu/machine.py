@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import socket
 import subprocess
 from collections.abc import Callable
@@ -58,7 +57,7 @@ class Machine:
         self.proc: subprocess.Popen[bytes] | None = None
         self.pidfd = -1
         self.returncode: int | None = None
-        # The real QEMU when it runs under a PID-namespace reaper (confine.py).
+        # The real QEMU when it runs under a PID-namespace reaper (confinement/walls.py).
         self.inner_pid: int | None = None
 
     def _child_setup(self) -> None:
@@ -115,12 +114,9 @@ class Machine:
         return self.qmp
 
     def _quit(self) -> None:
-        """The polite stop: QMP's quit when there is a monitor, else SIGTERM."""
-        assert self.proc is not None
+        """The polite stop over QMP."""
         qmp = self._qmp()
-        if qmp is None:
-            self.proc.send_signal(signal.SIGTERM)
-            return
+        assert qmp is not None
         try:
             qmp.execute("quit", 1.0)
         except Exception as exc:  # noqa: BLE001 - any failure falls through to signals
@@ -130,7 +126,9 @@ class Machine:
         """End QEMU: a soft stop first, then SIGKILL (QEMU itself, then its reaper).  Returns its exit status."""
         if self.proc is None:
             return self.returncode or 0
-        self.returncode = process.stop(self.proc, self._quit, soft_timeout, self.inner_pid)
+        # Without a monitor, process.stop's own polite stop: SIGTERM to QEMU and its reaper.
+        polite = self._quit if self.monitor is not None else None
+        self.returncode = process.stop(self.proc, polite, soft_timeout, self.inner_pid)
         return self.returncode
 
     def kill(self) -> None:
