@@ -19,6 +19,7 @@
 #include <string.h>
 #include <sys/inotify.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <sys/mount.h>
 #include <sys/reboot.h>
 #include <sys/resource.h>
@@ -34,6 +35,7 @@
 #include <time.h>
 #include <unistd.h>
 #include <x86intrin.h>
+#include <linux/random.h>
 
 #include "protocol.h"
 
@@ -288,6 +290,8 @@ struct spec {
 	int ngroups;
 	mode_t umask;
 	int tty, rows, cols, x11, xpra, rw_share;
+	const char *entropy;   /* hex: host randomness for a restored guest's pool */
+	long long realtime_ns; /* the host's wall clock when it sent the spec */
 	struct rlim *rlims;
 	int nrlims;
 	struct mop *mops;
@@ -345,17 +349,61 @@ static void parse_mop(char *v, struct mop *m)
 		die("mount path is not absolute");
 }
 
+static long meminfo_kb(const char *key)
+{
+	char buf[4096];
+	int fd = open("/proc/meminfo", O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return 0;
+	ssize_t n = read(fd, buf, sizeof buf - 1);
+	close(fd);
+	buf[n > 0 ? n : 0] = 0;
+	char *p = strstr(buf, key);
+	return p ? atol(p + strlen(key)) : 0;
+}
+
+/* Before a template is taken: fill the free memory with zeros (the kernel
+ * clears every page it hands out) and give it back, so that the pages the
+ * boot used and freed hold no stale data and the host stores them as holes:
+ * a smaller template, copied faster into every run. */
+static void zero_free_memory(void)
+{
+	enum { CHUNK = 16 << 20 };
+	long spare_kb = 16 << 10; /* left alone: PID 1 must never meet the OOM killer */
+	long pages = (meminfo_kb("MemFree:") - spare_kb) / (CHUNK >> 10);
+	void *chunks[1024];
+	int n = 0;
+	for (; n < pages && n < 1024; n++) {
+		chunks[n] = mmap(NULL, CHUNK, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
+		if (chunks[n] == MAP_FAILED)
+			break;
+	}
+	while (n-- > 0)
+		munmap(chunks[n], CHUNK);
+}
+
 static void read_spec(struct spec *s)
 {
 	char hdr[32];
-	size_t i = 0;
-	while (i < sizeof hdr - 1) { /* one byte at a time: stop at the newline */
-		read_exact(ctl_fd, hdr + i, 1);
-		if (hdr[i++] == '\n')
-			break;
-	}
-	hdr[i] = 0;
 	size_t len;
+	for (;;) {
+		size_t i = 0;
+		while (i < sizeof hdr - 1) { /* one byte at a time: stop at the newline */
+			read_exact(ctl_fd, hdr + i, 1);
+			if (hdr[i++] == '\n')
+				break;
+		}
+		hdr[i] = 0;
+		if (strcmp(hdr, "ZERO\n") != 0)
+			break;
+		int dc = open("/proc/sys/vm/drop_caches", O_WRONLY | O_CLOEXEC);
+		if (dc >= 0) {
+			write_all(dc, "3", 1);
+			close(dc);
+		}
+		zero_free_memory();
+		stamp("ready");
+	}
 	if (sscanf(hdr, "SPEC %zu", &len) != 1)
 		die("bad spec header");
 	char *buf = malloc(len + 1);
@@ -390,6 +438,8 @@ static void read_spec(struct spec *s)
 		case 'X': s->x11 = atoi(v) + 1; break;
 		case 'Y': s->xpra = 1; break;
 		case 'Z': parse_rlimit(v, &s->rlims[s->nrlims++]); break;
+		case 'r': s->entropy = v; break;
+		case 't': s->realtime_ns = atoll(v); break;
 		case 'm':
 			parse_mop(v, &s->mops[s->nmops]);
 			if (s->mops[s->nmops].op == MOP_SHARE_RW)
@@ -1153,6 +1203,76 @@ static int handle_ctl(struct child *c, struct pump *pumps)
 	return acked;
 }
 
+/* ---- uniqueness after a restore ---------------------------------------- */
+
+/* Every guest restored from one template starts with the same pool and
+ * the same clock: mix in the host's bytes, credit them and reseed now, so
+ * that getrandom, AT_RANDOM and the command's ASLR differ between sandboxes. */
+static void reseed(const char *hex)
+{
+	struct {
+		int entropy_count, buf_size;
+		unsigned char buf[64];
+	} e = {0, 0, {0}};
+	size_t n = 0;
+	for (; hex && hex[0] && hex[1] && n < sizeof e.buf; hex += 2) {
+		unsigned int b;
+		if (sscanf(hex, "%2x", &b) != 1)
+			break;
+		e.buf[n++] = (unsigned char)b;
+	}
+	if (!n)
+		return;
+	e.buf_size = (int)n;
+	e.entropy_count = (int)n * 8;
+	int fd = open("/dev/urandom", O_WRONLY | O_CLOEXEC);
+	if (fd < 0)
+		die("cannot open /dev/urandom: %s", strerror(errno));
+	if (ioctl(fd, RNDADDENTROPY, &e) != 0 || ioctl(fd, RNDRESEEDCRNG) != 0)
+		die("cannot reseed the guest's random pool: %s", strerror(errno));
+	close(fd);
+}
+
+static void set_realtime(long long ns)
+{
+	if (ns <= 0)
+		return;
+	struct timespec ts = {(time_t)(ns / 1000000000ll), (long)(ns % 1000000000ll)};
+	clock_settime(CLOCK_REALTIME, &ts);
+}
+
+/* The host answers "spec_read" with its wall clock ("C <ns>"); take it as
+ * of when that stamp left, which is closer than the spec's own time (a
+ * restored guest reads the spec a few hundred ms after it was written). */
+static void sync_clock(uint64_t sent_ns)
+{
+	uint64_t deadline = now_ns() + 2000000000ull;
+	for (;;) {
+		ctl_in[ctl_in_len] = 0;
+		char *line = ctl_in;
+		for (char *nl; (nl = strchr(line, '\n')); line = nl + 1) {
+			long long host_ns;
+			if (sscanf(line, "C %lld", &host_ns) == 1) {
+				set_realtime(host_ns + (long long)(now_ns() - sent_ns));
+				size_t rest = (size_t)(ctl_in + ctl_in_len - (nl + 1));
+				memmove(line, nl + 1, rest);
+				ctl_in_len = (size_t)(line - ctl_in) + rest;
+				return;
+			}
+		}
+		uint64_t t = now_ns();
+		if (t >= deadline || ctl_in_len >= sizeof ctl_in - 1)
+			return; /* keep the spec's time */
+		struct pollfd pfd = {ctl_fd, POLLIN, 0};
+		if (poll(&pfd, 1, (int)((deadline - t) / 1000000ull) + 1) <= 0)
+			continue;
+		ssize_t n = read(ctl_fd, ctl_in + ctl_in_len, sizeof ctl_in - ctl_in_len - 1);
+		if (n <= 0)
+			return;
+		ctl_in_len += (size_t)n;
+	}
+}
+
 int main(void)
 {
 	uint64_t t0 = now_ns(), tsc = __rdtsc();
@@ -1175,8 +1295,15 @@ int main(void)
 	if (ctl_fd < 0)
 		die("control port did not appear");
 	write_all(ctl_fd, early, early_len);
+	/* Nothing of the run has entered the guest yet: a template is taken
+	 * here (sandbox/qemu/template.py), and restored guests resume here. */
+	stamp("ready");
 	static struct spec s;
 	read_spec(&s);
+	reseed(s.entropy);
+	set_realtime(s.realtime_ns);
+	uint64_t spec_read = now_ns();
+	ctl_send("T spec_read %llu", (unsigned long long)spec_read);
 	int in_port = open_port(PORT_STDIN, O_RDONLY, 2000);
 	int out_port = open_port(PORT_STDOUT, O_WRONLY, 2000);
 	int err_port = open_port(PORT_STDERR, O_WRONLY, 2000);
@@ -1191,6 +1318,7 @@ int main(void)
 		x11_setup(s.x11 - 1, s.xpra, (uid_t)s.uid, (gid_t)s.gid);
 	}
 
+	sync_clock(spec_read);
 	struct child c;
 	unsigned long ooms = oom_kills();
 	int code = spawn(&s, &c);

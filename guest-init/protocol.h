@@ -23,6 +23,11 @@
  *     Z "<resource> <soft> <hard>" an rlimit for the command (-1: unlimited)
  *     m "<op>:<tag>:<octal mode>:<size>:<path>" one mount step (MOP_*),
  *       done in order over the read-only root; the path is the guest's
+ *     r 64 random bytes in hex, mixed into the guest's pool and credited
+ *     t the host's CLOCK_REALTIME in ns when the spec was made
+ * The init stamps "ready" just before it reads the spec (a template is
+ * taken there) and "spec_read" just after; the host answers the latter:
+ *   "C <realtime_ns>\n"  the host's wall clock, set before the command starts
  * Later, host -> guest:
  *   "K <signo>\n"        deliver a signal to the command's process group
  *   "W <rows> <cols>\n"  window size changed

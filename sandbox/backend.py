@@ -51,6 +51,19 @@ class Guest(Protocol):
         """The guest init reported in: what only the boot needed can go."""
         ...
 
+    @property
+    def holds_spec(self) -> bool:
+        """Send the spec only after `ready()`: the backend snapshots the guest before any run data enters."""
+        ...
+
+    def ready(self) -> bytes | None:
+        """The guest init waits for its spec, nothing of the run in it yet (a backend may snapshot it now).
+
+        Returns a control message for the guest, after which it says
+        "ready" again; None when the spec may go.
+        """
+        ...
+
     def stop(self, soft_timeout: float = 1.0) -> int:
         """A polite stop, then a forced one after `soft_timeout` seconds."""
         ...

@@ -71,6 +71,8 @@ class CommandSpec:
     mounts: tuple[MountStep, ...] = ()
     x11_display: int | None = None
     x11_xpra: bool = False  # --x11=xpra: the host dials in to an xpra server in the guest
+    entropy: bytes = b""  # mixed into the guest's pool: clones of one template must differ
+    realtime_ns: int = 0  # the host's wall clock when the spec was made (refined by "C")
 
 
 def _field(key: str, value: str) -> bytes:
@@ -101,6 +103,10 @@ def encode_spec(spec: CommandSpec) -> bytes:
         parts.append(_field("X", str(spec.x11_display)))
         if spec.x11_xpra:
             parts.append(_field("Y", "1"))
+    if spec.entropy:
+        parts.append(_field("r", spec.entropy.hex()))
+    if spec.realtime_ns:
+        parts.append(_field("t", str(spec.realtime_ns)))
     body = b"".join(parts)
     return b"SPEC %d\n" % len(body) + body
 
@@ -192,4 +198,12 @@ def broken_pipe_message(fd: int) -> bytes:
     return b"P %d\n" % fd
 
 
+def clock_message(realtime_ns: int) -> bytes:
+    """The host's wall clock, the answer to the guest's "spec_read" stamp."""
+    return b"C %d\n" % realtime_ns
+
+
 ACK = b"A\n"
+# Instead of a spec, to a guest about to be snapshotted: zero your free
+# memory (so the template holds no stale pages), then stamp "ready" again.
+ZERO_FREE_MEMORY = b"ZERO\n"

@@ -64,6 +64,7 @@ class Outcome:
     looked_up: str | None = None  # the first host name the command asked for
     oom_kills: int = 0  # processes the guest's OOM killer killed
     fatal: str | None = None  # the guest init could not set up the sandbox
+    started: bool = False  # the command was started (before that, a run can be retried)
 
 
 class Deadlines:
@@ -133,7 +134,10 @@ class Relay:
         self.ch = guest.channels
         self.console_log_path = console_log
         self.timeline = timeline
-        self.ctl_out = bytearray(spec_message)
+        # A guest being snapshotted gets its spec only after the snapshot.
+        self.spec_message = spec_message
+        self.spec_sent = not guest.holds_spec
+        self.ctl_out = bytearray() if guest.holds_spec else bytearray(spec_message)
         self.tty = tty
         self.verbose = verbose
         self.boot_timeout = boot_timeout
@@ -150,6 +154,7 @@ class Relay:
         self.killed_by: int | None = None
         self.pending_signal: int | None = None
         self.booted = False
+        self.started = False
         self.ctl_in = b""
         self.finished: protocol.Finished | None = None
         self.exec_failed: protocol.ExecFailed | None = None
@@ -210,6 +215,7 @@ class Relay:
             looked_up=self.looked_up,
             oom_kills=self.oom_kills,
             fatal=self.fatal,
+            started=self.started,
         )
 
     def _on_signal(self, signo: int, _frame: FrameType | None) -> None:
@@ -301,7 +307,16 @@ class Relay:
                 self.guest.booted()
             if self.state is State.BOOTING:
                 self.deadlines.set("progress", self.boot_timeout)
+            if msg.phase == "ready" and self.guest.holds_spec and not self.spec_sent:
+                request = self.guest.ready()
+                self.deadlines.set("progress", self.boot_timeout)
+                if request is None:
+                    self.spec_sent = True
+                self._send_ctl(request if request is not None else self.spec_message)
+            elif msg.phase == "spec_read":
+                self._send_ctl(protocol.clock_message(time.time_ns()))
             if msg.phase == "command_exec" and self.state is State.BOOTING:
+                self.started = True
                 self.state = State.RUNNING
                 self.deadlines.clear("progress")
                 self._enable_stdin()

@@ -16,7 +16,8 @@ from . import cache, config, diagnostics, host, initramfs, kernel, mounts, proto
 from .errors import EXIT_LAUNCHER, BootStallError, MachineError, SandboxError, TimeoutExpired, UsageError
 from .guestinit import init_binary
 from .qemu import argv as qemuargv
-from .qemu.backend import BootSpec, DirectGuest
+from .qemu import template
+from .qemu.backend import BootSpec, DirectGuest, WarmStart, template_argv
 from .relay import End, Relay
 from .timings import Timeline, monotonic_boottime
 
@@ -59,6 +60,7 @@ class RunOptions:
     x11: X11Session | None = None
     env: tuple[tuple[str, str], ...] | None = None  # None: this process's environment
     cwd: str | None = None
+    warm: bool = True  # restore from a template when one fits (--cold: never)
 
     def __post_init__(self) -> None:
         if not self.argv:
@@ -227,6 +229,8 @@ def command_spec(opts: RunOptions, tty: int, plan: mounts.Plan, home: str, cwd: 
         mounts=plan.steps,
         x11_display=x11_display,
         x11_xpra=opts.x11 is not None and opts.x11.mode == "xpra",
+        entropy=os.urandom(64),
+        realtime_ns=time.time_ns(),
     )
 
 
@@ -268,19 +272,10 @@ def prepare(opts: RunOptions) -> Prepared:
     return Prepared(accel, qemu, machine, image, pvh_image is not None, initrd, cmdline, tsc)
 
 
-def boot_once(
-    opts: RunOptions,
-    prep: Prepared,
-    rundir: Path,
-    timeline: Timeline,
-    attempt: int,
-    cspec: protocol.CommandSpec,
-    plan: mounts.Plan,
-    timeout_at: float | None,
-) -> RunResult:
-    """One boot of the VM; raises BootStallError if it stalls before the command starts."""
+def boot_spec(opts: RunOptions, prep: Prepared, plan: mounts.Plan) -> BootSpec:
+    """The machine for this run (the same for every attempt)."""
     confinement = opts.confinement
-    boot = BootSpec(
+    return BootSpec(
         qemu=prep.qemu.path,
         accel=prep.accel,
         machine=prep.machine,
@@ -296,8 +291,38 @@ def boot_once(
         x11=opts.x11 is not None,
         shares=tuple(qemuargv.Share(tag, share.host, readonly=not share.writable) for tag, share in plan.shares),
     )
-    boot_timeout = opts.boot_timeout or (20.0 if prep.accel == "tcg" else 10.0)
-    with DirectGuest(boot, rundir, timeline, confinement, opts.verbose) as guest:
+
+
+# A restore resumes in well under a second; one that makes no progress for
+# this long is broken, and the run boots cold instead.
+WARM_PROGRESS_TIMEOUT = 8.0
+
+
+class WarmStartFailed(SandboxError):
+    """The restored guest ended or stalled before the command started."""
+
+    def __init__(self, message: str, template_broken: bool) -> None:
+        super().__init__(message)
+        self.template_broken = template_broken
+
+
+def boot_once(
+    opts: RunOptions,
+    boot: BootSpec,
+    rundir: Path,
+    timeline: Timeline,
+    attempt: int,
+    cspec: protocol.CommandSpec,
+    timeout_at: float | None,
+    warm: WarmStart | None = None,
+    builder: template.Builder | None = None,
+) -> RunResult:
+    """One boot (or restore) of the VM; raises BootStallError if it stalls before the command starts."""
+    confinement = opts.confinement
+    boot_timeout = opts.boot_timeout or (20.0 if boot.accel == "tcg" else 10.0)
+    if warm is not None:
+        boot_timeout = min(boot_timeout, WARM_PROGRESS_TIMEOUT)
+    with DirectGuest(boot, rundir, timeline, confinement, opts.verbose, warm=warm, builder=builder) as guest:
         guest.wait_built(boot_timeout, attempt)
         relay = Relay(
             guest,
@@ -311,6 +336,15 @@ def boot_once(
             x11=opts.x11,
         )
         outcome = relay.run()
+        host_oom = outcome.status is None and confinement is not None and confinement.oom_killed()
+        if host_oom:
+            # The limit is the user's: a cold boot would meet it too, and the template is fine.
+            raise MachineError(diagnostics.host_oom(opts.memory_mb, confinement.limits.memory_mb))  # type: ignore[union-attr]
+        if warm is not None and not outcome.started and outcome.end in (End.STALL, End.DIED):
+            # Nothing of the command ran and no input was read: boot cold instead.
+            why = outcome.fatal or ("it made no progress" if outcome.end is End.STALL else "the guest stopped")
+            log.info("restore log tail:\n%s", guest.failure("").log_tail)
+            raise WarmStartFailed(f"the restored guest failed before the command started ({why})", outcome.fatal is None)
         if outcome.end is End.STALL:
             failure = guest.failure("")
             raise BootStallError(f"guest boot made no progress for {boot_timeout:g} s (attempt {attempt})", failure.argv, failure.log_tail)
@@ -319,8 +353,6 @@ def boot_once(
         if outcome.fatal is not None:
             raise SandboxError(f"cannot set up the sandbox: {outcome.fatal}")
         if outcome.status is None:
-            if confinement is not None and confinement.oom_killed():
-                raise MachineError(diagnostics.host_oom(opts.memory_mb, confinement.limits.memory_mb))
             panic = _panic_line(rundir / "console.log")
             raise guest.failure(f"guest kernel panic ({panic})" if panic else "guest stopped before reporting a status")
         if outcome.exec_failed is not None:
@@ -330,6 +362,84 @@ def boot_once(
         if outcome.looked_up is not None and outcome.status != 0:
             log.warning("%s", diagnostics.no_network(outcome.looked_up))
         return RunResult(outcome.status, timeline, outcome.qemu_peak_rss_kb)
+
+
+def template_store(opts: RunOptions, prep: Prepared, boot: BootSpec) -> template.Store | None:
+    """Where this run's template lives, or None when this run boots cold whatever there is."""
+    if not opts.warm or opts.verbose >= 2:  # -vv asks for the boot log: there must be a boot
+        return None
+    identities = {
+        "qemu": f"{cache.file_identity(Path(prep.qemu.path))}:{prep.qemu.version}",
+        "kernel": cache.file_identity(prep.kernel_image),
+        "initrd": cache.file_identity(prep.initrd),
+    }
+    try:
+        store = template.Store(template.key(template_argv(boot), identities))
+        for stale in template.prune(store.key):
+            log.info("removed unused template %s", stale)
+    except (OSError, SandboxError) as exc:
+        log.info("warm start unavailable: %s", exc)
+        return None
+    return store
+
+
+def _restore_inputs(store: template.Store, memory_mb: int) -> WarmStart | None:
+    found = store.load(memory_mb << 20)
+    if found is None:
+        return None
+    try:
+        state_fd = os.open(found.state, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        store.invalidate(f"cannot read its device state: {exc.strerror}")
+        return None
+    try:
+        return WarmStart(template.RestoreRam(found, store.root), state_fd)
+    except OSError as exc:
+        os.close(state_fd)
+        log.info("warm start unavailable: %s", exc)
+        return None
+
+
+def _boot(
+    opts: RunOptions,
+    prep: Prepared,
+    boot: BootSpec,
+    rundir: Path,
+    timeline: Timeline,
+    cspec: protocol.CommandSpec,
+    timeout_at: float | None,
+) -> RunResult:
+    """Warm when a template fits, else cold (building the template on the way); a stalled boot is retried."""
+    store = template_store(opts, prep, boot)
+    if store is not None:
+        warm = _restore_inputs(store, opts.memory_mb)
+        if warm is not None:
+            timeline.start = "warm"
+            try:
+                return boot_once(opts, boot, rundir, timeline, 1, cspec, timeout_at, warm=warm)
+            except (WarmStartFailed, template.TemplateError) as exc:
+                log.warning("%s; booting cold", exc)
+                if not isinstance(exc, WarmStartFailed) or exc.template_broken:
+                    store.invalidate("its guest failed")
+                timeline.new_boot()
+            finally:
+                warm.ram.close()
+                os.close(warm.state_fd)
+    builder = template.Builder.try_start(store, opts.memory_mb << 20, prep.qemu.version) if store is not None else None
+    timeline.start = "cold" if builder is None else "cold, building the template"
+    try:
+        for attempt in range(1, opts.boot_retries + 2):
+            try:
+                return boot_once(opts, boot, rundir, timeline, attempt, cspec, timeout_at, builder=builder)
+            except BootStallError as exc:
+                if attempt > opts.boot_retries:
+                    raise
+                log.warning("%s; retrying", exc)
+                timeline.new_boot()
+    finally:
+        if builder is not None:
+            builder.close()
+    raise SandboxError("unreachable")  # pragma: no cover
 
 
 def _panic_line(console_log: Path) -> str | None:
@@ -365,20 +475,35 @@ def run(opts: RunOptions) -> RunResult:
         if opts.x11 is not None:
             stack.callback(opts.x11.close)
             opts.x11.start(f"sandbox: {' '.join(opts.argv)} [{label or 'unlabelled'}]")
-        for attempt in range(1, opts.boot_retries + 2):
-            try:
-                result = boot_once(opts, prep, rundir, timeline, attempt, cspec, plan, timeout_at)
-                if opts.confinement is not None:
-                    opts.confinement.exit_status = result.status
-                return result
-            except BootStallError as exc:
-                if attempt > opts.boot_retries:
-                    raise
-                log.warning("%s; retrying", exc)
-                timeline.new_boot()
-    raise SandboxError("unreachable")  # pragma: no cover
+        result = _boot(opts, prep, boot_spec(opts, prep, plan), rundir, timeline, cspec, timeout_at)
+        if opts.confinement is not None:
+            opts.confinement.exit_status = result.status
+        return result
 
 
 def exit_status(result: RunResult) -> int:
     return result.status if 0 <= result.status <= 255 else EXIT_LAUNCHER
+
+
+def prepare_template(opts: RunOptions) -> tuple[template.Template, bool]:
+    """The template `opts` would restore from, built now if there is none; (template, whether it was built)."""
+    env = dict(opts.env) if opts.env is not None else dict(os.environ)
+    home = user_home(env)
+    cwd = opts.cwd or working_directory()
+    prep = prepare(opts)
+    boot = boot_spec(opts, prep, mount_plan(opts, home, cwd))
+    store = template_store(opts, prep, boot)
+    if store is None:
+        raise UsageError("warm start is off for these options (--cold, or -vv which shows a whole boot)")
+    found = store.load(opts.memory_mb << 20)
+    if found is not None:
+        return found, False
+    result = run(opts)
+    if result.status != 0:
+        raise SandboxError(f"the template's boot ran `{' '.join(opts.argv)}`, which exited with status {result.status}")
+    found = store.load(opts.memory_mb << 20)
+    if found is None:
+        how = "another launcher was building it" if result.timeline.start == "cold" else "see -v for why"
+        raise SandboxError(f"no template was made ({how})")
+    return found, True
 

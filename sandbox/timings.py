@@ -33,6 +33,8 @@ PHASES = (
     "kernel_entry",
     "init_start",
     "modules_loaded",
+    "template_saved",
+    "spec_read",
     "root_mounted",
     "command_exec",
     "command_exit",
@@ -46,6 +48,10 @@ SPANS = (
     ("qemu_setup", "qemu_exec", "kernel_entry"),
     ("kernel", "kernel_entry", "init_start"),
     ("modules", "init_start", "modules_loaded"),
+    # A warm start has no kernel boot: QEMU restores the guest, which reads its spec.
+    ("restore", "qemu_exec", "spec_read"),
+    # The first run of a template: zeroing free guest memory and saving it.
+    ("template", "modules_loaded", "template_saved"),
     ("mount", "modules_loaded", "root_mounted"),
     ("spawn", "root_mounted", "command_exec"),
     ("command", "command_exec", "command_exit"),
@@ -70,13 +76,29 @@ class Timeline:
     offset: float | None = None  # host - guest, seconds
     guest_tsc: int | None = None
     tsc_khz: int | None = None
+    start: str = "cold"  # "warm" (restored from a template), "cold", "cold, building the template"
 
     def new_boot(self) -> None:
         """Forget a stalled boot's stamps before the retry (the launcher's start stays)."""
         self.guest.clear()
         self.guest_tsc = None
         self.offset = None
-        self.host.pop("qemu_exec", None)
+        launched = self.host.get("launcher_start")
+        self.host.clear()
+        if launched is not None:
+            self.host["launcher_start"] = launched
+
+    def rebase(self) -> None:
+        """Fix the guest stamps so far on the host clock and estimate the offset anew.
+
+        After the guest was paused (a template is taken mid-run) its clock
+        is behind by the pause; stamps on either side need their own offset.
+        """
+        for phase, when in self.phases().items():
+            self.host.setdefault(phase, when)
+        self.guest.clear()
+        self.guest_tsc = None
+        self.offset = None
 
     def stamp_host(self, phase: str, when: float) -> None:
         self.host.setdefault(phase, when)
@@ -105,17 +127,24 @@ class Timeline:
 def spans(phases: dict[str, float]) -> dict[str, float]:
     """Durations in seconds of each span whose two ends were stamped."""
     out = {}
+    warm = "init_start" not in phases
     for name, a, b in (*SPANS, SHUTDOWN, TOTAL):
+        if name == "restore" and not warm:
+            continue
+        if name == "mount" and warm:
+            a = "spec_read"
+        elif name == "mount" and "template_saved" in phases:
+            a = "template_saved"
         if a in phases and b in phases:
             out[name] = phases[b] - phases[a]
     return out
 
 
-def format_table(phases: dict[str, float]) -> str:
+def format_table(phases: dict[str, float], start: str = "cold") -> str:
     """The human-readable breakdown printed by --timings."""
     d = spans(phases)
     total = d.get("total") or 0.0
-    lines = ["sandbox timings:"]
+    lines = [f"sandbox timings ({start} start):"]
     for name, _a, _b in SPANS:
         if name in d:
             share = f"{100 * d[name] / total:5.1f}%" if total else ""
@@ -126,10 +155,11 @@ def format_table(phases: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
-def to_json(phases: dict[str, float], qemu_peak_rss_kb: int | None = None) -> str:
+def to_json(phases: dict[str, float], qemu_peak_rss_kb: int | None = None, start: str = "cold") -> str:
     base = phases.get("launcher_start", 0.0)
     return json.dumps(
         {
+            "start": start,
             "clock": "host CLOCK_BOOTTIME, seconds since launcher_start",
             "phases": {p: round(t - base, 6) for p, t in phases.items()},
             "spans_ms": {k: round(v * 1000, 3) for k, v in spans(phases).items()},

@@ -54,15 +54,27 @@ def _rss_by_mapping(pid: int) -> list[tuple[str, int]]:
     return out
 
 
+def _fd_flags(pid: int, fd: int) -> int:
+    """The open flags of a process's descriptor."""
+    for line in Path(f"/proc/{pid}/fdinfo/{fd}").read_text().splitlines():
+        if line.startswith("flags:"):
+            return int(line.split()[1], 8)
+    raise AssertionError(f"no flags for fd {fd} of {pid}")
+
+
 def status(pid: int) -> dict[str, str]:
     return dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":\t" in line)
 
 
-def test_qemu_is_confined_as_libvirt_would(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("start", ["cold", "warm"])
+def test_qemu_is_confined_as_libvirt_would(start: str, capsys: pytest.CaptureFixture[str]) -> None:
     if os.geteuid() != 0:
         pytest.fail("confinement as root is what this checks")
+    if start == "warm":  # the template, built if this cache has none yet
+        subprocess.run([*SANDBOX, "run", "--", "true"], check=True, capture_output=True, timeout=120)
     proc = popen(
-        [*SANDBOX, "run", "--pids-limit", "64", "--memory-limit", "1G", "--cpu-weight", "50",
+        [*SANDBOX, "run", "--timings=json", *(["--cold"] if start == "cold" else []),
+         "--pids-limit", "64", "--memory-limit", "1G", "--cpu-weight", "50",
          "--", "sh", "-c", "echo ready; read line; echo got $line"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
@@ -101,19 +113,32 @@ def test_qemu_is_confined_as_libvirt_would(capsys: pytest.CaptureFixture[str]) -
         assert cwd.startswith("/run/sandbox/run-"), cwd
         fds = {int(fd): os.readlink(f"/proc/{qemu}/fd/{fd}") for fd in os.listdir(f"/proc/{qemu}/fd")}
         assert fds[0] == "/dev/null" and fds[1].endswith("/qemu.log") and fds[2] == fds[1]
-        # The boot images: sealed in-memory copies (sandbox/qemu/bootimages.py),
-        # the one file QEMU shares with the launcher, which empties them.
         images = sorted(t for t in fds.values() if t.startswith("/memfd:"))
-        assert [Path(t.split(" ")[0]).suffix for t in images] == [".cpio", ".pvh"], images
+        if start == "cold":
+            # The boot images: sealed in-memory copies (sandbox/qemu/bootimages.py),
+            # the one file QEMU shares with the launcher, which empties them.
+            assert [Path(t.split(" ")[0]).suffix for t in images] == [".cpio", ".pvh"], images
+        else:
+            # The template's RAM: a sealed memfd QEMU maps privately; the boot
+            # images are the cache's own files, read-only, never written to RAM.
+            # (twice: the descriptor it inherits and its own read-write reopening of it, for the mapping)
+            assert {t.split(" ")[0].rsplit("-", 1)[0] for t in images} == {"/memfd:sandbox-ram"}, images
+            assert len({os.stat(f"/proc/{qemu}/fd/{fd}").st_ino for fd, t in fds.items() if t in images}) == 1
+            cached = sorted(Path(t).suffix for t in fds.values() if "/.cache/sandbox/" in t and "/templates/" not in t)
+            assert cached == [".cpio", ".pvh"], fds
+            for fd, target in fds.items():
+                if "/.cache/sandbox/" in target:
+                    assert _fd_flags(qemu, fd) & os.O_ACCMODE == os.O_RDONLY, target
         for fd, target in fds.items():
             if target in images:
                 with open(f"/proc/{qemu}/fd/{fd}", "rb") as f:
                     seals = fcntl.fcntl(f, fcntl.F_GET_SEALS)
-                    # Emptied once used: the guest runs, so both were.
-                    assert os.fstat(f.fileno()).st_size == 0, target
+                    if start == "cold":  # emptied once used: the guest runs, so both were
+                        assert os.fstat(f.fileno()).st_size == 0, target
                 assert seals & fcntl.F_SEAL_WRITE and seals & fcntl.F_SEAL_GROW, (target, seals)
-        mapped = _rss_by_mapping(qemu)
-        assert [kb for name, kb in mapped if name.startswith("/memfd:")] == [0, 0], mapped
+        if start == "cold":
+            mapped = _rss_by_mapping(qemu)
+            assert [kb for name, kb in mapped if name.startswith("/memfd:")] == [0, 0], mapped
         # Nothing the launcher holds reaches QEMU: its pipes, its stdio, the
         # other ends of the socketpairs (each end is its own socket inode).
         launcher = {os.readlink(f"/proc/{proc.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{proc.pid}/fd")}
@@ -129,6 +154,9 @@ def test_qemu_is_confined_as_libvirt_would(capsys: pytest.CaptureFixture[str]) -
         proc.wait(60)
     assert out == b"got bye\n"
     assert proc.returncode == 0
+    assert proc.stderr is not None
+    err = proc.stderr.read().decode()
+    assert json.loads(err[err.index("{\n") :])["start"] == start  # the walls held for the start asked for
     # The audit trail has this sandbox's start and stop.
     audit = subprocess.run([*SANDBOX, "audit", "-n", "2"], capture_output=True, text=True, check=True).stdout
     start, stop = (json.loads(line) for line in audit.splitlines())

@@ -44,15 +44,20 @@ def test_exit_status_is_the_commands(code: int) -> None:
     assert stderr_lines(proc) == []
 
 
-def test_success_with_json_timings() -> None:
-    proc = run_sandbox("true", run_opts=("--timings=json",))
+@pytest.mark.parametrize("start", ["cold", "warm"])
+def test_success_with_json_timings(start: str) -> None:
+    if start == "warm":
+        run_sandbox("true")  # builds the template if this cache has none
+    proc = run_sandbox("true", run_opts=("--timings=json", *(["--cold"] if start == "cold" else [])))
     assert proc.returncode == 0, proc.stderr
     err = proc.stderr.decode()
     data = json.loads(err[err.index("{") :])
+    assert data["start"] == start
     phases = data["phases"]
-    order = ["launcher_start", "qemu_exec", "kernel_entry", "init_start", "modules_loaded",
+    boot = ["kernel_entry", "init_start", "modules_loaded"] if start == "cold" else []
+    order = ["launcher_start", "qemu_exec", *boot, "spec_read",
              "root_mounted", "command_exec", "command_exit", "poweroff", "qemu_reaped"]  # fmt: skip
-    assert [p for p in order if p in phases] == order, phases
+    assert list(phases) == order, phases
     times = [phases[p] for p in order]
     assert times == sorted(times), "phases out of order on the host clock"
     assert 0 < data["spans_ms"]["shutdown"] < 5000
@@ -241,7 +246,7 @@ def test_guest_kernel_panic_is_a_launcher_error_with_console_tail() -> None:
 def test_a_stalled_boot_is_detected_retried_and_reported() -> None:
     # A boot bound far below the real boot time: every attempt "stalls".
     start = time.monotonic()
-    proc = run_sandbox("true", run_opts=("--boot-timeout", "0.3"))
+    proc = run_sandbox("true", run_opts=("--cold", "--boot-timeout", "0.3"))
     assert proc.returncode == 125
     lines = stderr_lines(proc)
     assert any("no progress" in ln and "retrying" in ln for ln in lines), lines

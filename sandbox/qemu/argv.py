@@ -30,6 +30,18 @@ class Port:
 
 
 @dataclass(frozen=True)
+class GuestRam:
+    """Guest RAM in a file QEMU maps (for templates); otherwise QEMU's own anonymous memory.
+
+    `shared`: QEMU writes through to the file (building a template); else a
+    private copy-on-write mapping (restoring from one).
+    """
+
+    path: str
+    shared: bool
+
+
+@dataclass(frozen=True)
 class MachineSpec:
     """Everything the QEMU command line depends on."""
 
@@ -48,6 +60,8 @@ class MachineSpec:
     tb_size_mb: int | None = None
     seccomp: bool = False
     cpu_model: str | None = None  # None: host under KVM, TCG_CPU under TCG
+    ram: GuestRam | None = None
+    incoming: bool = False  # wait for a device state to restore (migrate-incoming)
     extra: tuple[str, ...] = field(default=())
 
 
@@ -71,6 +85,8 @@ def _machine(spec: MachineSpec) -> str:
         opts = f"microvm,x-option-roms=off,pit=off,pic=off,rtc=on,acpi=on,auto-kernel-cmdline=off,isa-serial=on,pcie={pcie}"
     else:
         opts = "q35,vmport=off,smbus=off,sata=off,usb=off,graphics=off"
+    if spec.ram is not None:
+        opts += ",memory-backend=mem0"
     return opts
 
 
@@ -110,6 +126,13 @@ def build_argv(spec: MachineSpec) -> list[str]:
         "-initrd", str(spec.initrd),
         "-append", spec.cmdline,
     ]  # fmt: skip
+    if spec.ram is not None:
+        mode = "on" if spec.ram.shared else "off"
+        argv += ["-object", f"memory-backend-file,id=mem0,size={spec.memory_mb}M,mem-path={escape(spec.ram.path)},share={mode}"]
+    if spec.incoming:
+        # The state comes once the monitor has set the migration
+        # capabilities (QEMU 7.2 has no command-line switch for x-ignore-shared).
+        argv += ["-incoming", "defer"]
     if spec.console_fd is not None:
         argv += ["-chardev", f"socket,id=console,fd={spec.console_fd}", "-serial", "chardev:console"]
     else:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
@@ -19,6 +20,8 @@ from ..timings import Timeline, monotonic_boottime
 from . import argv as qemuargv
 from .bootimages import BootImage
 from .machine import Machine
+from . import template
+from .template import Builder
 
 if TYPE_CHECKING:
     from ..confinement.walls import Confinement
@@ -48,6 +51,84 @@ class BootSpec:
     shares: tuple[qemuargv.Share, ...]  # after the root's
 
 
+# The same ports for every run, X11's included (unused without --x11), so
+# that one template serves all runs.
+PORTS = (protocol.PORT_CONTROL, protocol.PORT_STDIN, protocol.PORT_STDOUT, protocol.PORT_STDERR, protocol.PORT_X11)
+
+
+ZERO_HEADROOM_MB = 256  # QEMU's own memory beside guest RAM, with room to spare
+
+
+@dataclass(frozen=True)
+class WarmStart:
+    """A restore: the template's RAM (filled in once QEMU runs) and its device state."""
+
+    ram: template.RestoreRam
+    state_fd: int
+
+
+def machine_spec(
+    boot: BootSpec,
+    kernel: Path,
+    initrd: Path,
+    console_fd: int,
+    monitor_fd: int,
+    port_fds: dict[int, int],
+    export: Callable[[Path], Path] = lambda p: p,
+    ram: qemuargv.GuestRam | None = None,
+    incoming: bool = False,
+) -> qemuargv.MachineSpec:
+    """The QEMU machine for `boot`, with the given descriptors and paths."""
+    return qemuargv.MachineSpec(
+        qemu=boot.qemu,
+        accel=boot.accel,
+        machine=boot.machine,
+        kernel=kernel,
+        initrd=initrd,
+        cmdline=boot.cmdline,
+        memory_mb=boot.memory_mb,
+        cpus=boot.cpus,
+        console_fd=console_fd,
+        monitor_fd=monitor_fd,
+        shares=(qemuargv.Share(protocol.ROOT_TAG, export(Path("/"))),)
+        + tuple(qemuargv.Share(s.tag, export(s.path), s.readonly) for s in boot.shares),
+        ports=tuple(qemuargv.Port(n, protocol.PORT_NAMES[n], port_fds[n]) for n in sorted(port_fds)),
+        tb_size_mb=boot.tb_size_mb,
+        cpu_model=boot.cpu_model,
+        seccomp=boot.seccomp,
+        ram=ram,
+        incoming=incoming,
+    )
+
+
+def template_argv(boot: BootSpec) -> list[str]:
+    """QEMU's argv for `boot` with everything that differs between runs made constant.
+
+    What is left is what shapes the guest a template holds: a change in it
+    means another template.  Share paths, their modes and seccomp are
+    host-side only; descriptors and paths are placeholders.
+    """
+    canonical = replace(
+        boot,
+        seccomp=False,
+        x11=False,
+        shares=tuple(qemuargv.Share(s.tag, Path("/"), True) for s in boot.shares),
+        kernel_image=Path("kernel"),
+        initrd=Path("initrd"),
+    )
+    spec = machine_spec(
+        canonical,
+        kernel=Path("kernel"),
+        initrd=Path("initrd"),
+        console_fd=0,
+        monitor_fd=0,
+        port_fds={n: 0 for n in PORTS},
+        ram=qemuargv.GuestRam("ram", shared=False),
+        incoming=True,
+    )
+    return qemuargv.build_argv(spec)
+
+
 class DirectGuest:
     """One QEMU process running the guest init (implements backend.Guest).
 
@@ -56,8 +137,22 @@ class DirectGuest:
     reaps it and closes every channel.
     """
 
-    def __init__(self, boot: BootSpec, rundir: Path, timeline: Timeline, confinement: Confinement | None, verbose: int = 0) -> None:
+    def __init__(
+        self,
+        boot: BootSpec,
+        rundir: Path,
+        timeline: Timeline,
+        confinement: Confinement | None,
+        verbose: int = 0,
+        warm: WarmStart | None = None,
+        builder: Builder | None = None,
+    ) -> None:
         self.boot = boot
+        self.warm = warm
+        self.builder = builder
+        self._zeroed = False
+        self._filling: threading.Thread | None = None
+        self._fill_error: str | None = None
         self.rundir = rundir
         self.timeline = timeline
         self.confinement = confinement
@@ -81,6 +176,32 @@ class DirectGuest:
     def booted(self) -> None:
         # The initramfs is in guest RAM once the init runs (bootimages.py).
         self.images[1].release()
+
+    @property
+    def holds_spec(self) -> bool:
+        return self.builder is not None
+
+    def ready(self) -> bytes | None:
+        if self.builder is None or self.machine is None:
+            return None
+        if not self._zeroed:
+            self._zeroed = True
+            # Zeroing makes QEMU touch all of guest RAM once; under a host
+            # limit that would not hold it, keep the stale pages instead.
+            limit = self.confinement.limits.memory_mb if self.confinement is not None else None
+            if limit is None or limit >= self.boot.memory_mb + ZERO_HEADROOM_MB:
+                return protocol.ZERO_FREE_MEMORY
+        qmp = self.machine.monitor_session()
+        if qmp is None:
+            return None
+        try:
+            self.builder.take(qmp)
+        except Exception as exc:  # noqa: BLE001 - the run goes on cold whatever went wrong
+            log.warning("could not save a template for warm start: %s", exc)
+        # The guest's clock stood still while it was paused.
+        self.timeline.rebase()
+        self.timeline.stamp_host("template_saved", monotonic_boottime())
+        return None
 
     def stop(self, soft_timeout: float = 1.0) -> int:
         assert self.machine is not None
@@ -121,7 +242,11 @@ class DirectGuest:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        self._stack.close()
+        try:
+            self._stack.close()
+        finally:
+            if self._filling is not None:
+                self._filling.join()  # it writes into a descriptor the caller closes next
 
     def _pair(self) -> tuple[socket.socket, socket.socket]:
         """A socketpair: our end, and QEMU's end, which it inherits and we close once it has started."""
@@ -133,10 +258,7 @@ class DirectGuest:
 
     def _start(self) -> None:
         boot = self.boot
-        numbers = [protocol.PORT_CONTROL, protocol.PORT_STDIN, protocol.PORT_STDOUT, protocol.PORT_STDERR]
-        if boot.x11:
-            numbers.append(protocol.PORT_X11)
-        ports = {n: self._pair() for n in numbers}
+        ports = {n: self._pair() for n in PORTS}
         console, monitor = self._pair(), self._pair()
         self.channels = Channels(
             control=ports[protocol.PORT_CONTROL][0],
@@ -148,37 +270,41 @@ class DirectGuest:
         )
         # Kernel and initramfs go to QEMU as open files: a QEMU that runs as
         # another uid, in another mount namespace, needs no path to our cache.
-        # A PVH kernel goes as a private copy the launcher can empty
-        # (bootimages.py); a bzImage is read into QEMU's own memory, so a
-        # copy would gain nothing.
-        self.images = [BootImage(boot.kernel_image, private=boot.pvh), BootImage(boot.initrd, private=True)]
+        # For a cold boot a PVH kernel goes as a private copy the launcher can
+        # empty (bootimages.py); a bzImage is read into QEMU's own memory, so
+        # a copy would gain nothing.  A restore never writes them into guest
+        # RAM (QEMU skips that while a migration comes in), so the cached
+        # files themselves go, their pages shared by every sandbox.
+        cold = self.warm is None
+        self.images = [BootImage(boot.kernel_image, private=boot.pvh and cold), BootImage(boot.initrd, private=cold)]
         for image in self.images:
             self._stack.callback(image.close)
+        extra_fds: list[int] = []
+        ram: qemuargv.GuestRam | None = None
+        if self.warm is not None:
+            ram = qemuargv.GuestRam(f"/proc/self/fd/{self.warm.ram.fd}", shared=False)
+            extra_fds += [self.warm.ram.fd, self.warm.state_fd]
+        elif self.builder is not None:
+            ram = qemuargv.GuestRam(f"/proc/self/fd/{self.builder.ram_fd}", shared=True)
+            extra_fds.append(self.builder.ram_fd)
         export: Callable[[Path], Path] = self.confinement.export_path if self.confinement is not None else (lambda p: p)
-        spec = qemuargv.MachineSpec(
-            qemu=boot.qemu,
-            accel=boot.accel,
-            machine=boot.machine,
+        spec = machine_spec(
+            boot,
             kernel=self.images[0].proc_path,
             initrd=self.images[1].proc_path,
-            cmdline=boot.cmdline,
-            memory_mb=boot.memory_mb,
-            cpus=boot.cpus,
             console_fd=console[1].fileno(),
             monitor_fd=monitor[1].fileno(),
-            shares=(qemuargv.Share(protocol.ROOT_TAG, export(Path("/"))),)
-            + tuple(qemuargv.Share(s.tag, export(s.path), s.readonly) for s in boot.shares),
-            ports=tuple(qemuargv.Port(n, protocol.PORT_NAMES[n], ports[n][1].fileno()) for n in numbers),
-            tb_size_mb=boot.tb_size_mb,
-            cpu_model=boot.cpu_model,
-            seccomp=boot.seccomp,
+            port_fds={n: ports[n][1].fileno() for n in PORTS},
+            export=export,
+            ram=ram,
+            incoming=self.warm is not None,
         )
         argv = qemuargv.build_argv(spec)
         if self.verbose:
             log.info("qemu: %s", " ".join(argv))
         machine = Machine(
             argv,
-            pass_fds=tuple(s.fileno() for s in self._qemu_ends) + tuple(i.fd for i in self.images),
+            pass_fds=tuple(s.fileno() for s in self._qemu_ends) + tuple(i.fd for i in self.images) + tuple(extra_fds),
             cwd=self.rundir,
             env=QEMU_ENV,
             stderr_log=self.rundir / "qemu.log",
@@ -196,10 +322,43 @@ class DirectGuest:
                 machine.inner_pid = self.confinement.qemu_pid
         for s in self._qemu_ends:
             s.close()
+        if self.warm is not None:
+            # The RAM data goes in while QEMU initialises and the monitor
+            # connects (the copy runs outside the GIL); the guest runs only
+            # after migrate-incoming, which waits for it.
+            self._filling = threading.Thread(target=self._fill, name="sandbox-fill", daemon=True)
+            self._filling.start()
+
+    def _fill(self) -> None:
+        assert self.warm is not None
+        try:
+            self.warm.ram.fill()
+        except OSError as exc:
+            self._fill_error = exc.strerror or str(exc)
+
+    def _restore(self, timeout: float, attempt: int) -> None:
+        """Feed QEMU the template's device state; it runs the guest once that is loaded."""
+        assert self.machine is not None and self.warm is not None
+        qmp = self.machine.monitor_session(timeout)
+        if qmp is None:
+            raise self.failure(f"QEMU never answered its monitor (restore, attempt {attempt})")
+        qmp.execute("migrate-set-capabilities", timeout, template.IGNORE_SHARED)
+        assert self._filling is not None
+        self._filling.join()
+        if self._fill_error is not None:
+            raise template.TemplateError(f"cannot read the template's RAM: {self._fill_error}")
+        qmp.execute("migrate-incoming", timeout, {"uri": f"fd:{self.warm.state_fd}"})
 
     def wait_built(self, timeout: float, attempt: int) -> None:
-        """Wait until QEMU's main loop answers: the machine is built and the kernel in guest RAM."""
+        """Wait until QEMU's main loop answers: the machine is built and the kernel in guest RAM.
+
+        A restore has no copy to drop and goes on at once: the relay's
+        progress deadline covers a restore that never resumes.
+        """
         assert self.machine is not None
+        if self.warm is not None:
+            self._restore(timeout, attempt)
+            return
         if self.machine.wait_running(timeout):
             self.images[0].release()
         elif self.machine.poll() is None:

@@ -113,6 +113,13 @@ class Machine:
             self.qmp = Monitor(self.monitor)
         return self.qmp
 
+    def monitor_session(self, timeout: float = 5.0) -> Monitor | None:
+        """The QMP session, negotiated; None without a monitor or if QEMU does not answer."""
+        qmp = self._qmp()
+        if qmp is None or not (qmp.connected or qmp.connect(timeout)):
+            return None
+        return qmp
+
     def _quit(self) -> None:
         """The polite stop over QMP."""
         qmp = self._qmp()

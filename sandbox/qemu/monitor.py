@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import socket
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from ..errors import SandboxError
@@ -82,11 +83,18 @@ class Monitor:
         self.connected = True
         return True
 
-    def execute(self, command: str, timeout: float) -> Any:
+    def execute(self, command: str, timeout: float, arguments: Mapping[str, object] | None = None) -> Any:
         """Run a QMP command; raises on error or timeout."""
         if not self.connected and not self.connect(timeout):
             raise ConnectionError("QEMU's monitor does not answer")
-        return self._run(self.client.execute(command), timeout)
+        return self._run(self.client.execute(command, arguments), timeout)
+
+    def send_fd(self, fd: int, name: str, timeout: float) -> None:
+        """Hand QEMU a descriptor (SCM_RIGHTS), known to it from now on as `name`."""
+        if not self.connected and not self.connect(timeout):
+            raise ConnectionError("QEMU's monitor does not answer")
+        self.client.send_fd_scm(fd)
+        self._run(self.client.execute("getfd", {"fdname": name}), timeout)
 
     def close(self) -> None:
         try:
