@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
 import os
 import signal
 import sys
 from pathlib import Path
-from typing import NoReturn
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 from . import __version__, options, process
 from .errors import EXIT_LAUNCHER, Interrupted, MachineError, SandboxError, UsageError
@@ -60,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--timings", nargs="?", const="text", choices=("text", "json"), help="print the phase breakdown")
     run.add_argument("--x11", nargs="?", const="xephyr", choices=("xephyr", "xpra"), help="show X11 apps in a nested server")
     run.add_argument("--x11-size", default="1024x768", metavar="WxH")
+    life = run.add_argument_group("naming (see sandbox list)")
+    life.add_argument("--name", metavar="NAME", help="name the sandbox (default: a generated one)")
+    life.add_argument("-d", "--detach", action="store_true", help="run in the background: stdin /dev/null, output to `sandbox logs`")
+    life.add_argument("--rm", action="store_true", help="forget a named or detached sandbox when it ends")
     _add_confinement_options(run)
     run.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
 
@@ -75,6 +82,26 @@ def build_parser() -> argparse.ArgumentParser:
     prepare = sub.add_parser("prepare", help="build the warm-start template now (otherwise the first run does)")
     _add_vm_options(prepare)
     _add_confinement_options(prepare)
+
+    ls = sub.add_parser("list", help="running sandboxes (--all: exited ones too)")
+    ls.add_argument("-a", "--all", action="store_true")
+    ls.add_argument("--json", action="store_true")
+    info = sub.add_parser("info", help="one sandbox in detail")
+    info.add_argument("name")
+    info.add_argument("--json", action="store_true")
+    logs = sub.add_parser("logs", help="a detached sandbox's output")
+    logs.add_argument("name")
+    logs.add_argument("-f", "--follow", action="store_true")
+    wait = sub.add_parser("wait", help="wait for a sandbox to end; exit with its status")
+    wait.add_argument("name")
+    stop = sub.add_parser("stop", help="signal the command (SIGTERM); power off after the grace period")
+    stop.add_argument("name")
+    stop.add_argument("-t", "--time", type=options.positive, default=10.0, metavar="S", help="grace period (default 10 s)")
+    kill = sub.add_parser("kill", help="end the sandbox's QEMU at once")
+    kill.add_argument("name")
+    rm = sub.add_parser("rm", help="forget an exited sandbox (-f: kill a running one first)")
+    rm.add_argument("name", nargs="+")
+    rm.add_argument("-f", "--force", action="store_true")
 
     audit = sub.add_parser("audit", help="show the last sandbox start/stop records")
     audit.add_argument("-n", type=int, default=20, help="how many entries")
@@ -99,7 +126,7 @@ def _setup_logging(verbose: int) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from . import runner, timings
+    from . import runner
 
     cmd = _command(args)
     if args.home is not None and not args.home.is_dir():
@@ -135,7 +162,36 @@ def _run(args: argparse.Namespace) -> int:
         confinement=confinement,
         x11=x11,
     )
-    result = runner.run(opts)
+    from . import lifecycle, registry
+
+    if args.detach and (args.tty or args.x11):
+        raise UsageError("--detach runs without a terminal or display (drop -t / --x11)")
+    entry = registry.Entry.create(args.name, cmd, args.detach, keep=(args.detach or args.name is not None) and not args.rm)
+    ready: list[Callable[[], None]] = []
+
+    def started(st: runner.Started) -> None:
+        entry.update(qemu_pid=st.qemu_pid, accel=st.accel, kernel=st.kernel, memory_mb=st.memory_mb, cpus=st.cpus,
+                     start=st.start, label=st.label, shares=st.shares)  # fmt: skip
+        while ready:
+            ready.pop()()
+
+    opts = dataclasses.replace(opts, on_started=started)
+    if args.detach:
+        return lifecycle.detach(entry, lambda: _report_errors(lambda: _finish_run(args, runner.run(opts)), args.verbose), ready)
+    status = EXIT_LAUNCHER
+    try:
+        status = _finish_run(args, runner.run(opts))
+        return status
+    except SandboxError as exc:
+        status = exc.exit_status
+        raise
+    finally:
+        entry.finish(status)
+
+
+def _finish_run(args: argparse.Namespace, result: Any) -> int:
+    from . import runner, timings
+
     if args.timings and result is not None:
         phases = result.timeline.phases()
         if args.timings == "json":
@@ -146,6 +202,71 @@ def _run(args: argparse.Namespace) -> int:
                 out += f"\n  qemu peak RSS {result.qemu_peak_rss_kb / 1024:.0f} MiB"
         print(out, file=sys.stderr)
     return runner.exit_status(result)
+
+
+def _list(args: argparse.Namespace) -> int:
+    from . import lifecycle
+
+    data = lifecycle.rows(args.all)
+    print(json.dumps(data, indent=2) if args.json else lifecycle.format_rows(data))
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from . import lifecycle, registry
+
+    data = lifecycle.describe(registry.find(args.name))
+    print(json.dumps(data, indent=2) if args.json else lifecycle.format_info(data))
+    return 0
+
+
+def _logs(args: argparse.Namespace) -> int:
+    from . import lifecycle, registry
+
+    lifecycle.logs(registry.find(args.name), args.follow)
+    return 0
+
+
+def _wait(args: argparse.Namespace) -> int:
+    from . import registry
+
+    status = registry.find(args.name).wait()
+    if status is None:
+        raise SandboxError(f"sandbox {args.name!r} ended without a status (its launcher was killed)")
+    print(status)
+    return status
+
+
+def _stop(args: argparse.Namespace) -> int:
+    from . import lifecycle, registry
+
+    status = lifecycle.stop(registry.find(args.name), args.time)
+    print(status if status is not None else "stopped")
+    return 0
+
+
+def _kill(args: argparse.Namespace) -> int:
+    from . import lifecycle, registry
+
+    lifecycle.kill(registry.find(args.name))
+    return 0
+
+
+def _rm(args: argparse.Namespace) -> int:
+    from . import lifecycle, registry
+
+    for name in args.name:
+        lifecycle.remove(registry.find(name), args.force)
+    return 0
+
+
+def _report_errors(body: Callable[[], int], verbose: int) -> int:
+    """Run `body`; a SandboxError becomes its one line on stderr and its exit status."""
+    try:
+        return body()
+    except SandboxError as exc:
+        _print_error(exc, verbose)
+        return exc.exit_status
 
 
 def _prepare(args: argparse.Namespace) -> int:
@@ -204,6 +325,16 @@ def _interrupt(signo: int, _frame: object) -> None:
     raise Interrupted(signo)
 
 
+def _print_error(exc: SandboxError, verbose: int) -> None:
+    print(f"sandbox: {exc}", file=sys.stderr)
+    if isinstance(exc, MachineError):
+        if verbose and exc.argv:
+            print(f"sandbox: qemu command: {' '.join(exc.argv)}", file=sys.stderr)
+        if exc.log_tail:
+            tail = exc.log_tail.strip().splitlines()[-(40 if verbose else 8) :]
+            print("sandbox: last console lines:\n  " + "\n  ".join(tail), file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     _reserve_stdio()
     for sig in UNWINDING:
@@ -213,16 +344,13 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         verbose = getattr(args, "verbose", 0)
         _setup_logging(verbose)
-        handler = {"run": _run, "bench": _bench, "prepare": _prepare, "audit": _audit}[args.verb]
+        handler = {
+            "run": _run, "bench": _bench, "prepare": _prepare, "audit": _audit, "list": _list, "info": _info,
+            "logs": _logs, "wait": _wait, "stop": _stop, "kill": _kill, "rm": _rm,
+        }[args.verb]  # fmt: skip
         return handler(args)
     except SandboxError as exc:
-        print(f"sandbox: {exc}", file=sys.stderr)
-        if isinstance(exc, MachineError):
-            if verbose and exc.argv:
-                print(f"sandbox: qemu command: {' '.join(exc.argv)}", file=sys.stderr)
-            if exc.log_tail:
-                tail = exc.log_tail.strip().splitlines()[-(40 if verbose else 8) :]
-                print("sandbox: last console lines:\n  " + "\n  ".join(tail), file=sys.stderr)
+        _print_error(exc, verbose)
         return exc.exit_status
     except KeyboardInterrupt:
         return 130

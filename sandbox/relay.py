@@ -65,6 +65,7 @@ class Outcome:
     oom_kills: int = 0  # processes the guest's OOM killer killed
     fatal: str | None = None  # the guest init could not set up the sandbox
     started: bool = False  # the command was started (before that, a run can be retried)
+    machine_status: int | None = None  # how the machine's process ended (negative: by that signal)
 
 
 class Deadlines:
@@ -155,6 +156,7 @@ class Relay:
         self.pending_signal: int | None = None
         self.booted = False
         self.started = False
+        self.machine_status: int | None = None
         self.ctl_in = b""
         self.finished: protocol.Finished | None = None
         self.exec_failed: protocol.ExecFailed | None = None
@@ -216,6 +218,7 @@ class Relay:
             oom_kills=self.oom_kills,
             fatal=self.fatal,
             started=self.started,
+            machine_status=self.machine_status,
         )
 
     def _on_signal(self, signo: int, _frame: FrameType | None) -> None:
@@ -268,7 +271,7 @@ class Relay:
         elif tag == "stdin-sock":
             self._flush_stdin()
         elif tag == "end":
-            self.guest.reap()
+            self.machine_status = self.guest.reap()
             self.state = State.ENDED
         elif self.x11 is not None:
             self.x11.on_event(key, mask)

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 from . import cache, config, diagnostics, host, initramfs, kernel, mounts, protocol, runtime
 from .errors import EXIT_LAUNCHER, BootStallError, MachineError, SandboxError, TimeoutExpired, UsageError
@@ -61,10 +62,25 @@ class RunOptions:
     env: tuple[tuple[str, str], ...] | None = None  # None: this process's environment
     cwd: str | None = None
     warm: bool = True  # restore from a template when one fits (--cold: never)
+    on_started: Callable[[Started], None] | None = None  # told each time a QEMU runs the guest
 
     def __post_init__(self) -> None:
         if not self.argv:
             raise UsageError("no command given (usage: sandbox run [OPTIONS] -- CMD [ARGS...])")
+
+
+@dataclass(frozen=True)
+class Started:
+    """A machine runs the guest (for `sandbox list` and `info`)."""
+
+    qemu_pid: int
+    accel: str
+    kernel: str
+    memory_mb: int
+    cpus: int
+    start: str  # warm or cold
+    label: str
+    shares: tuple[str, ...]
 
 
 @dataclass
@@ -323,6 +339,12 @@ def boot_once(
     if warm is not None:
         boot_timeout = min(boot_timeout, WARM_PROGRESS_TIMEOUT)
     with DirectGuest(boot, rundir, timeline, confinement, opts.verbose, warm=warm, builder=builder) as guest:
+        if opts.on_started is not None:
+            opts.on_started(Started(
+                guest.pids()[-1], boot.accel, str(boot.kernel_image), boot.memory_mb, boot.cpus, timeline.start,
+                confinement.process_label or "" if confinement is not None else "",
+                ("/ (read-only)",) + tuple(f"{s.path} ({'read-only' if s.readonly else 'read-write'})" for s in boot.shares),
+            ))  # fmt: skip
         guest.wait_built(boot_timeout, attempt)
         relay = Relay(
             guest,
@@ -340,7 +362,7 @@ def boot_once(
         if host_oom:
             # The limit is the user's: a cold boot would meet it too, and the template is fine.
             raise MachineError(diagnostics.host_oom(opts.memory_mb, confinement.limits.memory_mb))  # type: ignore[union-attr]
-        if warm is not None and not outcome.started and outcome.end in (End.STALL, End.DIED):
+        if warm is not None and not outcome.started and outcome.end in (End.STALL, End.DIED) and not _killed(outcome.machine_status):
             # Nothing of the command ran and no input was read: boot cold instead.
             why = outcome.fatal or ("it made no progress" if outcome.end is End.STALL else "the guest stopped")
             log.info("restore log tail:\n%s", guest.failure("").log_tail)
@@ -440,6 +462,16 @@ def _boot(
         if builder is not None:
             builder.close()
     raise SandboxError("unreachable")  # pragma: no cover
+
+
+def _killed(status: int | None) -> bool:
+    """QEMU was killed from outside (`sandbox kill`, an administrator): not the template's doing.
+
+    A broken template makes QEMU exit with an error (a state it cannot
+    load), or the guest crash, which -no-reboot turns into QEMU's exit 0.
+    Under its PID-namespace reaper a signal death arrives as 128+N.
+    """
+    return status is not None and (status < 0 or status in (128 + 9, 128 + 15))
 
 
 def _panic_line(console_log: Path) -> str | None:

@@ -64,13 +64,12 @@ def runtime_base() -> Path:
 
 
 def _pid_alive(pid: int) -> bool:
+    """Whether the process runs (a zombie does not: it only waits for its parent, or a slow PID 1, to reap it)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
         return False
-    except PermissionError:
-        return True
-    return True
 
 
 def reclaim_stale(base: Path) -> None:

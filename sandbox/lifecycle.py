@@ -1,0 +1,227 @@
+"""What `sandbox list`, `info`, `logs`, `wait`, `stop`, `kill`, `rm` and `run --detach` do with named sandboxes."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from . import registry
+from .errors import UsageError
+
+STOP_GRACE = 10.0
+
+
+def detach(entry: registry.Entry, run: Callable[[], int], on_started: list[Callable[[], None]]) -> int:
+    """Run `run` in a background supervisor with stdin /dev/null and output to the entry's log.
+
+    The caller waits until the guest's QEMU runs (the supervisor calls what
+    it finds in `on_started`), prints the name and returns 0; if the
+    supervisor ends before that, its log and status are the caller's.
+    """
+    log_path = entry.path / "log"
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(ready_w)
+        started = os.read(ready_r, 1)
+        os.close(ready_r)
+        if started:
+            print(entry.name)
+            return 0
+        _, wait_status = os.waitpid(pid, 0)
+        with contextlib.suppress(OSError):
+            sys.stderr.write(log_path.read_text(errors="replace"))
+        return os.waitstatus_to_exitcode(wait_status)
+    status = 125
+    try:
+        os.close(ready_r)
+        os.setsid()  # no terminal: the user's Ctrl-C and hang-up are not ours
+        null = os.open(os.devnull, os.O_RDONLY)
+        log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        os.dup2(null, 0)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        os.close(null)
+        os.close(log)
+        # The lock came with fork (one open file, ours alone once the caller exits).
+        entry.update(launcher_pid=os.getpid())
+
+        def tell() -> None:
+            os.write(ready_w, b"1")
+            os.close(ready_w)
+
+        on_started.append(tell)
+        status = run()
+    finally:
+        entry.finish(status)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status if 0 <= status <= 255 else 125)
+
+
+def _process_figures(pid: int | None) -> dict[str, Any]:
+    import psutil
+
+    if pid is None:
+        return {}
+    try:
+        p = psutil.Process(pid)
+        with p.oneshot():
+            cpu = p.cpu_times()
+            mem = p.memory_full_info()
+            return {"cpu_s": round(cpu.user + cpu.system, 2), "rss_mib": round(mem.rss / 2**20, 1), "pss_mib": round(mem.pss / 2**20, 1)}
+    except (psutil.Error, OSError):
+        return {}
+
+
+def describe(entry: registry.Entry) -> dict[str, Any]:
+    """Everything `info` shows, as data."""
+    r = entry.record()
+    state = entry.state()
+    out: dict[str, Any] = {
+        "name": r.name,
+        "uuid": r.uuid,
+        "state": state,
+        "command": list(r.argv),
+        "user": r.user,
+        "launcher_pid": r.launcher_pid,
+        "qemu_pid": r.qemu_pid,
+        "vcpus": r.cpus,
+        "memory_mib": r.memory_mb,
+        "accel": r.accel,
+        "kernel": r.kernel,
+        "start": r.start,
+        "label": r.label or "unlabelled",
+        "shares": list(r.shares),
+        "network": r.network,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.created)),
+        "uptime_s": round(time.time() - r.created, 1),
+        "detached": r.detached,
+        "tainted": list(r.taint),
+    }
+    if state == "running":
+        out.update(_process_figures(r.qemu_pid))
+    else:
+        out["exit_status"] = entry.status()
+    return out
+
+
+def rows(include_exited: bool) -> list[dict[str, Any]]:
+    return [d for e in registry.entries() if (d := describe(e))["state"] == "running" or include_exited]
+
+
+def _uptime(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def format_rows(data: list[dict[str, Any]]) -> str:
+    """A table like `virsh list` / `docker ps`."""
+    head = ("NAME", "STATE", "COMMAND", "UPTIME", "CPU", "MEMORY", "LABEL", "TAINTED")
+    lines = [head]
+    for d in data:
+        state = d["state"] if d["state"] == "running" else f"exited ({d.get('exit_status')})"
+        command = " ".join(d["command"])
+        lines.append((
+            d["name"], state, command if len(command) <= 30 else command[:29] + "…",
+            _uptime(d["uptime_s"]) if d["state"] == "running" else "-",
+            f"{d['cpu_s']:.1f}s" if "cpu_s" in d else "-",
+            f"{d['pss_mib']:.0f}M" if "pss_mib" in d else "-",
+            d["label"], "yes: " + ", ".join(d["tainted"]) if d["tainted"] else "no",
+        ))  # fmt: skip
+    widths = [max(len(str(row[i])) for row in lines) for i in range(len(head))]
+    return "\n".join("  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip() for row in lines)
+
+
+def format_info(d: dict[str, Any]) -> str:
+    """`virsh dominfo`-style lines."""
+    order = [("Name", "name"), ("UUID", "uuid"), ("State", "state"), ("Command", "command"), ("User", "user"),
+             ("Launcher PID", "launcher_pid"), ("QEMU PID", "qemu_pid"), ("vCPUs", "vcpus"), ("Memory", "memory_mib"),
+             ("QEMU RSS", "rss_mib"), ("QEMU PSS", "pss_mib"), ("CPU time", "cpu_s"), ("Accelerator", "accel"),
+             ("Start", "start"), ("Kernel", "kernel"), ("Security label", "label"), ("Shares", "shares"),
+             ("Network", "network"), ("Started", "started"), ("Exit status", "exit_status"), ("Tainted", "tainted")]  # fmt: skip
+    units = {"memory_mib": " MiB", "rss_mib": " MiB", "pss_mib": " MiB", "cpu_s": " s"}
+    lines = []
+    for label, key in order:
+        if key not in d:
+            continue
+        value = d[key]
+        if isinstance(value, list):
+            value = ", ".join(value) if key != "command" else " ".join(value)
+            value = value or ("no" if key == "tainted" else "-")
+        lines.append(f"{label + ':':<16}{value}{units.get(key, '')}")
+    return "\n".join(lines)
+
+
+def _signal_launcher(entry: registry.Entry, signo: int) -> None:
+    r = entry.record()
+    if entry.state() != "running":
+        raise UsageError(f"sandbox {entry.name!r} is not running")
+    try:
+        os.kill(r.launcher_pid, signo)
+    except ProcessLookupError:
+        pass
+
+
+def stop(entry: registry.Entry, grace: float = STOP_GRACE) -> int | None:
+    """Signal the command (SIGTERM, forwarded by the launcher); after `grace` seconds power the VM off."""
+    from .confinement import audit
+
+    audit.record("stop-request", name=entry.name, uuid=entry.record().uuid, grace_s=grace)
+    _signal_launcher(entry, signal.SIGTERM)
+    status = entry.wait(grace)
+    if status is None and entry.running():
+        _signal_launcher(entry, signal.SIGTERM)  # a second signal: the launcher kills the VM
+        status = entry.wait(30)
+    return status
+
+
+def kill(entry: registry.Entry) -> int | None:
+    """End QEMU at once."""
+    from .confinement import audit
+
+    r = entry.record()
+    if entry.state() != "running":
+        raise UsageError(f"sandbox {entry.name!r} is not running")
+    audit.record("kill", name=entry.name, uuid=r.uuid, qemu_pid=r.qemu_pid)
+    (entry.path / "killed").touch()
+    target = r.qemu_pid or r.launcher_pid
+    try:
+        os.kill(target, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    return entry.wait(30)
+
+
+def logs(entry: registry.Entry, follow: bool, out: Any = None) -> None:
+    out = out or sys.stdout.buffer
+    path = entry.path / "log"
+    if not path.exists():
+        raise UsageError(f"sandbox {entry.name!r} has no log (only detached sandboxes keep one)")
+    with path.open("rb") as f:
+        while True:
+            chunk = f.read(65536)
+            if chunk:
+                out.write(chunk)
+                out.flush()
+                continue
+            if not follow or not entry.running():
+                if follow:  # whatever came between the last read and the end
+                    rest = f.read()
+                    out.write(rest)
+                    out.flush()
+                return
+            time.sleep(0.1)
+
+
+def remove(entry: registry.Entry, force: bool) -> None:
+    if entry.state() == "running":
+        if not force:
+            raise UsageError(f"sandbox {entry.name!r} is running (sandbox stop it, or rm -f)")
+        kill(entry)
+    entry.remove()

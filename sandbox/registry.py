@@ -1,0 +1,229 @@
+"""Named sandboxes: one directory each under the runtime base, for list, info, logs, wait, stop, kill and rm.
+
+    <runtime base>/sandboxes/<name>/
+        record.json   what it runs and how (written at start, completed once QEMU runs)
+        lock          flock'ed by its launcher for as long as that lives
+        log           stdout and stderr of a detached sandbox
+        status        its exit status, once it has ended
+        killed        left by `sandbox kill` before it ends QEMU
+
+A sandbox whose lock nobody holds and that has no status lost its launcher
+(`kill -9`): it is stale, and the next command that looks reclaims it
+(its QEMU died with the launcher, through the parent-death signal).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import pwd
+import re
+import secrets
+import shutil
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from . import runtime
+from .errors import SandboxError, UsageError
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+class NoSuchSandbox(SandboxError):
+    exit_status = 125
+
+
+@dataclass(frozen=True)
+class Record:
+    """A sandbox as `list` and `info` show it."""
+
+    name: str
+    uuid: str
+    argv: tuple[str, ...]
+    created: float
+    launcher_pid: int
+    detached: bool
+    keep: bool  # kept after it ends, until `sandbox rm`
+    user: str = ""
+    qemu_pid: int | None = None
+    accel: str = ""
+    kernel: str = ""
+    memory_mb: int = 0
+    cpus: int = 0
+    label: str = ""
+    shares: tuple[str, ...] = ()
+    network: str = "none"
+    start: str = ""  # warm or cold
+    taint: tuple[str, ...] = field(default=())
+
+
+def base() -> Path:
+    path = runtime.runtime_base() / "sandboxes"
+    path.mkdir(mode=0o700, exist_ok=True)
+    return path
+
+
+def check_name(name: str) -> str:
+    if not NAME.fullmatch(name):
+        raise UsageError(f"bad sandbox name {name!r} (letters, digits, '_', '.', '-'; 64 at most)")
+    return name
+
+
+def generated_name() -> str:
+    return f"sandbox-{secrets.token_hex(3)}"
+
+
+class Entry:
+    """One named sandbox's directory."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.name = path.name
+        self._lock_fd = -1
+
+    # ---- the launcher's side --------------------------------------------
+
+    @classmethod
+    def create(cls, name: str | None, argv: tuple[str, ...], detached: bool, keep: bool) -> Entry:
+        """A new entry, locked by this process; a live or kept sandbox of that name is an error."""
+        root = base()
+        reclaim(root)
+        for _ in range(100):
+            chosen = check_name(name) if name else generated_name()
+            path = root / chosen
+            try:
+                path.mkdir(mode=0o700)
+                break
+            except FileExistsError:
+                if name:
+                    state = Entry(path).state()
+                    what = "a running sandbox" if state == "running" else "an exited sandbox (sandbox rm it first)"
+                    raise UsageError(f"the name {name!r} is taken by {what}") from None
+        else:
+            raise SandboxError("no free sandbox name")
+        entry = cls(path)
+        entry._lock_fd = os.open(path / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(entry._lock_fd, fcntl.LOCK_EX)
+        try:
+            user = pwd.getpwuid(os.getuid()).pw_name
+        except KeyError:
+            user = str(os.getuid())
+        entry.write(Record(path.name, str(uuid.uuid4()), argv, time.time(), os.getpid(), detached, keep, user=user))
+        return entry
+
+    def write(self, record: Record) -> None:
+        tmp = self.path / ".record.json"
+        tmp.write_text(json.dumps(asdict(record)))
+        os.replace(tmp, self.path / "record.json")
+
+    def update(self, **fields: Any) -> None:
+        self.write(replace(self.record(), **fields))
+
+    def finish(self, status: int) -> None:
+        """Record the exit status; the entry stays if kept, else goes."""
+        if (self.path / "killed").exists():
+            status = 128 + signal.SIGKILL
+        if self.record().keep:
+            tmp = self.path / ".status"
+            tmp.write_text(f"{status}\n")
+            os.replace(tmp, self.path / "status")
+        else:
+            shutil.rmtree(self.path, ignore_errors=True)
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+    # ---- everyone's side ----------------------------------------------------
+
+    def record(self) -> Record:
+        try:
+            raw = json.loads((self.path / "record.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise NoSuchSandbox(f"no sandbox named {self.name!r}") from exc
+        raw["argv"] = tuple(raw["argv"])
+        raw["shares"] = tuple(raw.get("shares", ()))
+        raw["taint"] = tuple(raw.get("taint", ()))
+        return Record(**raw)
+
+    def status(self) -> int | None:
+        try:
+            return int((self.path / "status").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def running(self) -> bool:
+        """Its launcher holds the lock."""
+        try:
+            fd = os.open(self.path / "lock", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+
+    def state(self) -> str:
+        """running, exited, or stale (its launcher is gone without a status)."""
+        if self.running():
+            return "running"
+        return "exited" if self.status() is not None else "stale"
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        """Block until the sandbox has ended; its status (None if it left none, or still runs after `timeout`)."""
+        try:
+            fd = os.open(self.path / "lock", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return self.status()
+        try:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_SH | (fcntl.LOCK_NB if deadline is not None else 0))
+                    break
+                except BlockingIOError:
+                    if deadline is not None and time.monotonic() > deadline:
+                        return None
+                    time.sleep(0.05)
+        finally:
+            os.close(fd)
+        return self.status()
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def find(name: str) -> Entry:
+    entry = Entry(base() / check_name(name))
+    if not (entry.path / "record.json").exists():
+        raise NoSuchSandbox(f"no sandbox named {name!r} (sandbox list --all shows them)")
+    return entry
+
+
+def entries() -> Iterator[Entry]:
+    root = base()
+    reclaim(root)
+    for path in sorted(root.iterdir()):
+        if path.is_dir() and (path / "record.json").exists():
+            yield Entry(path)
+
+
+def reclaim(root: Path) -> None:
+    """Remove the entries of launchers that died without a status (and half-made ones), and their runtime dirs."""
+    runtime.reclaim_stale(root.parent)
+    for path in root.iterdir():
+        entry = Entry(path)
+        with contextlib.suppress(OSError):
+            if not entry.running() and entry.status() is None:
+                age = time.time() - path.stat().st_mtime
+                if (path / "record.json").exists() or age > 60:
+                    shutil.rmtree(path, ignore_errors=True)

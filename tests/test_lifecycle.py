@@ -1,0 +1,167 @@
+"""Named and detached sandboxes on real VMs: run -d, list, info, logs, wait, stop, kill, rm, stale entries."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from conftest import SANDBOX, STARTED, popen, run_tracked
+
+pytestmark = [pytest.mark.vm]
+
+
+def sb(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[bytes]:
+    return run_tracked([*SANDBOX, *args], timeout=timeout)
+
+
+@pytest.fixture
+def names() -> Iterator[list[str]]:
+    """Unique names for this test; whatever is left of them is killed and removed afterwards."""
+    made: list[str] = []
+    yield made
+    for name in made:
+        run_tracked([*SANDBOX, "rm", "-f", name], timeout=60)
+
+
+def fresh(names: list[str]) -> str:
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    names.append(name)
+    return name
+
+
+def detach(name: str, *cmd: str) -> None:
+    proc = sb("run", "-d", "--name", name, "--", *cmd)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == f"{name}\n".encode()
+    # The supervisor runs on: the suite's leftover checks follow it as a launcher of this test's.
+    supervisor = listed(all_=True)[name]["launcher_pid"]
+    assert isinstance(supervisor, int)
+    STARTED.append(supervisor)
+
+
+def listed(all_: bool = False) -> dict[str, dict[str, object]]:
+    proc = sb("list", "--json", *(["--all"] if all_ else []))
+    assert proc.returncode == 0, proc.stderr
+    return {d["name"]: d for d in json.loads(proc.stdout)}
+
+
+def test_detach_list_info_logs_wait_rm(names: list[str]) -> None:
+    server, quick = fresh(names), fresh(names)
+    detach(server, "sh", "-c", "echo up; echo err >&2; read x || echo 'stdin is empty'; sleep 30")
+    detach(quick, "sh", "-c", "echo bye; exit 7")
+    assert sb("wait", quick).returncode == 7
+    running = listed()
+    assert server in running and quick not in running
+    row = running[server]
+    assert row["state"] == "running" and row["command"][:2] == ["sh", "-c"] and row["start"] in ("warm", "cold")
+    assert isinstance(row["pss_mib"], float) and row["pss_mib"] > 0 and isinstance(row["cpu_s"], float)
+    everything = listed(all_=True)
+    assert everything[quick]["state"] == "exited" and everything[quick]["exit_status"] == 7
+    table = sb("list", "--all").stdout.decode().splitlines()
+    assert table[0].split() == ["NAME", "STATE", "COMMAND", "UPTIME", "CPU", "MEMORY", "LABEL", "TAINTED"]
+    assert any(line.startswith(quick) and "exited (7)" in line for line in table), table
+    info = sb("info", server).stdout.decode()
+    fields = dict(line.split(":", 1) for line in info.splitlines())
+    assert fields["Name"].strip() == server and fields["State"].strip() == "running"
+    assert fields["vCPUs"].strip() == "1" and fields["Memory"].strip() == "512 MiB"
+    uuid.UUID(fields["UUID"].strip())
+    qemu = int(fields["QEMU PID"])
+    assert open(f"/proc/{qemu}/comm").read().startswith("qemu-system")
+    assert fields["Tainted"].strip() == "no" and fields["Shares"].strip() == "/ (read-only)"
+    deadline = time.monotonic() + 60
+    while b"stdin is empty" not in sb("logs", server).stdout and time.monotonic() < deadline:
+        time.sleep(0.2)
+    # stdout and stderr are separate channels: their lines interleave in any order.
+    assert sorted(sb("logs", server).stdout.splitlines()) == [b"err", b"stdin is empty", b"up"]
+    assert sb("logs", quick).stdout == b"bye\n"
+    assert sb("rm", quick).returncode == 0
+    assert quick not in listed(all_=True)
+    refused = sb("rm", server)
+    assert refused.returncode == 125 and b"is running" in refused.stderr
+    assert sb("rm", "-f", server).returncode == 0
+    assert server not in listed(all_=True)
+
+
+def test_stop_signals_the_command_then_powers_off(names: list[str]) -> None:
+    polite, stubborn = fresh(names), fresh(names)
+    detach(polite, "sh", "-c", "trap 'echo got TERM; exit 5' TERM; echo up; while :; do sleep 1; done")
+    detach(stubborn, "sh", "-c", "trap '' TERM; echo up; sleep 100")
+    for name in (polite, stubborn):
+        deadline = time.monotonic() + 60
+        while b"up" not in sb("logs", name).stdout and time.monotonic() < deadline:
+            time.sleep(0.2)
+    assert sb("stop", polite).stdout == b"5\n"
+    # (the shell also reports its `sleep`, which the signal to the process group ended)
+    assert sb("logs", polite).stdout.splitlines() in ([b"up", b"got TERM"], [b"up", b"Terminated", b"got TERM"])
+    start = time.monotonic()
+    assert sb("stop", "-t", "2", stubborn).stdout == b"143\n"  # the grace ran out: the VM was powered off
+    assert 2 <= time.monotonic() - start < 20
+    audit = [json.loads(line) for line in sb("audit", "-n", "50").stdout.decode().splitlines()]
+    assert any(e["event"] == "stop-request" and e["name"] == polite for e in audit)
+
+
+def test_kill_ends_qemu_at_once(names: list[str]) -> None:
+    name = fresh(names)
+    detach(name, "sleep", "100")
+    start = time.monotonic()
+    assert sb("kill", name).returncode == 0
+    assert time.monotonic() - start < 10
+    assert listed(all_=True)[name]["exit_status"] == 137
+    audit = [json.loads(line) for line in sb("audit", "-n", "50").stdout.decode().splitlines()]
+    assert any(e["event"] == "kill" and e["name"] == name for e in audit)
+
+
+def test_a_launcher_killed_outright_leaves_nothing_after_the_next_command(names: list[str]) -> None:
+    name = fresh(names)
+    detach(name, "sleep", "100")
+    launcher = listed()[name]["launcher_pid"]
+    qemu = listed()[name]["qemu_pid"]
+    assert isinstance(launcher, int) and isinstance(qemu, int)
+    os.kill(launcher, signal.SIGKILL)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:
+            state = open(f"/proc/{qemu}/stat").read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            break
+        if state == "Z":
+            break  # dead, waiting for this machine's slow PID 1 to reap it
+        time.sleep(0.1)
+    else:
+        pytest.fail("QEMU outlived its killed launcher")
+    assert name not in listed(all_=True)  # reclaimed: no status, no launcher
+    base = "/run/sandbox/sandboxes" if os.geteuid() == 0 else ""
+    if base:
+        assert name not in os.listdir(base)
+
+
+def test_names_are_checked(names: list[str]) -> None:
+    name = fresh(names)
+    detach(name, "sleep", "30")
+    taken = sb("run", "-d", "--name", name, "--", "true")
+    assert taken.returncode == 125 and b"is taken by a running sandbox" in taken.stderr
+    for verb in ("info", "logs", "wait", "stop", "kill"):
+        proc = sb(verb, "no-such-sandbox-here")
+        assert proc.returncode == 125, verb
+        assert proc.stderr.decode().count("\n") == 1 and "no sandbox named 'no-such-sandbox-here'" in proc.stderr.decode()
+    bad = sb("run", "--name", "../etc", "--", "true")
+    assert bad.returncode == 125 and b"bad sandbox name" in bad.stderr
+    tty = sb("run", "-d", "-t", "--", "true")
+    assert tty.returncode == 125 and b"--detach runs without a terminal" in tty.stderr
+
+
+def test_a_foreground_run_is_listed_while_it_runs() -> None:
+    proc = popen([*SANDBOX, "run", "--name", f"fg-{os.getpid()}", "--rm", "--", "sh", "-c", "echo up; sleep 5"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == b"up\n"
+    assert listed()[f"fg-{os.getpid()}"]["state"] == "running"
+    proc.communicate(timeout=60)
+    assert proc.returncode == 0
+    assert f"fg-{os.getpid()}" not in listed(all_=True)  # --rm
