@@ -99,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     stop.add_argument("-t", "--time", type=options.positive, default=10.0, metavar="S", help="grace period (default 10 s)")
     kill = sub.add_parser("kill", help="end the sandbox's QEMU at once")
     kill.add_argument("name")
+    key = sub.add_parser("send-key", help="press keys in a sandbox's keyboard (as virsh send-key)")
+    key.add_argument("name")
+    key.add_argument("--codeset", default="linux", metavar="SET",
+                     help="linux (default), xt, xt_kbd, atset1, atset2, atset3, usb, win32, osx, qnum")  # fmt: skip
+    key.add_argument("--holdtime", type=int, default=100, metavar="MS", help="release after MS (default 100)")
+    key.add_argument("keys", nargs="+", metavar="KEY", help="codes (decimal or 0x) or names (linux, win32, osx)")
     rm = sub.add_parser("rm", help="forget an exited sandbox (-f: kill a running one first)")
     rm.add_argument("name", nargs="+")
     rm.add_argument("-f", "--force", action="store_true")
@@ -175,7 +181,9 @@ def _run(args: argparse.Namespace) -> int:
         while ready:
             ready.pop()()
 
-    opts = dataclasses.replace(opts, on_started=started)
+    opts = dataclasses.replace(opts, on_started=started, monitor_socket=entry.path / "monitor.sock")
+    if opts.keyboard:
+        entry.update(keyboard=True)
     if args.detach:
         return lifecycle.detach(entry, lambda: _report_errors(lambda: _finish_run(args, runner.run(opts)), args.verbose), ready)
     status = EXIT_LAUNCHER
@@ -249,6 +257,15 @@ def _kill(args: argparse.Namespace) -> int:
     from . import lifecycle, registry
 
     lifecycle.kill(registry.find(args.name))
+    return 0
+
+
+def _send_key(args: argparse.Namespace) -> int:
+    from . import lifecycle
+
+    if args.holdtime < 0:
+        raise UsageError(f"--holdtime {args.holdtime}: must not be negative")
+    lifecycle.send_key(args.name, args.codeset, args.holdtime, args.keys)
     return 0
 
 
@@ -346,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         _setup_logging(verbose)
         handler = {
             "run": _run, "bench": _bench, "prepare": _prepare, "audit": _audit, "list": _list, "info": _info,
-            "logs": _logs, "wait": _wait, "stop": _stop, "kill": _kill, "rm": _rm,
+            "logs": _logs, "wait": _wait, "stop": _stop, "kill": _kill, "rm": _rm, "send-key": _send_key,
         }[args.verb]  # fmt: skip
         return handler(args)
     except SandboxError as exc:

@@ -17,9 +17,12 @@ BASE_MODULES = ["virtio_console", "9pnet_virtio", "9p", "overlay"]
 TRANSPORT_MODULES = {"microvm": ["virtio_mmio", "virtio_pci"], "q35": ["virtio_pci"]}
 
 
-def wanted_modules(machine: str) -> list[str]:
+KEYBOARD_MODULES = ["virtio_input", "evdev"]  # --keyboard: a virtio keyboard read through /dev/input
+
+
+def wanted_modules(machine: str, keyboard: bool = False) -> list[str]:
     """Module names the guest loads, transport first so the devices exist."""
-    return TRANSPORT_MODULES[machine] + BASE_MODULES
+    return TRANSPORT_MODULES[machine] + BASE_MODULES + (KEYBOARD_MODULES if keyboard else [])
 
 
 def build(kernel: Kernel, init: Path, wanted: list[str]) -> bytes:

@@ -225,3 +225,32 @@ def remove(entry: registry.Entry, force: bool) -> None:
             raise UsageError(f"sandbox {entry.name!r} is running (sandbox stop it, or rm -f)")
         kill(entry)
     entry.remove()
+
+
+def send_key(name: str, codeset: str, hold_ms: int, keys: list[str]) -> None:
+    """Press `keys` together and release them after `hold_ms`, through the sandbox's monitor (as virsh send-key)."""
+    import socket
+
+    from . import keycodes
+    from .qemu.monitor import Monitor
+
+    linux = keycodes.parse_keys(codeset, keys)
+    qnums = [keycodes.to_set("qnum", code) for code in linux]
+    entry = registry.find(name)
+    r = entry.record()
+    if entry.state() != "running":
+        raise UsageError(f"sandbox {entry.name!r} is not running")
+    if not r.keyboard:
+        raise UsageError(f"sandbox {entry.name!r} has no keyboard (run it with --keyboard)")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(str(entry.path / "monitor.sock"))
+    except OSError as exc:
+        sock.close()
+        raise UsageError(f"sandbox {entry.name!r}: its monitor does not answer ({exc.strerror})") from None
+    monitor = Monitor(sock)
+    try:
+        monitor.execute("send-key", 5.0, {"keys": [{"type": "number", "data": q} for q in qnums], "hold-time": hold_ms})
+    finally:
+        monitor.close()
+        sock.close()

@@ -121,6 +121,7 @@ VM: tuple[Option, ...] = (
     Option(("--no-pvh",), "pvh", {"action": "store_true", "help": "boot the bzImage instead of the extracted vmlinux"}, inverted=True),
     Option(("--kernel-append",), "kernel_append", {"default": "", "metavar": "ARGS", "help": "extra guest kernel arguments"}),
     Option(("--crypto-selftests",), "crypto_selftests", {"action": "store_true", "help": "keep the guest kernel's crypto self-tests"}),
+    Option(("--keyboard",), "keyboard", {"action": "store_true", "help": "a virtio keyboard in the guest, for sandbox send-key"}),
     Option(("--cold",), "warm", {"action": "store_true", "help": "boot the kernel even when a warm-start template fits"}, inverted=True),
     Option(("--tracefs",), "tracefs", {"action": "store_true", "help": "keep the guest kernel's tracefs (ftrace event files)"}),
 )  # fmt: skip

@@ -61,6 +61,7 @@ class Record:
     shares: tuple[str, ...] = ()
     network: str = "none"
     start: str = ""  # warm or cold
+    keyboard: bool = False  # has a virtio keyboard (run --keyboard): send-key goes there
     taint: tuple[str, ...] = field(default=())
 
 

@@ -63,6 +63,8 @@ class RunOptions:
     cwd: str | None = None
     warm: bool = True  # restore from a template when one fits (--cold: never)
     on_started: Callable[[Started], None] | None = None  # told each time a QEMU runs the guest
+    keyboard: bool = False  # a virtio keyboard for `sandbox send-key`
+    monitor_socket: Path | None = None  # a QMP socket for other commands (send-key), bound here
 
     def __post_init__(self) -> None:
         if not self.argv:
@@ -280,7 +282,7 @@ def prepare(opts: RunOptions) -> Prepared:
     pvh_image = kernel.pvh_image(kern) if opts.pvh else None
     image = pvh_image or kern.image
     init = init_binary()
-    initrd = initramfs.cached(kern, init, initramfs.wanted_modules(machine))
+    initrd = initramfs.cached(kern, init, initramfs.wanted_modules(machine, opts.keyboard))
     for stale in cache.prune_boot_images([p for p in (pvh_image, initrd, init) if p is not None]):
         log.info("removed unused cache entry %s", stale)
     tsc = host.tsc_khz() if accel == "tcg" else None
@@ -306,6 +308,7 @@ def boot_spec(opts: RunOptions, prep: Prepared, plan: mounts.Plan) -> BootSpec:
         seccomp=confinement is not None and confinement.seccomp and prep.qemu.seccomp,
         x11=opts.x11 is not None,
         shares=tuple(qemuargv.Share(tag, share.host, readonly=not share.writable) for tag, share in plan.shares),
+        keyboard=opts.keyboard,
     )
 
 
@@ -338,7 +341,9 @@ def boot_once(
     boot_timeout = opts.boot_timeout or (20.0 if boot.accel == "tcg" else 10.0)
     if warm is not None:
         boot_timeout = min(boot_timeout, WARM_PROGRESS_TIMEOUT)
-    with DirectGuest(boot, rundir, timeline, confinement, opts.verbose, warm=warm, builder=builder) as guest:
+    with DirectGuest(
+        boot, rundir, timeline, confinement, opts.verbose, warm=warm, builder=builder, monitor_socket=opts.monitor_socket
+    ) as guest:
         if opts.on_started is not None:
             opts.on_started(Started(
                 guest.pids()[-1], boot.accel, str(boot.kernel_image), boot.memory_mb, boot.cpus, timeline.start,

@@ -9,6 +9,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -37,7 +38,11 @@ def fresh(names: list[str]) -> str:
 
 
 def detach(name: str, *cmd: str) -> None:
-    proc = sb("run", "-d", "--name", name, "--", *cmd)
+    detach_opts(name, (), *cmd)
+
+
+def detach_opts(name: str, opts: tuple[str, ...], *cmd: str) -> None:
+    proc = sb("run", "-d", "--name", name, *opts, "--", *cmd)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == f"{name}\n".encode()
     # The supervisor runs on: the suite's leftover checks follow it as a launcher of this test's.
@@ -165,3 +170,59 @@ def test_a_foreground_run_is_listed_while_it_runs() -> None:
     proc.communicate(timeout=60)
     assert proc.returncode == 0
     assert f"fg-{os.getpid()}" not in listed(all_=True)  # --rm
+
+
+READ_KEYS = """
+import glob, struct, sys
+f = open(glob.glob("/dev/input/event*")[0], "rb")
+print("ready", flush=True)
+got = []
+while len(got) < int(sys.argv[1]):
+    _s, _u, typ, code, value = struct.unpack("llHHi", f.read(24))
+    if typ == 1 and value == 1:  # EV_KEY, pressed
+        got.append(code)
+print(*got)
+"""
+
+
+def test_send_key_reaches_a_guest_program_in_every_set(names: list[str], tmp_path: Path) -> None:
+    script = tmp_path / "keys.py"
+    script.write_text(READ_KEYS)
+    name = fresh(names)
+    detach_opts(name, ("--keyboard",), "/usr/bin/python3", str(script), "6")
+    deadline = time.monotonic() + 120
+    while b"ready" not in sb("logs", name).stdout and time.monotonic() < deadline:
+        time.sleep(0.2)
+    sends = [("linux", ["KEY_A"]), ("xt", ["0x30"]), ("usb", ["6"]), ("win32", ["VK_RETURN"]),
+             ("linux", ["KEY_LEFTCTRL", "KEY_C"])]  # fmt: skip
+    for codeset, keys in sends:
+        proc = sb("send-key", name, "--codeset", codeset, "--holdtime", "50", *keys)
+        assert proc.returncode == 0, proc.stderr
+    assert sb("wait", name).returncode == 0
+    # a, b, c, Return, then Ctrl and C pressed together
+    assert sb("logs", name).stdout.splitlines()[-1].split() in ([b"30", b"48", b"46", b"28", b"29", b"46"], [b"30", b"48", b"46", b"28", b"46", b"29"])
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--codeset", "linux", "KEY_NOPE"], "unknown key 'KEY_NOPE' in codeset linux"),
+        (["--codeset", "usb", "KEY_A"], "unknown key 'KEY_A' in codeset usb (it has no names, only numbers)"),
+        (["--codeset", "xt", "0x7ff"], "key 0x7ff is not a key of codeset xt"),
+        (["--codeset", "dvorak", "1"], "unknown codeset 'dvorak'"),
+        (["KEY_A"] * 17, "17 keys: at most 16 can be pressed at once"),
+        (["--holdtime", "-5", "KEY_A"], "--holdtime -5: must not be negative"),
+    ],
+)
+def test_send_key_bad_input_is_one_line(args: list[str], message: str) -> None:
+    proc = sb("send-key", "no-such-sandbox-here", *args)
+    assert proc.returncode == 125
+    err = proc.stderr.decode()
+    assert err.count("\n") == 1 and message in err, err
+
+
+def test_send_key_needs_a_keyboard(names: list[str]) -> None:
+    name = fresh(names)
+    detach(name, "sleep", "30")
+    proc = sb("send-key", name, "KEY_A")
+    assert proc.returncode == 125 and b"has no keyboard (run it with --keyboard)" in proc.stderr

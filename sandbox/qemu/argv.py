@@ -62,6 +62,8 @@ class MachineSpec:
     cpu_model: str | None = None  # None: host under KVM, TCG_CPU under TCG
     ram: GuestRam | None = None
     incoming: bool = False  # wait for a device state to restore (migrate-incoming)
+    keyboard: bool = False  # a virtio keyboard (send-key)
+    extra_monitor_fd: int | None = None  # a listening socket: QMP for other commands
     extra: tuple[str, ...] = field(default=())
 
 
@@ -126,6 +128,14 @@ def build_argv(spec: MachineSpec) -> list[str]:
         "-initrd", str(spec.initrd),
         "-append", spec.cmdline,
     ]  # fmt: skip
+    if spec.extra_monitor_fd is not None:
+        argv += ["-chardev", f"socket,id=qmp2,fd={spec.extra_monitor_fd},server=on,wait=off", "-mon", "chardev=qmp2,mode=control"]
+    if spec.keyboard:
+        # The guest's virtio-input driver insists on a virtio 1.0 device;
+        # microvm's mmio transport is legacy unless told otherwise.
+        if spec.machine == "microvm":
+            argv += ["-global", "virtio-mmio.force-legacy=false"]
+        argv += ["-device", _bus_device(spec, "virtio-keyboard")]
     if spec.ram is not None:
         mode = "on" if spec.ram.shared else "off"
         argv += ["-object", f"memory-backend-file,id=mem0,size={spec.memory_mb}M,mem-path={escape(spec.ram.path)},share={mode}"]

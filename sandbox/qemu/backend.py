@@ -49,6 +49,7 @@ class BootSpec:
     seccomp: bool
     x11: bool
     shares: tuple[qemuargv.Share, ...]  # after the root's
+    keyboard: bool = False
 
 
 # The same ports for every run, X11's included (unused without --x11), so
@@ -77,6 +78,7 @@ def machine_spec(
     export: Callable[[Path], Path] = lambda p: p,
     ram: qemuargv.GuestRam | None = None,
     incoming: bool = False,
+    extra_monitor_fd: int | None = None,
 ) -> qemuargv.MachineSpec:
     """The QEMU machine for `boot`, with the given descriptors and paths."""
     return qemuargv.MachineSpec(
@@ -98,6 +100,8 @@ def machine_spec(
         seccomp=boot.seccomp,
         ram=ram,
         incoming=incoming,
+        keyboard=boot.keyboard,
+        extra_monitor_fd=extra_monitor_fd,
     )
 
 
@@ -125,6 +129,7 @@ def template_argv(boot: BootSpec) -> list[str]:
         port_fds={n: 0 for n in PORTS},
         ram=qemuargv.GuestRam("ram", shared=False),
         incoming=True,
+        extra_monitor_fd=0,
     )
     return qemuargv.build_argv(spec)
 
@@ -146,8 +151,10 @@ class DirectGuest:
         verbose: int = 0,
         warm: WarmStart | None = None,
         builder: Builder | None = None,
+        monitor_socket: Path | None = None,
     ) -> None:
         self.boot = boot
+        self.monitor_socket = monitor_socket
         self.warm = warm
         self.builder = builder
         self._zeroed = False
@@ -287,6 +294,18 @@ class DirectGuest:
         elif self.builder is not None:
             ram = qemuargv.GuestRam(f"/proc/self/fd/{self.builder.ram_fd}", shared=True)
             extra_fds.append(self.builder.ram_fd)
+        extra_monitor: int | None = None
+        if self.monitor_socket is not None:
+            # Bound and listening here, handed over as a descriptor: QEMU
+            # needs no path, and only this user can reach the socket file.
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self._stack.callback(listener.close)
+            with contextlib.suppress(FileNotFoundError):
+                self.monitor_socket.unlink()
+            listener.bind(str(self.monitor_socket))
+            listener.listen(4)
+            self._qemu_ends.append(listener)
+            extra_monitor = listener.fileno()
         export: Callable[[Path], Path] = self.confinement.export_path if self.confinement is not None else (lambda p: p)
         spec = machine_spec(
             boot,
@@ -298,6 +317,7 @@ class DirectGuest:
             export=export,
             ram=ram,
             incoming=self.warm is not None,
+            extra_monitor_fd=extra_monitor,
         )
         argv = qemuargv.build_argv(spec)
         if self.verbose:
