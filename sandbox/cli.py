@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="linux (default), xt, xt_kbd, atset1, atset2, atset3, usb, win32, osx, qnum")  # fmt: skip
     key.add_argument("--holdtime", type=int, default=100, metavar="MS", help="release after MS (default 100)")
     key.add_argument("keys", nargs="+", metavar="KEY", help="codes (decimal or 0x) or names (linux, win32, osx)")
+    attach = sub.add_parser("attach", help="adopt a QEMU launched by hand (it needs a QMP monitor on a UNIX socket)")
+    attach.add_argument("pid", type=int)
+    attach.add_argument("--name", metavar="NAME", help="default: its -name, else qemu-PID")
     rm = sub.add_parser("rm", help="forget an exited sandbox (-f: kill a running one first)")
     rm.add_argument("name", nargs="+")
     rm.add_argument("-f", "--force", action="store_true")
@@ -269,6 +272,14 @@ def _send_key(args: argparse.Namespace) -> int:
     return 0
 
 
+def _attach(args: argparse.Namespace) -> int:
+    from . import attach
+
+    entry = attach.attach(args.pid, args.name)
+    print(entry.name)
+    return 0
+
+
 def _rm(args: argparse.Namespace) -> int:
     from . import lifecycle, registry
 
@@ -364,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         handler = {
             "run": _run, "bench": _bench, "prepare": _prepare, "audit": _audit, "list": _list, "info": _info,
             "logs": _logs, "wait": _wait, "stop": _stop, "kill": _kill, "rm": _rm, "send-key": _send_key,
+            "attach": _attach,
         }[args.verb]  # fmt: skip
         return handler(args)
     except SandboxError as exc:

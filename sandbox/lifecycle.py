@@ -7,7 +7,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from . import registry
@@ -104,6 +104,8 @@ def describe(entry: registry.Entry) -> dict[str, Any]:
         "detached": r.detached,
         "tainted": list(r.taint),
     }
+    if r.attached:
+        out.update(machine=r.machine, disks=list(r.disks), monitor=r.monitor)
     if state == "running":
         out.update(_process_figures(r.qemu_pid))
     else:
@@ -143,7 +145,7 @@ def format_info(d: dict[str, Any]) -> str:
     order = [("Name", "name"), ("UUID", "uuid"), ("State", "state"), ("Command", "command"), ("User", "user"),
              ("Launcher PID", "launcher_pid"), ("QEMU PID", "qemu_pid"), ("vCPUs", "vcpus"), ("Memory", "memory_mib"),
              ("QEMU RSS", "rss_mib"), ("QEMU PSS", "pss_mib"), ("CPU time", "cpu_s"), ("Accelerator", "accel"),
-             ("Start", "start"), ("Kernel", "kernel"), ("Security label", "label"), ("Shares", "shares"),
+             ("Start", "start"), ("Machine", "machine"), ("Kernel", "kernel"), ("Disks", "disks"), ("Monitor", "monitor"), ("Security label", "label"), ("Shares", "shares"),
              ("Network", "network"), ("Started", "started"), ("Exit status", "exit_status"), ("Tainted", "tainted")]  # fmt: skip
     units = {"memory_mib": " MiB", "rss_mib": " MiB", "pss_mib": " MiB", "cpu_s": " s"}
     lines = []
@@ -154,6 +156,8 @@ def format_info(d: dict[str, Any]) -> str:
         if isinstance(value, list):
             value = ", ".join(value) if key != "command" else " ".join(value)
             value = value or ("no" if key == "tainted" else "-")
+        if value == "" or value is None:
+            value = "-"
         lines.append(f"{label + ':':<16}{value}{units.get(key, '')}")
     return "\n".join(lines)
 
@@ -168,11 +172,51 @@ def _signal_launcher(entry: registry.Entry, signo: int) -> None:
         pass
 
 
+@contextlib.contextmanager
+def _monitor(path: str) -> Iterator[Any]:
+    """A QMP session on a sandbox's monitor socket."""
+    import socket
+
+    from .qemu.monitor import Monitor
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        try:
+            sock.connect(path)
+        except OSError as exc:
+            raise UsageError(f"the sandbox's monitor does not answer ({exc.strerror})") from None
+        monitor = Monitor(sock)
+        try:
+            yield monitor
+        finally:
+            monitor.close()
+    finally:
+        sock.close()
+
+
+def _monitor_path(entry: registry.Entry) -> str:
+    r = entry.record()
+    return r.monitor if r.attached else str(entry.path / "monitor.sock")
+
+
 def stop(entry: registry.Entry, grace: float = STOP_GRACE) -> int | None:
-    """Signal the command (SIGTERM, forwarded by the launcher); after `grace` seconds power the VM off."""
+    """Signal the command (SIGTERM, forwarded by the launcher); after `grace` seconds power the VM off.
+
+    An attached QEMU gets an ACPI power-button press, then `quit`.
+    """
     from .confinement import audit
 
     audit.record("stop-request", name=entry.name, uuid=entry.record().uuid, grace_s=grace)
+    if entry.record().attached:
+        if entry.state() != "running":
+            raise UsageError(f"sandbox {entry.name!r} is not running")
+        with _monitor(_monitor_path(entry)) as qmp:
+            qmp.execute("system_powerdown", 5.0)
+        if entry.wait(grace) is None and entry.running():
+            with contextlib.suppress(Exception), _monitor(_monitor_path(entry)) as qmp:
+                qmp.execute("quit", 5.0)
+            entry.wait(30)
+        return None
     _signal_launcher(entry, signal.SIGTERM)
     status = entry.wait(grace)
     if status is None and entry.running():
@@ -189,7 +233,8 @@ def kill(entry: registry.Entry) -> int | None:
     if entry.state() != "running":
         raise UsageError(f"sandbox {entry.name!r} is not running")
     audit.record("kill", name=entry.name, uuid=r.uuid, qemu_pid=r.qemu_pid)
-    (entry.path / "killed").touch()
+    if not r.attached:
+        (entry.path / "killed").touch()
     target = r.qemu_pid or r.launcher_pid
     try:
         os.kill(target, signal.SIGKILL)
@@ -229,10 +274,7 @@ def remove(entry: registry.Entry, force: bool) -> None:
 
 def send_key(name: str, codeset: str, hold_ms: int, keys: list[str]) -> None:
     """Press `keys` together and release them after `hold_ms`, through the sandbox's monitor (as virsh send-key)."""
-    import socket
-
     from . import keycodes
-    from .qemu.monitor import Monitor
 
     linux = keycodes.parse_keys(codeset, keys)
     qnums = [keycodes.to_set("qnum", code) for code in linux]
@@ -242,15 +284,5 @@ def send_key(name: str, codeset: str, hold_ms: int, keys: list[str]) -> None:
         raise UsageError(f"sandbox {entry.name!r} is not running")
     if not r.keyboard:
         raise UsageError(f"sandbox {entry.name!r} has no keyboard (run it with --keyboard)")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.connect(str(entry.path / "monitor.sock"))
-    except OSError as exc:
-        sock.close()
-        raise UsageError(f"sandbox {entry.name!r}: its monitor does not answer ({exc.strerror})") from None
-    monitor = Monitor(sock)
-    try:
-        monitor.execute("send-key", 5.0, {"keys": [{"type": "number", "data": q} for q in qnums], "hold-time": hold_ms})
-    finally:
-        monitor.close()
-        sock.close()
+    with _monitor(_monitor_path(entry)) as qmp:
+        qmp.execute("send-key", 5.0, {"keys": [{"type": "number", "data": q} for q in qnums], "hold-time": hold_ms})

@@ -62,6 +62,11 @@ class Record:
     network: str = "none"
     start: str = ""  # warm or cold
     keyboard: bool = False  # has a virtio keyboard (run --keyboard): send-key goes there
+    attached: bool = False  # a QEMU someone else launched (sandbox attach)
+    monitor: str = ""  # its QMP socket, for an attached QEMU
+    qemu_started: int = 0  # its start time in clock ticks since boot (/proc/PID/stat): a reused pid is not it
+    machine: str = ""
+    disks: tuple[str, ...] = ()
     taint: tuple[str, ...] = field(default=())
 
 
@@ -151,6 +156,7 @@ class Entry:
         raw["argv"] = tuple(raw["argv"])
         raw["shares"] = tuple(raw.get("shares", ()))
         raw["taint"] = tuple(raw.get("taint", ()))
+        raw["disks"] = tuple(raw.get("disks", ()))
         return Record(**raw)
 
     def status(self) -> int | None:
@@ -160,7 +166,13 @@ class Entry:
             return None
 
     def running(self) -> bool:
-        """Its launcher holds the lock."""
+        """Its launcher holds the lock (an attached QEMU: that process still runs)."""
+        try:
+            record = self.record()
+        except NoSuchSandbox:
+            record = None
+        if record is not None and record.attached:
+            return record.qemu_pid is not None and process_start(record.qemu_pid) == record.qemu_started
         try:
             fd = os.open(self.path / "lock", os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
@@ -181,6 +193,13 @@ class Entry:
 
     def wait(self, timeout: float | None = None) -> int | None:
         """Block until the sandbox has ended; its status (None if it left none, or still runs after `timeout`)."""
+        if self.record().attached:  # no lock to wait on: watch the process
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while self.running():
+                if deadline is not None and time.monotonic() > deadline:
+                    return None
+                time.sleep(0.05)
+            return None
         try:
             fd = os.open(self.path / "lock", os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
@@ -201,6 +220,30 @@ class Entry:
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+def process_start(pid: int) -> int | None:
+    """A process's start time (clock ticks since boot), or None if it is gone or a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if fields[0] in ("Z", "X") else int(fields[19])
+
+
+def add_attached(record: Record) -> Entry:
+    """An entry for a QEMU this program did not start (no lock: its process is its life)."""
+    root = base()
+    reclaim(root)
+    path = root / check_name(record.name)
+    try:
+        path.mkdir(mode=0o700)
+    except FileExistsError:
+        raise UsageError(f"the name {record.name!r} is taken (attach --name NAME chooses another)") from None
+    entry = Entry(path)
+    entry.write(record)
+    return entry
 
 
 def find(name: str) -> Entry:
