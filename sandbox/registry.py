@@ -136,7 +136,11 @@ class Entry:
         """Record the exit status; the entry stays if kept, else goes."""
         if (self.path / "killed").exists():
             status = 128 + signal.SIGKILL
-        if self.record().keep:
+        try:
+            keep = self.record().keep
+        except NoSuchSandbox:  # its base was a one-run fallback, already gone
+            keep = False
+        if keep:
             tmp = self.path / ".status"
             tmp.write_text(f"{status}\n")
             os.replace(tmp, self.path / "status")

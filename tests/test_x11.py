@@ -183,11 +183,12 @@ def test_the_guest_sees_nothing_of_the_host_desktop(desktop: str) -> None:
 
 
 def test_several_connections_at_once(desktop: str) -> None:
-    script = "xdpyinfo > /tmp/a & xwininfo -root -tree > /tmp/b & xprop -root > /tmp/c & wait; grep -h -m1 -e 'name of display' -e 'Root window id' /tmp/a /tmp/b; wc -l < /tmp/c"
+    script = ("d=$(mktemp -d); (xdpyinfo > $d/a; echo a $? >&2) & (xwininfo -root -tree > $d/b; echo b $? >&2) & (xprop -root > $d/c; echo c $? >&2) & wait; "
+              "grep -h -m1 -e 'name of display' -e 'Root window id' $d/a $d/b; wc -l < $d/c; wc -c $d/b >&2")
     proc = run_sandbox("sh", "-c", script, env=dict(os.environ, DISPLAY=desktop), run_opts=("--x11",), timeout=180)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.decode().splitlines()
-    assert lines[0].startswith("name of display:") and "Root window id" in lines[1]
+    assert lines[0].startswith("name of display:") and "Root window id" in lines[1], (lines, proc.stderr)
     assert int(lines[2]) >= 1  # the nested root has properties of its own
 
 
