@@ -66,14 +66,14 @@ def status(pid: int) -> dict[str, str]:
     return dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":\t" in line)
 
 
-@pytest.mark.parametrize("start", ["cold", "warm"])
-def test_qemu_is_confined_as_libvirt_would(start: str, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("boot", ["cold", "warm"])
+def test_qemu_is_confined_as_libvirt_would(boot: str, capsys: pytest.CaptureFixture[str]) -> None:
     if os.geteuid() != 0:
         pytest.fail("confinement as root is what this checks")
-    if start == "warm":  # the template, built if this cache has none yet
+    if boot == "warm":  # the template, built if this cache has none yet
         subprocess.run([*SANDBOX, "run", "--", "true"], check=True, capture_output=True, timeout=120)
     proc = popen(
-        [*SANDBOX, "run", "--timings=json", *(["--cold"] if start == "cold" else []),
+        [*SANDBOX, "run", "--timings=json", *(["--cold"] if boot == "cold" else []),
          "--pids-limit", "64", "--memory-limit", "1G", "--cpu-weight", "50",
          "--", "sh", "-c", "echo ready; read line; echo got $line"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -114,7 +114,7 @@ def test_qemu_is_confined_as_libvirt_would(start: str, capsys: pytest.CaptureFix
         fds = {int(fd): os.readlink(f"/proc/{qemu}/fd/{fd}") for fd in os.listdir(f"/proc/{qemu}/fd")}
         assert fds[0] == "/dev/null" and fds[1].endswith("/qemu.log") and fds[2] == fds[1]
         images = sorted(t for t in fds.values() if t.startswith("/memfd:"))
-        if start == "cold":
+        if boot == "cold":
             # The boot images: sealed in-memory copies (sandbox/qemu/bootimages.py),
             # the one file QEMU shares with the launcher, which empties them.
             assert [Path(t.split(" ")[0]).suffix for t in images] == [".cpio", ".pvh"], images
@@ -133,17 +133,17 @@ def test_qemu_is_confined_as_libvirt_would(start: str, capsys: pytest.CaptureFix
             if target in images:
                 with open(f"/proc/{qemu}/fd/{fd}", "rb") as f:
                     seals = fcntl.fcntl(f, fcntl.F_GET_SEALS)
-                    if start == "cold":  # emptied once used: the guest runs, so both were
+                    if boot == "cold":  # emptied once used: the guest runs, so both were
                         assert os.fstat(f.fileno()).st_size == 0, target
                 assert seals & fcntl.F_SEAL_WRITE and seals & fcntl.F_SEAL_GROW, (target, seals)
-        if start == "cold":
+        if boot == "cold":
             mapped = _rss_by_mapping(qemu)
             assert [kb for name, kb in mapped if name.startswith("/memfd:")] == [0, 0], mapped
         # Nothing the launcher holds reaches QEMU: its pipes, its stdio, the
         # other ends of the socketpairs (each end is its own socket inode).
         launcher = {os.readlink(f"/proc/{proc.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{proc.pid}/fd")}
         shared = {t for t in fds.values() if t in launcher} - {"/dev/null"} - set(images)
-        if start == "warm":  # the cache's kernel and initramfs, which both hold read-only
+        if boot == "warm":  # the cache's kernel and initramfs, which both hold read-only
             shared = {t for t in shared if "/.cache/sandbox/" not in t}
         shared = {t for t in shared if not t.startswith(("anon_inode:", "/usr/", "/lib"))}
         assert shared == set(), shared
@@ -158,7 +158,7 @@ def test_qemu_is_confined_as_libvirt_would(start: str, capsys: pytest.CaptureFix
     assert proc.returncode == 0
     assert proc.stderr is not None
     err = proc.stderr.read().decode()
-    assert json.loads(err[err.index("{\n") :])["start"] == start  # the walls held for the start asked for
+    assert json.loads(err[err.index("{\n") :])["start"] == boot  # the walls held for the start asked for
     # The audit trail has this sandbox's start and stop.
     audit = subprocess.run([*SANDBOX, "audit", "-n", "2"], capture_output=True, text=True, check=True).stdout
     start, stop = (json.loads(line) for line in audit.splitlines())

@@ -65,7 +65,9 @@ def test_detach_list_info_logs_wait_rm(names: list[str]) -> None:
     running = listed()
     assert server in running and quick not in running
     row = running[server]
-    assert row["state"] == "running" and row["command"][:2] == ["sh", "-c"] and row["start"] in ("warm", "cold")
+    command = row["command"]
+    assert isinstance(command, list) and command[:2] == ["sh", "-c"]
+    assert row["state"] == "running" and row["start"] in ("warm", "cold")
     assert isinstance(row["pss_mib"], float) and row["pss_mib"] > 0 and isinstance(row["cpu_s"], float)
     everything = listed(all_=True)
     assert everything[quick]["state"] == "exited" and everything[quick]["exit_status"] == 7
