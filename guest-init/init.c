@@ -1165,6 +1165,231 @@ static int child_status_code(int st)
 	return 255;
 }
 
+
+static int child_status_code(int st);
+
+/* ---- sandbox exec: more processes beside the command ------------------- */
+
+struct xproc {
+	uint32_t id;
+	pid_t pid;         /* 0: slot free */
+	int in, out, err;  /* our ends of its pipes; -1 once closed */
+	char *inbuf;       /* stdin from the host not yet taken by the process */
+	size_t inlen, inoff;
+	int in_eof, exited, status;
+};
+static struct xproc xprocs[MAX_EXEC];
+static int exec_port = -1;
+static char exec_in[X11_HDR + BUFSZ];
+static size_t exec_in_len;
+static const struct spec *main_spec;
+
+static void exec_frame(char type, uint32_t id, const char *data, uint32_t len)
+{
+	char hdr[X11_HDR];
+	hdr[0] = type;
+	put32(hdr + 1, id);
+	put32(hdr + 5, len);
+	write_all(exec_port, hdr, X11_HDR);
+	if (len)
+		write_all(exec_port, data, len);
+}
+
+static void exec_close_in(struct xproc *x)
+{
+	if (x->in >= 0)
+		close(x->in);
+	x->in = -1;
+	free(x->inbuf);
+	x->inbuf = NULL;
+	x->inlen = x->inoff = 0;
+}
+
+/* Start one process as the command's user, in its environment and directory. */
+static void exec_start(uint32_t id, char *p, uint32_t len)
+{
+	struct xproc *x = NULL;
+	for (int i = 0; i < MAX_EXEC; i++)
+		if (!xprocs[i].pid) {
+			x = &xprocs[i];
+			break;
+		}
+	const struct spec *s = main_spec;
+	char **argv = calloc(len + 1, sizeof *argv), **envp = calloc(len + (size_t)s->envc + 1, sizeof *envp);
+	if (!argv || !envp)
+		die("out of memory starting an exec");
+	int argc = 0, envc = 0;
+	const char *cwd = s->cwd;
+	/* Given entries before the command's own: getenv finds the first. */
+	for (char *q = p; q < p + len; q += strlen(q) + 1) {
+		if (*q == 'A')
+			argv[argc++] = q + 1;
+		else if (*q == 'E')
+			envp[envc++] = q + 1;
+		else if (*q == 'C')
+			cwd = q + 1;
+	}
+	for (int i = 0; i < s->envc; i++)
+		envp[envc++] = s->envp[i];
+	if (!x || !argc) {
+		const char *why = x ? "sandbox: exec: no command\n" : "sandbox: exec: too many processes at once\n";
+		exec_frame(EXEC_STDERR, id, why, (uint32_t)strlen(why));
+		exec_frame(EXEC_EXIT, id, "125", 3);
+		free(argv);
+		free(envp);
+		return;
+	}
+	int in[2], out[2], err[2];
+	if (pipe2(in, O_CLOEXEC) || pipe2(out, O_CLOEXEC) || pipe2(err, O_CLOEXEC))
+		die("pipe");
+	pid_t pid = fork();
+	if (pid == 0) {
+		sigset_t none;
+		sigemptyset(&none);
+		sigprocmask(SIG_SETMASK, &none, NULL);
+		signal(SIGPIPE, SIG_DFL);
+		setsid();
+		dup2(in[0], 0);
+		dup2(out[1], 1);
+		dup2(err[1], 2);
+		for (int i = 0; i < s->nrlims; i++)
+			setrlimit(s->rlims[i].resource, &s->rlims[i].lim);
+		if (setgroups((size_t)s->ngroups, s->groups) || setgid(s->gid) || setuid(s->uid)) {
+			dprintf(2, "sandbox: exec: cannot become uid %u: %s\n", (unsigned)s->uid, strerror(errno));
+			_exit(125);
+		}
+		umask(s->umask);
+		if (chdir(cwd ? cwd : "/") != 0) {
+			dprintf(2, "sandbox: exec: %s: %s\n", cwd, strerror(errno));
+			_exit(125);
+		}
+		environ = envp;
+		execvpe(argv[0], argv, envp);
+		int e = errno;
+		dprintf(2, "sandbox: %s: %s\n", argv[0], e == ENOENT ? "command not found" : strerror(e));
+		_exit(e == ENOENT ? 127 : 126);
+	}
+	free(argv);
+	free(envp);
+	close(in[0]);
+	close(out[1]);
+	close(err[1]);
+	if (pid < 0) {
+		close(in[1]);
+		close(out[0]);
+		close(err[0]);
+		exec_frame(EXEC_EXIT, id, "125", 3);
+		return;
+	}
+	*x = (struct xproc){.id = id, .pid = pid, .in = in[1], .out = out[0], .err = err[0]};
+	set_nonblock(x->in);
+}
+
+static struct xproc *exec_find(uint32_t id)
+{
+	for (int i = 0; i < MAX_EXEC; i++)
+		if (xprocs[i].pid && xprocs[i].id == id)
+			return &xprocs[i];
+	return NULL;
+}
+
+static void exec_flush_in(struct xproc *x)
+{
+	while (x->in >= 0 && x->inoff < x->inlen) {
+		ssize_t n = write(x->in, x->inbuf + x->inoff, x->inlen - x->inoff);
+		if (n < 0) {
+			if (errno == EAGAIN || errno == EINTR)
+				return;
+			exec_close_in(x); /* it closed its stdin: the rest is dropped, as a pipe would */
+			return;
+		}
+		x->inoff += (size_t)n;
+	}
+	if (x->in >= 0) {
+		x->inoff = x->inlen = 0;
+		if (x->in_eof)
+			exec_close_in(x);
+	}
+}
+
+static void exec_frames_from_host(void)
+{
+	ssize_t n = read(exec_port, exec_in + exec_in_len, sizeof exec_in - exec_in_len);
+	if (n <= 0)
+		return;
+	exec_in_len += (size_t)n;
+	size_t off = 0;
+	while (exec_in_len - off >= X11_HDR) {
+		uint32_t id = get32(exec_in + off + 1), len = get32(exec_in + off + 5);
+		if (len > BUFSZ)
+			die("exec frame too long");
+		if (exec_in_len - off < X11_HDR + len)
+			break;
+		char type = exec_in[off], *data = exec_in + off + X11_HDR;
+		struct xproc *x = type == EXEC_START ? NULL : exec_find(id);
+		if (type == EXEC_START) {
+			data[len ? len - 1 : 0] = 0;
+			exec_start(id, data, len);
+		} else if (x && type == EXEC_STDIN && x->in >= 0) {
+			char *grown = realloc(x->inbuf, x->inlen + len);
+			if (!grown)
+				die("out of memory for exec input");
+			x->inbuf = grown;
+			memcpy(x->inbuf + x->inlen, data, len);
+			x->inlen += len;
+			exec_flush_in(x);
+		} else if (x && type == EXEC_STDIN_EOF) {
+			x->in_eof = 1;
+			exec_flush_in(x);
+		} else if (x && type == EXEC_SIGNAL) {
+			char num[16];
+			snprintf(num, sizeof num, "%.*s", (int)(len < 15 ? len : 15), data);
+			kill(-x->pid, atoi(num));
+		}
+		off += X11_HDR + len;
+	}
+	memmove(exec_in, exec_in + off, exec_in_len - off);
+	exec_in_len -= off;
+}
+
+/* Output of one process to the host; its exit status once all of it went. */
+static void exec_output(struct xproc *x, int *fd, char type)
+{
+	static char buf[BUFSZ];
+	ssize_t n = read(*fd, buf, sizeof buf);
+	if (n > 0) {
+		exec_frame(type, x->id, buf, (uint32_t)n);
+		return;
+	}
+	if (n < 0 && (errno == EAGAIN || errno == EINTR))
+		return;
+	close(*fd);
+	*fd = -1;
+}
+
+static void exec_reaped(pid_t pid, int status)
+{
+	for (int i = 0; i < MAX_EXEC; i++)
+		if (xprocs[i].pid == pid) {
+			xprocs[i].exited = 1;
+			xprocs[i].status = child_status_code(status);
+		}
+}
+
+static void exec_finish_done(void)
+{
+	for (int i = 0; i < MAX_EXEC; i++) {
+		struct xproc *x = &xprocs[i];
+		if (x->pid && x->exited && x->out < 0 && x->err < 0) {
+			char num[16];
+			int len = snprintf(num, sizeof num, "%d", x->status);
+			exec_frame(EXEC_EXIT, x->id, num, (uint32_t)len);
+			exec_close_in(x);
+			x->pid = 0;
+		}
+	}
+}
+
 static char ctl_in[4096];
 static size_t ctl_in_len;
 
@@ -1304,11 +1529,14 @@ int main(void)
 	set_realtime(s.realtime_ns);
 	uint64_t spec_read = now_ns();
 	ctl_send("T spec_read %llu", (unsigned long long)spec_read);
+	main_spec = &s;
 	int in_port = open_port(PORT_STDIN, O_RDONLY, 2000);
 	int out_port = open_port(PORT_STDOUT, O_WRONLY, 2000);
 	int err_port = open_port(PORT_STDERR, O_WRONLY, 2000);
-	if (in_port < 0 || out_port < 0 || err_port < 0)
+	exec_port = open_port(PORT_EXEC, O_RDWR, 2000);
+	if (in_port < 0 || out_port < 0 || err_port < 0 || exec_port < 0)
 		die("stdio ports did not appear");
+	set_nonblock(exec_port);
 
 	setup_root(&s);
 	loopback_up();
@@ -1347,7 +1575,7 @@ int main(void)
 		for (int i = 0; i < 3; i++)
 			pump_init(&pumps[i], -1, -1, 0);
 	while (!exited || pump_active(&pumps[1]) || pump_active(&pumps[2])) {
-		struct pollfd pfd[8 + MAX_X11];
+		struct pollfd pfd[8 + MAX_X11 + 1 + 3 * MAX_EXEC];
 		int np = 0, idx[3] = {-1, -1, -1};
 		pfd[np++] = (struct pollfd){ctl_fd, POLLIN, 0};
 		pfd[np++] = (struct pollfd){sfd, POLLIN, 0};
@@ -1355,6 +1583,14 @@ int main(void)
 		for (int i = 0; i < 3; i++)
 			if (pump_poll(&pumps[i], &pfd[np]))
 				idx[i] = np++;
+		int ebase = np;
+		pfd[np++] = (struct pollfd){exec_port, POLLIN, 0};
+		for (int i = 0; i < MAX_EXEC; i++) {
+			struct xproc *x = &xprocs[i];
+			pfd[np++] = (struct pollfd){x->pid ? x->out : -1, POLLIN, 0};
+			pfd[np++] = (struct pollfd){x->pid ? x->err : -1, POLLIN, 0};
+			pfd[np++] = (struct pollfd){x->pid && x->inlen > x->inoff ? x->in : -1, POLLOUT, 0};
+		}
 		int xbase = np;
 		if (x11_port >= 0) {
 			pfd[np++] = (struct pollfd){x11_port, POLLIN, 0};
@@ -1395,11 +1631,27 @@ int main(void)
 					exited = 1;
 					status = child_status_code(st);
 					stamp("command_exit");
-				}
+				} else
+					exec_reaped(p, st);
 		}
 		for (int i = 0; i < 3; i++)
 			if (idx[i] >= 0 && pfd[idx[i]].revents)
 				pump_run(&pumps[i]);
+		if (pfd[ebase].revents & POLLIN)
+			exec_frames_from_host();
+		for (int i = 0; i < MAX_EXEC; i++) {
+			struct xproc *x = &xprocs[i];
+			struct pollfd *e = &pfd[ebase + 1 + 3 * i];
+			if (!x->pid)
+				continue;
+			if (e[0].revents && x->out >= 0)
+				exec_output(x, &x->out, EXEC_STDOUT);
+			if (e[1].revents && x->err >= 0)
+				exec_output(x, &x->err, EXEC_STDERR);
+			if (e[2].revents)
+				exec_flush_in(x);
+		}
+		exec_finish_done();
 		if (x11_port >= 0) {
 			if (pfd[xbase].revents && x11_host_to_client() < 0) {
 				/* The display went away: clients see their connections end. */

@@ -12,6 +12,7 @@
 #define PORT_STDOUT 3  /* guest -> host, raw bytes */
 #define PORT_STDERR 4  /* guest -> host, raw bytes */
 #define PORT_X11 5     /* multiplexed X11 streams (optional) */
+#define PORT_EXEC 6    /* multiplexed `sandbox exec` processes */
 
 /* Host -> guest, first on the control port:
  *   "SPEC <len>\n" then <len> bytes of NUL-terminated records "<key><value>",
@@ -78,5 +79,20 @@
  * (the host's xpra client dials in). */
 #define XPRA_DIR "/tmp/.sandbox-xpra" /* the xpra server's socket and ready FIFO */
 #define X11_HDR 9
+
+/* `sandbox exec` frames on PORT_EXEC, same header as X11's (type, id, len):
+ * host -> guest: EXEC_START (payload: NUL-terminated records "A<arg>",
+ *   "E<NAME=value>" added to the main command's environment, "C<cwd>"),
+ *   EXEC_STDIN (data), EXEC_STDIN_EOF, EXEC_SIGNAL (payload: decimal signo);
+ * guest -> host: EXEC_STDOUT, EXEC_STDERR (data), EXEC_EXIT (payload:
+ *   decimal status, 128+N for signal N; sent after all of its output). */
+#define EXEC_START 'S'
+#define EXEC_STDIN 'I'
+#define EXEC_STDIN_EOF 'i'
+#define EXEC_SIGNAL 'K'
+#define EXEC_STDOUT 'O'
+#define EXEC_STDERR 'R'
+#define EXEC_EXIT 'X'
+#define MAX_EXEC 16
 
 #endif

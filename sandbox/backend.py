@@ -24,9 +24,10 @@ class Channels:
     stderr: socket.socket
     console: socket.socket  # the guest's serial console (log only)
     x11: socket.socket | None = None
+    exec: socket.socket | None = None  # `sandbox exec` processes (sandbox/execs.py)
 
     def all(self) -> list[socket.socket]:
-        return [s for s in (self.control, self.stdin, self.stdout, self.stderr, self.console, self.x11) if s is not None]
+        return [s for s in (self.control, self.stdin, self.stdout, self.stderr, self.console, self.x11, self.exec) if s is not None]
 
     def close(self) -> None:
         for s in self.all():

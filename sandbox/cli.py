@@ -105,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="linux (default), xt, xt_kbd, atset1, atset2, atset3, usb, win32, osx, qnum")  # fmt: skip
     key.add_argument("--holdtime", type=int, default=100, metavar="MS", help="release after MS (default 100)")
     key.add_argument("keys", nargs="+", metavar="KEY", help="codes (decimal or 0x) or names (linux, win32, osx)")
+    ex = sub.add_parser("exec", help="run another command in a running sandbox (as its user, in its environment)")
+    ex.add_argument("name")
+    ex.add_argument("-e", "--env", action="append", default=[], metavar="NAME=VALUE", help="add to the environment")
+    ex.add_argument("-w", "--workdir", metavar="DIR", help="default: the sandbox's working directory")
+    ex.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
     attach = sub.add_parser("attach", help="adopt a QEMU launched by hand (it needs a QMP monitor on a UNIX socket)")
     attach.add_argument("pid", type=int)
     attach.add_argument("--name", metavar="NAME", help="default: its -name, else qemu-PID")
@@ -184,7 +189,7 @@ def _run(args: argparse.Namespace) -> int:
         while ready:
             ready.pop()()
 
-    opts = dataclasses.replace(opts, on_started=started, monitor_socket=entry.path / "monitor.sock")
+    opts = dataclasses.replace(opts, on_started=started, monitor_socket=entry.path / "monitor.sock", exec_socket=entry.path / "exec.sock")
     if opts.keyboard:
         entry.update(keyboard=True)
     if args.detach:
@@ -270,6 +275,18 @@ def _send_key(args: argparse.Namespace) -> int:
         raise UsageError(f"--holdtime {args.holdtime}: must not be negative")
     lifecycle.send_key(args.name, args.codeset, args.holdtime, args.keys)
     return 0
+
+
+def _exec(args: argparse.Namespace) -> int:
+    from . import lifecycle
+
+    env = {}
+    for item in args.env:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"-e {item}: expected NAME=VALUE")
+        env[key] = value
+    return lifecycle.exec_command(args.name, list(_command(args)), env, args.workdir)
 
 
 def _attach(args: argparse.Namespace) -> int:
@@ -375,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         handler = {
             "run": _run, "bench": _bench, "prepare": _prepare, "audit": _audit, "list": _list, "info": _info,
             "logs": _logs, "wait": _wait, "stop": _stop, "kill": _kill, "rm": _rm, "send-key": _send_key,
-            "attach": _attach,
+            "attach": _attach, "exec": _exec,
         }[args.verb]  # fmt: skip
         return handler(args)
     except SandboxError as exc:

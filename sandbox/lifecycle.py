@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from . import registry
-from .errors import UsageError
+from .errors import SandboxError, UsageError
 
 STOP_GRACE = 10.0
 
@@ -286,3 +286,52 @@ def send_key(name: str, codeset: str, hold_ms: int, keys: list[str]) -> None:
         raise UsageError(f"sandbox {entry.name!r} has no keyboard (run it with --keyboard)")
     with _monitor(_monitor_path(entry)) as qmp:
         qmp.execute("send-key", 5.0, {"keys": [{"type": "number", "data": q} for q in qnums], "hold-time": hold_ms})
+
+
+def exec_command(name: str, argv: list[str], env: dict[str, str], cwd: str | None) -> int:
+    """Run `argv` in a running sandbox beside its command, with our stdin, stdout and stderr; its exit status."""
+    import json
+    import socket
+
+    from .process import FORWARDED
+
+    entry = registry.find(name)
+    r = entry.record()
+    if r.attached:
+        raise UsageError(f"sandbox {name!r} was attached, not started here: exec needs the sandbox's own guest init")
+    if entry.state() != "running":
+        raise UsageError(f"sandbox {name!r} is not running")
+    if not argv:
+        raise UsageError("no command given (usage: sandbox exec NAME -- CMD [ARGS...])")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(str(entry.path / "exec.sock"))
+    except OSError as exc:
+        sock.close()
+        raise UsageError(f"sandbox {name!r} does not take exec requests ({exc.strerror})") from None
+    request = json.dumps({"argv": argv, "env": env, "cwd": cwd}).encode() + b"\n"
+    socket.send_fds(sock, [request], [0, 1, 2])
+
+    def forward(signo: int, _frame: object) -> None:
+        try:
+            sock.sendall(b"K %d\n" % signo)
+        except OSError:
+            pass
+
+    old = {s: signal.signal(s, forward) for s in FORWARDED}
+    try:
+        reply = b""
+        while not reply.endswith(b"\n"):
+            try:
+                chunk = sock.recv(64)
+            except InterruptedError:
+                continue
+            if not chunk:
+                raise SandboxError(f"sandbox {name!r} ended before the process did")
+            reply += chunk
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        sock.close()
+    status = int(reply.split()[1])
+    return status if 0 <= status <= 255 else 125

@@ -9,6 +9,7 @@ PORT_STDIN = 2
 PORT_STDOUT = 3
 PORT_STDERR = 4
 PORT_X11 = 5
+PORT_EXEC = 6
 
 PORT_NAMES = {
     PORT_CONTROL: "sandbox.control",
@@ -16,6 +17,7 @@ PORT_NAMES = {
     PORT_STDOUT: "sandbox.stdout",
     PORT_STDERR: "sandbox.stderr",
     PORT_X11: "sandbox.x11",
+    PORT_EXEC: "sandbox.exec",
 }
 
 ROOT_TAG = "root"  # the 9p mount tag of the host's root

@@ -96,14 +96,18 @@ class Deadlines:
         return min(MAX_WAIT, max(0.0, min(self._at.values()) - time.monotonic()))
 
 
-class DisplayBridge(Protocol):
-    """The X11 side of a run (sandbox/x11.py), driven by the relay's loop."""
-
-    on_display_gone: Callable[[], None] | None
+class PortBridge(Protocol):
+    """A multiplexed port driven by the relay's loop (X11: sandbox/x11.py; exec: sandbox/execs.py)."""
 
     def attach(self, sel: selectors.BaseSelector, port: socket.socket) -> None: ...
 
     def on_event(self, key: selectors.SelectorKey, mask: int) -> None: ...
+
+
+class DisplayBridge(PortBridge, Protocol):
+    """The X11 side of a run (sandbox/x11.py)."""
+
+    on_display_gone: Callable[[], None] | None
 
 
 @dataclass(frozen=True)
@@ -130,6 +134,7 @@ class Relay:
         timeout_at: float | None,
         x11: DisplayBridge | None = None,
         stdio: Stdio = Stdio(),
+        execs: PortBridge | None = None,
     ) -> None:
         self.guest = guest
         self.ch = guest.channels
@@ -143,6 +148,7 @@ class Relay:
         self.verbose = verbose
         self.boot_timeout = boot_timeout
         self.x11 = x11
+        self.execs = execs
         self.io = stdio
         self.sel = selectors.PollSelector()
         self.state = State.BOOTING
@@ -233,6 +239,8 @@ class Relay:
         self.sel.register(self.ch.stderr, selectors.EVENT_READ, "stderr")
         self.sel.register(self.ch.console, selectors.EVENT_READ, "console")
         self.sel.register(self.guest.end_fd, selectors.EVENT_READ, "end")
+        if self.execs is not None and self.ch.exec is not None:
+            self.execs.attach(self.sel, self.ch.exec)
         if self.x11 is not None and self.ch.x11 is not None:
             self.x11.attach(self.sel, self.ch.x11)
             # The user closed the nested window: the app has lost its
@@ -273,6 +281,8 @@ class Relay:
         elif tag == "end":
             self.machine_status = self.guest.reap()
             self.state = State.ENDED
+        elif self.execs is not None and isinstance(tag, tuple) and str(tag[0]).startswith("exec-"):
+            self.execs.on_event(key, mask)
         elif self.x11 is not None:
             self.x11.on_event(key, mask)
 

@@ -65,6 +65,7 @@ class RunOptions:
     on_started: Callable[[Started], None] | None = None  # told each time a QEMU runs the guest
     keyboard: bool = False  # a virtio keyboard for `sandbox send-key`
     monitor_socket: Path | None = None  # a QMP socket for other commands (send-key), bound here
+    exec_socket: Path | None = None  # where `sandbox exec` reaches this run (sandbox/execs.py)
 
     def __post_init__(self) -> None:
         if not self.argv:
@@ -341,7 +342,7 @@ def boot_once(
     boot_timeout = opts.boot_timeout or (20.0 if boot.accel == "tcg" else 10.0)
     if warm is not None:
         boot_timeout = min(boot_timeout, WARM_PROGRESS_TIMEOUT)
-    with DirectGuest(
+    with contextlib.ExitStack() as stack, DirectGuest(
         boot, rundir, timeline, confinement, opts.verbose, warm=warm, builder=builder, monitor_socket=opts.monitor_socket
     ) as guest:
         if opts.on_started is not None:
@@ -351,6 +352,12 @@ def boot_once(
                 ("/ (read-only)",) + tuple(f"{s.path} ({'read-only' if s.readonly else 'read-write'})" for s in boot.shares),
             ))  # fmt: skip
         guest.wait_built(boot_timeout, attempt)
+        execs = None
+        if opts.exec_socket is not None:
+            from .execs import ExecBridge
+
+            execs = ExecBridge(opts.exec_socket)
+            stack.callback(execs.close)
         relay = Relay(
             guest,
             console_log=rundir / "console.log",
@@ -361,6 +368,7 @@ def boot_once(
             boot_timeout=boot_timeout,
             timeout_at=timeout_at,
             x11=opts.x11,
+            execs=execs,
         )
         outcome = relay.run()
         host_oom = outcome.status is None and confinement is not None and confinement.oom_killed()

@@ -76,6 +76,8 @@ def test_attached_qemu_is_listed_tainted_described_and_stopped(hand_qemu: tuple[
     assert info["Shares"].strip() == f"{share} (read-only)" and info["Disks"].strip() == str(share / "disk.img")
     assert info["Monitor"].strip() == str(share / "qmp.sock")
     assert sb("send-key", name, "--codeset", "win32", "VK_RETURN").returncode == 0
+    no_exec = sb("exec", name, "--", "true")
+    assert no_exec.returncode == 125 and b"was attached, not started here: exec needs the sandbox's own guest init" in no_exec.stderr
     refused = sb("attach", str(proc.pid))
     assert refused.returncode == 125 and b"is taken" in refused.stderr
     start = time.monotonic()

@@ -54,7 +54,7 @@ class BootSpec:
 
 # The same ports for every run, X11's included (unused without --x11), so
 # that one template serves all runs.
-PORTS = (protocol.PORT_CONTROL, protocol.PORT_STDIN, protocol.PORT_STDOUT, protocol.PORT_STDERR, protocol.PORT_X11)
+PORTS = (protocol.PORT_CONTROL, protocol.PORT_STDIN, protocol.PORT_STDOUT, protocol.PORT_STDERR, protocol.PORT_X11, protocol.PORT_EXEC)
 
 
 ZERO_HEADROOM_MB = 256  # QEMU's own memory beside guest RAM, with room to spare
@@ -274,6 +274,7 @@ class DirectGuest:
             stderr=ports[protocol.PORT_STDERR][0],
             console=console[0],
             x11=ports[protocol.PORT_X11][0] if boot.x11 else None,
+            exec=ports[protocol.PORT_EXEC][0],
         )
         # Kernel and initramfs go to QEMU as open files: a QEMU that runs as
         # another uid, in another mount namespace, needs no path to our cache.

@@ -1,0 +1,285 @@
+"""`sandbox exec`: more processes in a running sandbox, multiplexed on one virtio-serial port.
+
+The launcher listens on `exec.sock` in the sandbox's entry directory.  A
+client (`sandbox exec`) sends its request and its own stdin, stdout and
+stderr descriptors (SCM_RIGHTS); the launcher then moves bytes between
+those descriptors and the guest, framed on the exec port as X11 is on its
+own (type, id, length; guest-init/protocol.h), and answers "X <status>"
+when the process has ended and all of its output has been written.
+"""
+
+from __future__ import annotations
+
+import array
+import json
+import logging
+import os
+import select
+import selectors
+import socket
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .streams import recv_some, send_some, watch_writable
+
+log = logging.getLogger(__name__)
+
+HEADER = struct.Struct("<cII")
+CHUNK = 64 * 1024
+REQUEST_MAX = 1 << 20
+START, STDIN, STDIN_EOF, SIGNAL = b"S", b"I", b"i", b"K"
+STDOUT, STDERR, EXIT = b"O", b"R", b"X"
+
+
+def _writable(fd: int) -> bool:
+    p = select.poll()
+    p.register(fd, select.POLLOUT)
+    return bool(p.poll(0))
+
+
+def frame(kind: bytes, pid: int, payload: bytes = b"") -> bytes:
+    return HEADER.pack(kind, pid, len(payload)) + payload
+
+
+def start_payload(argv: list[str], env: dict[str, str], cwd: str | None) -> bytes:
+    """The EXEC_START records (NUL-terminated, one letter each)."""
+    def rec(key: str, value: str) -> bytes:
+        raw = value.encode("utf-8", "surrogateescape")
+        if b"\0" in raw:
+            raise ValueError("NUL byte in an exec argument")
+        return key.encode() + raw + b"\0"
+
+    out = b"".join(rec("A", a) for a in argv) + b"".join(rec("E", f"{k}={v}") for k, v in env.items())
+    return out + (rec("C", cwd) if cwd else b"")
+
+
+@dataclass
+class Session:
+    client: socket.socket
+    fds: list[int]  # the client's stdin, stdout, stderr (ours to close)
+    stdin_open: bool = True
+    status: int | None = None  # the process ended; told to the client once its output is written
+    pending: dict[int, bytearray] = field(default_factory=lambda: {1: bytearray(), 2: bytearray()})
+
+
+class ExecBridge:
+    """The launcher's end of `sandbox exec`, driven by the relay's loop."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        self.listener.bind(str(path))
+        self.listener.listen(16)
+        self.listener.setblocking(False)
+        self.sel: selectors.BaseSelector | None = None
+        self.port: socket.socket | None = None
+        self.to_guest = bytearray()
+        self.from_guest = bytearray()
+        self.sessions: dict[int, Session] = {}
+        self.next_id = 1
+
+    def attach(self, sel: selectors.BaseSelector, port: socket.socket) -> None:
+        self.sel, self.port = sel, port
+        sel.register(self.listener, selectors.EVENT_READ, ("exec-listen", 0))
+        sel.register(port, selectors.EVENT_READ, ("exec-port", 0))
+
+    def close(self) -> None:
+        for sid in list(self.sessions):
+            self._end(sid, None)
+        self.listener.close()
+        try:
+            self.path.unlink()
+        except OSError:
+            pass
+
+    def on_event(self, key: selectors.SelectorKey, mask: int) -> None:
+        kind, sid = key.data
+        if kind == "exec-listen":
+            self._accept()
+        elif kind == "exec-port":
+            if mask & selectors.EVENT_WRITE:
+                self._flush()
+            if mask & selectors.EVENT_READ:
+                self._from_guest_port()
+        elif kind == "exec-stdin" and sid in self.sessions:
+            self._stdin(sid)
+        elif kind == "exec-client" and sid in self.sessions:
+            self._client(sid)
+        elif kind in ("exec-out1", "exec-out2") and sid in self.sessions:
+            self._write_out(sid, int(kind[-1]))
+
+    # ---- clients ---------------------------------------------------------
+
+    def _accept(self) -> None:
+        try:
+            client, _ = self.listener.accept()
+        except BlockingIOError:
+            return
+        try:
+            client.settimeout(5)
+            fds = array.array("i")
+            data, ancdata, _flags, _addr = client.recvmsg(REQUEST_MAX, socket.CMSG_LEN(3 * fds.itemsize))
+            for level, kind, payload in ancdata:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+            while data and not data.endswith(b"\n"):
+                more = client.recv(REQUEST_MAX)
+                if not more:
+                    break
+                data += more
+            request = json.loads(data)
+            if len(fds) != 3:
+                raise ValueError("a request needs stdin, stdout and stderr")
+            payload = start_payload(list(request["argv"]), dict(request.get("env", {})), request.get("cwd"))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("exec: bad request: %s", exc)
+            for fd in locals().get("fds", []):
+                os.close(fd)
+            client.close()
+            return
+        client.setblocking(False)
+        sid = self.next_id
+        self.next_id += 1
+        self.sessions[sid] = Session(client, list(fds))
+        log.debug("exec: session %d: %s, fds %s", sid, request["argv"], list(fds))
+        assert self.sel is not None
+        self.sel.register(client, selectors.EVENT_READ, ("exec-client", sid))
+        self._send(frame(START, sid, payload))
+        try:
+            self.sel.register(fds[0], selectors.EVENT_READ, ("exec-stdin", sid))
+        except (ValueError, PermissionError, OSError):  # e.g. a regular file on stdin: read it all now
+            self._stdin_all(sid)
+
+    def _client(self, sid: int) -> None:
+        s = self.sessions[sid]
+        data = recv_some(s.client, 4096)
+        if data is None:
+            return
+        if not data:  # the client is gone: so is its process
+            self._send(frame(SIGNAL, sid, b"9"))
+            self._end(sid, None)
+            return
+        for line in data.decode(errors="replace").splitlines():
+            if line.startswith("K ") and line[2:].isdigit():
+                self._send(frame(SIGNAL, sid, line[2:].encode()))
+
+    def _stdin(self, sid: int) -> None:
+        s = self.sessions[sid]
+        try:
+            data = os.read(s.fds[0], CHUNK)
+        except OSError:
+            data = b""
+        if data:
+            self._send(frame(STDIN, sid, data))
+            return
+        log.debug("exec: session %d: stdin EOF", sid)
+        assert self.sel is not None
+        self.sel.unregister(s.fds[0])
+        s.stdin_open = False
+        self._send(frame(STDIN_EOF, sid))
+
+    def _stdin_all(self, sid: int) -> None:
+        s = self.sessions[sid]
+        while data := os.read(s.fds[0], CHUNK):
+            self._send(frame(STDIN, sid, data))
+        s.stdin_open = False
+        self._send(frame(STDIN_EOF, sid))
+
+    def _write_out(self, sid: int, n: int) -> None:
+        """Output for the client's stdout (1) or stderr (2), one pipe buffer's worth once it is writable.
+
+        A reader that does not keep up must not stall the relay (the
+        sandbox's own command and the other execs): writes wait for the
+        selector to say the descriptor takes PIPE_BUF bytes without blocking.
+        """
+        s = self.sessions[sid]
+        buf = s.pending[n]
+        assert self.sel is not None
+        if buf and _writable(s.fds[n]):
+            try:
+                del buf[: os.write(s.fds[n], buf[: select.PIPE_BUF])]
+            except BlockingIOError:
+                pass
+            except OSError:  # the reader is gone: drop what it would have read
+                buf.clear()
+        key = ("exec-out1" if n == 1 else "exec-out2", sid)
+        try:
+            self.sel.get_key(s.fds[n])
+            registered = True
+        except (KeyError, ValueError):
+            registered = False
+        if buf and not registered:
+            try:
+                self.sel.register(s.fds[n], selectors.EVENT_WRITE, key)
+            except (ValueError, PermissionError, OSError):  # a regular file: it always takes the bytes
+                os.write(s.fds[n], buf)
+                buf.clear()
+        elif not buf and registered:
+            self.sel.unregister(s.fds[n])
+        if s.status is not None and not s.pending[1] and not s.pending[2]:
+            self._end(sid, s.status)
+
+    def _end(self, sid: int, status: int | None) -> None:
+        s = self.sessions.pop(sid, None)
+        if s is None:
+            return
+        assert self.sel is not None
+        watched: list[socket.socket | int] = [s.client, s.fds[1], s.fds[2]]
+        if s.stdin_open:
+            watched.append(s.fds[0])
+        for what in watched:
+            try:
+                self.sel.unregister(what)
+            except (KeyError, ValueError):
+                pass
+        if status is not None:
+            try:
+                s.client.setblocking(True)
+                s.client.sendall(b"X %d\n" % status)
+            except OSError:
+                pass
+        s.client.close()
+        for fd in s.fds:
+            os.close(fd)
+
+    # ---- the guest's port --------------------------------------------------
+
+    def _send(self, data: bytes) -> None:
+        self.to_guest += data
+        self._flush()
+
+    def _flush(self) -> None:
+        assert self.port is not None and self.sel is not None
+        send_some(self.port, self.to_guest)
+        watch_writable(self.sel, self.port, ("exec-port", 0), bool(self.to_guest))
+
+    def _from_guest_port(self) -> None:
+        assert self.port is not None
+        data = recv_some(self.port, 256 * 1024)
+        if not data:
+            return
+        self.from_guest += data
+        while len(self.from_guest) >= HEADER.size:
+            kind, sid, length = HEADER.unpack_from(self.from_guest)
+            if len(self.from_guest) < HEADER.size + length:
+                break
+            payload = bytes(self.from_guest[HEADER.size : HEADER.size + length])
+            del self.from_guest[: HEADER.size + length]
+            s = self.sessions.get(sid)
+            log.debug("exec: frame %r for %d, %d bytes%s", kind, sid, length, "" if s else " (no session)")
+            if s is None:
+                continue
+            if kind in (STDOUT, STDERR):
+                n = 1 if kind == STDOUT else 2
+                s.pending[n] += payload
+                self._write_out(sid, n)
+            elif kind == EXIT:
+                s.status = int(payload or b"125")
+                if not s.pending[1] and not s.pending[2]:
+                    self._end(sid, s.status)
+                # else: once _write_out has written the rest
