@@ -1220,6 +1220,7 @@ static void exec_start(uint32_t id, char *p, uint32_t len)
 		die("out of memory starting an exec");
 	int argc = 0, envc = 0;
 	const char *cwd = s->cwd;
+	int tty = 0, rows = 0, cols = 0;
 	/* Given entries before the command's own: getenv finds the first. */
 	for (char *q = p; q < p + len; q += strlen(q) + 1) {
 		if (*q == 'A')
@@ -1228,6 +1229,12 @@ static void exec_start(uint32_t id, char *p, uint32_t len)
 			envp[envc++] = q + 1;
 		else if (*q == 'C')
 			cwd = q + 1;
+		else if (*q == 'T')
+			tty = 1;
+		else if (*q == 'R')
+			rows = atoi(q + 1);
+		else if (*q == 'W')
+			cols = atoi(q + 1);
 	}
 	for (int i = 0; i < s->envc; i++)
 		envp[envc++] = s->envp[i];
@@ -1239,8 +1246,24 @@ static void exec_start(uint32_t id, char *p, uint32_t len)
 		free(envp);
 		return;
 	}
-	int in[2], out[2], err[2];
-	if (pipe2(in, O_CLOEXEC) || pipe2(out, O_CLOEXEC) || pipe2(err, O_CLOEXEC))
+	int in[2], out[2], err[2], master = -1, slave = -1;
+	if (tty) {
+		/* -t: one terminal for all three, its size the client's. */
+		master = posix_openpt(O_RDWR | O_NOCTTY | O_CLOEXEC);
+		if (master < 0 || grantpt(master) || unlockpt(master) ||
+		    (slave = open(ptsname(master), O_RDWR | O_NOCTTY | O_CLOEXEC)) < 0)
+			die("exec pty: %s", strerror(errno));
+		if (rows && cols) {
+			struct winsize ws = {(unsigned short)rows, (unsigned short)cols, 0, 0};
+			ioctl(master, TIOCSWINSZ, &ws);
+		}
+		if (fchown(slave, s->uid, (gid_t)-1) != 0)
+			die("exec pty chown: %s", strerror(errno));
+		in[0] = out[1] = err[1] = slave;
+		in[1] = master;
+		out[0] = dup(master);
+		err[0] = -1;
+	} else if (pipe2(in, O_CLOEXEC) || pipe2(out, O_CLOEXEC) || pipe2(err, O_CLOEXEC))
 		die("pipe");
 	pid_t pid = fork();
 	if (pid == 0) {
@@ -1249,6 +1272,8 @@ static void exec_start(uint32_t id, char *p, uint32_t len)
 		sigprocmask(SIG_SETMASK, &none, NULL);
 		signal(SIGPIPE, SIG_DFL);
 		setsid();
+		if (slave >= 0)
+			ioctl(slave, TIOCSCTTY, 0);
 		dup2(in[0], 0);
 		dup2(out[1], 1);
 		dup2(err[1], 2);
@@ -1271,13 +1296,18 @@ static void exec_start(uint32_t id, char *p, uint32_t len)
 	}
 	free(argv);
 	free(envp);
-	close(in[0]);
-	close(out[1]);
-	close(err[1]);
+	if (slave >= 0) {
+		close(slave);
+	} else {
+		close(in[0]);
+		close(out[1]);
+		close(err[1]);
+	}
 	if (pid < 0) {
 		close(in[1]);
 		close(out[0]);
-		close(err[0]);
+		if (err[0] >= 0)
+			close(err[0]);
 		exec_frame(EXEC_EXIT, id, "125", 3);
 		return;
 	}

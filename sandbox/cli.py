@@ -109,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("name")
     ex.add_argument("-e", "--env", action="append", default=[], metavar="NAME=VALUE", help="add to the environment")
     ex.add_argument("-w", "--workdir", metavar="DIR", help="default: the sandbox's working directory")
+    ex.add_argument("-t", "--tty", action="store_true", help="give the process a terminal (stdin, stdout and stderr on it)")
     ex.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
     attach = sub.add_parser("attach", help="adopt a QEMU launched by hand (it needs a QMP monitor on a UNIX socket)")
     attach.add_argument("pid", type=int)
@@ -185,7 +186,7 @@ def _run(args: argparse.Namespace) -> int:
 
     def started(st: runner.Started) -> None:
         entry.update(qemu_pid=st.qemu_pid, accel=st.accel, kernel=st.kernel, memory_mb=st.memory_mb, cpus=st.cpus,
-                     start=st.start, label=st.label, shares=st.shares)  # fmt: skip
+                     start=st.start, label=st.label, shares=st.shares, x11_display=st.x11_display, x11_auth=st.x11_auth)  # fmt: skip
         while ready:
             ready.pop()()
 
@@ -286,7 +287,7 @@ def _exec(args: argparse.Namespace) -> int:
         if not sep or not key:
             raise UsageError(f"-e {item}: expected NAME=VALUE")
         env[key] = value
-    return lifecycle.exec_command(args.name, list(_command(args)), env, args.workdir)
+    return lifecycle.exec_command(args.name, list(_command(args)), env, args.workdir, args.tty)
 
 
 def _attach(args: argparse.Namespace) -> int:

@@ -42,7 +42,7 @@ def frame(kind: bytes, pid: int, payload: bytes = b"") -> bytes:
     return HEADER.pack(kind, pid, len(payload)) + payload
 
 
-def start_payload(argv: list[str], env: dict[str, str], cwd: str | None) -> bytes:
+def start_payload(argv: list[str], env: dict[str, str], cwd: str | None, tty: tuple[int, int] | None = None) -> bytes:
     """The EXEC_START records (NUL-terminated, one letter each)."""
     def rec(key: str, value: str) -> bytes:
         raw = value.encode("utf-8", "surrogateescape")
@@ -51,7 +51,10 @@ def start_payload(argv: list[str], env: dict[str, str], cwd: str | None) -> byte
         return key.encode() + raw + b"\0"
 
     out = b"".join(rec("A", a) for a in argv) + b"".join(rec("E", f"{k}={v}") for k, v in env.items())
-    return out + (rec("C", cwd) if cwd else b"")
+    out += rec("C", cwd) if cwd else b""
+    if tty is not None:
+        out += rec("T", "1") + rec("R", str(tty[0])) + rec("W", str(tty[1]))
+    return out
 
 
 @dataclass
@@ -135,7 +138,9 @@ class ExecBridge:
             request = json.loads(data)
             if len(fds) != 3:
                 raise ValueError("a request needs stdin, stdout and stderr")
-            payload = start_payload(list(request["argv"]), dict(request.get("env", {})), request.get("cwd"))
+            tty = request.get("tty")
+            payload = start_payload(list(request["argv"]), dict(request.get("env", {})), request.get("cwd"),
+                                    (int(tty[0]), int(tty[1])) if tty else None)  # fmt: skip
         except (OSError, ValueError, KeyError, TypeError) as exc:
             log.warning("exec: bad request: %s", exc)
             for fd in locals().get("fds", []):

@@ -282,13 +282,16 @@ def send_key(name: str, codeset: str, hold_ms: int, keys: list[str]) -> None:
     r = entry.record()
     if entry.state() != "running":
         raise UsageError(f"sandbox {entry.name!r} is not running")
+    if r.x11_display is not None:
+        _xtest_keys(r.x11_display, r.x11_auth, linux, hold_ms)
+        return
     if not r.keyboard:
-        raise UsageError(f"sandbox {entry.name!r} has no keyboard (run it with --keyboard)")
+        raise UsageError(f"sandbox {entry.name!r} has no keyboard (run it with --keyboard, or --x11)")
     with _monitor(_monitor_path(entry)) as qmp:
         qmp.execute("send-key", 5.0, {"keys": [{"type": "number", "data": q} for q in qnums], "hold-time": hold_ms})
 
 
-def exec_command(name: str, argv: list[str], env: dict[str, str], cwd: str | None) -> int:
+def exec_command(name: str, argv: list[str], env: dict[str, str], cwd: str | None, tty: bool = False) -> int:
     """Run `argv` in a running sandbox beside its command, with our stdin, stdout and stderr; its exit status."""
     import json
     import socket
@@ -309,8 +312,22 @@ def exec_command(name: str, argv: list[str], env: dict[str, str], cwd: str | Non
     except OSError as exc:
         sock.close()
         raise UsageError(f"sandbox {name!r} does not take exec requests ({exc.strerror})") from None
-    request = json.dumps({"argv": argv, "env": env, "cwd": cwd}).encode() + b"\n"
+    size = None
+    if tty:
+        try:
+            term = os.get_terminal_size(0)
+            size = (term.lines, term.columns)
+        except OSError:
+            size = (0, 0)
+    request = json.dumps({"argv": argv, "env": env, "cwd": cwd, "tty": size}).encode() + b"\n"
     socket.send_fds(sock, [request], [0, 1, 2])
+    saved = None
+    if tty and os.isatty(0):
+        import termios
+        import tty as ttymod
+
+        saved = termios.tcgetattr(0)
+        ttymod.setraw(0)  # keys go to the guest's terminal as typed
 
     def forward(signo: int, _frame: object) -> None:
         try:
@@ -330,8 +347,37 @@ def exec_command(name: str, argv: list[str], env: dict[str, str], cwd: str | Non
                 raise SandboxError(f"sandbox {name!r} ended before the process did")
             reply += chunk
     finally:
+        if saved is not None:
+            import termios
+
+            termios.tcsetattr(0, termios.TCSADRAIN, saved)
         for s, handler in old.items():
             signal.signal(s, handler)
         sock.close()
     status = int(reply.split()[1])
     return status if 0 <= status <= 255 else 125
+
+
+def _xtest_keys(display: int, auth: str, linux: list[int], hold_ms: int) -> None:
+    """Keys into an --x11 sandbox's nested X server, as XTEST fake input (X keycode = Linux code + 8)."""
+    from Xlib import X, error
+    from Xlib import display as xdisplay
+    from Xlib.ext import xtest
+
+    os.environ["XAUTHORITY"] = auth
+    try:
+        d = xdisplay.Display(f":{display}")
+    except (error.DisplayError, OSError) as exc:
+        raise UsageError(f"the sandbox's nested X server does not answer ({exc})") from None
+    try:
+        if not d.has_extension("XTEST"):
+            raise UsageError("the sandbox's nested X server has no XTEST extension")
+        for code in linux:
+            xtest.fake_input(d, X.KeyPress, code + 8)
+        d.sync()
+        time.sleep(hold_ms / 1000)
+        for code in reversed(linux):
+            xtest.fake_input(d, X.KeyRelease, code + 8)
+        d.sync()
+    finally:
+        d.close()

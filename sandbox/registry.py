@@ -67,6 +67,8 @@ class Record:
     qemu_started: int = 0  # its start time in clock ticks since boot (/proc/PID/stat): a reused pid is not it
     machine: str = ""
     disks: tuple[str, ...] = ()
+    x11_display: int | None = None  # --x11: the nested X server on the host (send-key goes there, through XTEST)
+    x11_auth: str = ""  # its authority file
     taint: tuple[str, ...] = field(default=())
 
 

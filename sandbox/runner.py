@@ -84,6 +84,8 @@ class Started:
     start: str  # warm or cold
     label: str
     shares: tuple[str, ...]
+    x11_display: int | None = None  # the nested X server (Xephyr) on the host
+    x11_auth: str = ""
 
 
 @dataclass
@@ -350,6 +352,7 @@ def boot_once(
                 guest.pids()[-1], boot.accel, str(boot.kernel_image), boot.memory_mb, boot.cpus, timeline.start,
                 confinement.process_label or "" if confinement is not None else "",
                 ("/ (read-only)",) + tuple(f"{s.path} ({'read-only' if s.readonly else 'read-write'})" for s in boot.shares),
+                *(opts.x11.xtest_target() if opts.x11 is not None else (None, "")),
             ))  # fmt: skip
         guest.wait_built(boot_timeout, attempt)
         execs = None
@@ -402,6 +405,11 @@ def boot_once(
 def template_store(opts: RunOptions, prep: Prepared, boot: BootSpec) -> template.Store | None:
     """Where this run's template lives, or None when this run boots cold whatever there is."""
     if not opts.warm or opts.verbose >= 2:  # -vv asks for the boot log: there must be a boot
+        return None
+    if opts.x11 is not None:
+        # Known gap: after a restore, about one X client in three started
+        # at the same instant fails to connect (seen in the X11 tests, never
+        # after a cold boot); until that is understood, X11 runs boot cold.
         return None
     identities = {
         "qemu": f"{cache.file_identity(Path(prep.qemu.path))}:{prep.qemu.version}",

@@ -185,6 +185,12 @@ class X11Session:
             except OSError:
                 return False
 
+    def xtest_target(self) -> tuple[int | None, str]:
+        """(display number, authority file) of the nested server, for send-key's XTEST (xephyr mode only)."""
+        if self.mode != "xephyr" or self.host_display is None or self.dir is None:
+            return None, ""
+        return self.host_display, str(self.dir / "xauth")
+
     @property
     def socket_path(self) -> str:
         return f"/tmp/.X11-unix/X{self.host_display}"

@@ -258,3 +258,32 @@ def test_exec_runs_beside_the_command(names: list[str], tmp_path: Path) -> None:
     assert listed()[name]["state"] == "running"  # the sandbox's own command goes on
     bad = sb("exec", "no-such-sandbox-here", "--", "true")
     assert bad.returncode == 125 and b"no sandbox named" in bad.stderr
+
+
+def test_exec_with_a_terminal(names: list[str]) -> None:
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    name = fresh(names)
+    detach(name, "sleep", "60")
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))
+    proc = popen([*SANDBOX, "exec", "-t", name, "--", "sh", "-c", "tty; stty size; exit 6"], stdin=slave, stdout=slave, stderr=slave)
+    os.close(slave)
+    out = b""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # EIO: every holder of the slave is gone
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(master)
+    assert proc.wait(60) == 6
+    lines = out.decode(errors="replace").replace("\r", "").splitlines()
+    assert lines[0].startswith("/dev/pts/"), lines
+    assert "30 100" in lines, lines

@@ -280,3 +280,33 @@ def test_sigterm_while_the_nested_server_starts_leaves_nothing(desktop: str) -> 
         print("launcher stderr:", "".join(run.stderr))  # shown when the test fails
     assert set(Path(tempfile.gettempdir()).glob("sandbox-x11-*")) == before
     assert subprocess.run(["pgrep", "-x", "Xephyr"], capture_output=True).stdout.strip() == b""
+
+
+def test_send_key_reaches_an_x11_app_through_xtest(desktop: str) -> None:
+    name = f"xkeys-{os.getpid()}"
+    # xev on the nested root: with no window manager the focus follows the
+    # pointer, which rests on the root, so key events land there.
+    proc = popen([*SANDBOX, "run", "--name", name, "--rm", "--x11", "--", "sh", "-c", "echo ready; exec xev -root -event keyboard"],
+                 env=dict(os.environ, DISPLAY=desktop), stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    assert proc.stdout is not None
+    try:
+        assert proc.stdout.readline() == b"ready\n"
+        time.sleep(1)  # xev has selected its events
+        for codeset, keys in (("linux", ["KEY_A"]), ("usb", ["5"]), ("win32", ["VK_RETURN"])):
+            sent = subprocess.run([*SANDBOX, "send-key", name, "--codeset", codeset, *keys], capture_output=True, timeout=60)
+            assert sent.returncode == 0, sent.stderr
+        seen: list[int] = []
+        deadline = time.monotonic() + 60
+        while (len(seen) < 3 or seen[-1] == -1) and time.monotonic() < deadline:
+            line = proc.stdout.readline().decode(errors="replace")
+            if not line:
+                break
+            if "KeyPress event" in line:
+                seen.append(-1)
+            m = re.search(r"keycode (\d+)", line)
+            if m and seen and seen[-1] == -1:
+                seen[-1] = int(m.group(1))
+        assert seen == [30 + 8, 48 + 8, 28 + 8]  # a, b, Return: X keycodes are Linux codes + 8
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
