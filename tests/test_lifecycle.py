@@ -228,7 +228,7 @@ def test_send_key_needs_a_keyboard(names: list[str]) -> None:
     name = fresh(names)
     detach(name, "sleep", "30")
     proc = sb("send-key", name, "KEY_A")
-    assert proc.returncode == 125 and b"has no keyboard (run it with --keyboard)" in proc.stderr
+    assert proc.returncode == 125 and b"has no keyboard (run it with --keyboard, or --x11)" in proc.stderr
 
 
 def test_exec_runs_beside_the_command(names: list[str], tmp_path: Path) -> None:
