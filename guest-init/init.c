@@ -884,15 +884,21 @@ static uint32_t get32(const char *p)
 	return v;
 }
 
-static void x11_frame(char type, uint32_t id, const char *data, uint32_t len)
+/* One frame on a multiplexed port (X11's, exec's): type, id, length, data. */
+static void port_frame(int port, char type, uint32_t id, const char *data, uint32_t len)
 {
 	char hdr[X11_HDR];
 	hdr[0] = type;
 	put32(hdr + 1, id);
 	put32(hdr + 5, len);
-	write_all(x11_port, hdr, X11_HDR);
+	write_all(port, hdr, X11_HDR);
 	if (len)
-		write_all(x11_port, data, len);
+		write_all(port, data, len);
+}
+
+static void x11_frame(char type, uint32_t id, const char *data, uint32_t len)
+{
+	port_frame(x11_port, type, id, data, len);
 }
 
 /* --x11=xpra: the xpra server runs in the guest (started by the command's
@@ -1186,13 +1192,7 @@ static const struct spec *main_spec;
 
 static void exec_frame(char type, uint32_t id, const char *data, uint32_t len)
 {
-	char hdr[X11_HDR];
-	hdr[0] = type;
-	put32(hdr + 1, id);
-	put32(hdr + 5, len);
-	write_all(exec_port, hdr, X11_HDR);
-	if (len)
-		write_all(exec_port, data, len);
+	port_frame(exec_port, type, id, data, len);
 }
 
 static void exec_close_in(struct xproc *x)

@@ -347,14 +347,14 @@ def boot_once(
     with contextlib.ExitStack() as stack, DirectGuest(
         boot, rundir, timeline, confinement, opts.verbose, warm=warm, builder=builder, monitor_socket=opts.monitor_socket
     ) as guest:
-        if opts.on_started is not None:
+        guest.wait_built(boot_timeout, attempt)
+        if opts.on_started is not None:  # after the restore was set going: off its critical path
             opts.on_started(Started(
                 guest.pids()[-1], boot.accel, str(boot.kernel_image), boot.memory_mb, boot.cpus, timeline.start,
                 confinement.process_label or "" if confinement is not None else "",
                 ("/ (read-only)",) + tuple(f"{s.path} ({'read-only' if s.readonly else 'read-write'})" for s in boot.shares),
                 *(opts.x11.xtest_target() if opts.x11 is not None else (None, "")),
             ))  # fmt: skip
-        guest.wait_built(boot_timeout, attempt)
         execs = None
         if opts.exec_socket is not None:
             from .execs import ExecBridge

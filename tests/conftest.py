@@ -149,6 +149,24 @@ def run_guest_python(
         shutil.rmtree(share, ignore_errors=True)
 
 
+def read_pty(master: int, timeout: float) -> bytes:
+    """Everything written to a pty until its last slave holder is gone (or `timeout`); closes `master`."""
+    out = b""
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: every holder of the slave is gone
+                break
+            if not chunk:
+                break
+            out += chunk
+    finally:
+        os.close(master)
+    return out
+
+
 def stderr_lines(proc: subprocess.CompletedProcess[bytes]) -> list[str]:
     """The launcher's stderr without the expected TCG warning."""
     return [ln for ln in proc.stderr.decode().splitlines() if "KVM unavailable" not in ln]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SANDBOX, STARTED, popen, run_tracked
+from conftest import read_pty, SANDBOX, STARTED, popen, run_tracked
 
 pytestmark = [pytest.mark.vm]
 
@@ -272,17 +272,7 @@ def test_exec_with_a_terminal(names: list[str]) -> None:
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))
     proc = popen([*SANDBOX, "exec", "-t", name, "--", "sh", "-c", "tty; stty size; exit 6"], stdin=slave, stdout=slave, stderr=slave)
     os.close(slave)
-    out = b""
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            chunk = os.read(master, 4096)
-        except OSError:  # EIO: every holder of the slave is gone
-            break
-        if not chunk:
-            break
-        out += chunk
-    os.close(master)
+    out = read_pty(master, 60)
     assert proc.wait(60) == 6
     lines = out.decode(errors="replace").replace("\r", "").splitlines()
     assert lines[0].startswith("/dev/pts/"), lines

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SANDBOX, STARTED, VISIBLE_BASE, Nobody, clean_up, popen, run_sandbox, run_tracked, stderr_lines
+from conftest import read_pty, SANDBOX, STARTED, VISIBLE_BASE, Nobody, clean_up, popen, run_sandbox, run_tracked, stderr_lines
 
 pytestmark = [pytest.mark.vm]
 
@@ -211,17 +211,7 @@ def test_tty_gets_a_pty_with_the_window_size() -> None:
         stdin=slave, stdout=slave, stderr=slave, close_fds=True,
     )  # fmt: skip
     os.close(slave)
-    out = b""
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            chunk = os.read(master, 4096)
-        except OSError:  # EIO: every holder of the slave is gone
-            break
-        if not chunk:
-            break
-        out += chunk
-    os.close(master)
+    out = read_pty(master, 120)
     assert proc.wait(30) == 0
     text = out.decode(errors="replace")
     assert "/dev/pts/" in text and "33 101" in text and "stdin-tty" in text, text
