@@ -8,7 +8,8 @@ if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
         qemu-system-x86 linux-image-amd64 gcc libc6-dev libselinux1 python3 python3-venv \
         cpio procps util-linux busybox-static time \
         xvfb xserver-xephyr x11-apps x11-utils xdotool xauth imagemagick \
-        selinux-policy-default selinux-utils policycoreutils semodule-utils checkpolicy selinux-policy-dev make
+        selinux-policy-default selinux-utils policycoreutils semodule-utils checkpolicy selinux-policy-dev make \
+        passt dnsmasq-base nftables iproute2 radvd iperf3
     # --x11=xpra: with its recommends (codecs, PIL), as tested; its client
     # paints through cairo, which Debian's package does not pull in.
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q xpra python3-gi-cairo

@@ -29,6 +29,11 @@
 #include <sys/syscall.h>
 #include <sys/un.h>
 #include <net/if.h>
+#include <net/if_arp.h>
+#include <net/route.h>
+#include <arpa/inet.h>
+#include <stddef.h>
+#include <sys/random.h>
 #include <netinet/in.h>
 #include <sys/wait.h>
 #include <termios.h>
@@ -291,6 +296,10 @@ struct spec {
 	mode_t umask;
 	int tty, rows, cols, x11, xpra, rw_share;
 	const char *entropy;   /* hex: host randomness for a restored guest's pool */
+	const char *net;       /* "<mac> <ipv4/len|dhcp|-> <gw4|-> <ipv6 0|1> <wait_ms> <mode>" */
+	const char **dns;      /* name servers for resolv.conf */
+	int ndns;
+	const char *search;
 	long long realtime_ns; /* the host's wall clock when it sent the spec */
 	struct rlim *rlims;
 	int nrlims;
@@ -421,6 +430,7 @@ static void read_spec(struct spec *s)
 	s->groups = xcalloc(counts['S'], sizeof *s->groups);
 	s->rlims = xcalloc(counts['Z'], sizeof *s->rlims);
 	s->mops = xcalloc(counts['m'], sizeof *s->mops);
+	s->dns = xcalloc(counts['d'] + 1, sizeof *s->dns);
 	for (char *p = buf; p < buf + len; p += strlen(p) + 1) {
 		char *v = p + 1;
 		switch (*p) {
@@ -440,6 +450,9 @@ static void read_spec(struct spec *s)
 		case 'Z': parse_rlimit(v, &s->rlims[s->nrlims++]); break;
 		case 'r': s->entropy = v; break;
 		case 't': s->realtime_ns = atoll(v); break;
+		case 'n': s->net = v; break;
+		case 'd': s->dns[s->ndns++] = v; break;
+		case 's': s->search = v; break;
 		case 'm':
 			parse_mop(v, &s->mops[s->nmops]);
 			if (s->mops[s->nmops].op == MOP_SHARE_RW)
@@ -593,16 +606,36 @@ static void do_mop(const struct spec *s, const struct mop *m)
 	}
 }
 
-/* No network: lookups go to the init's own refusing resolver (dns_answer),
- * so they fail at once instead of timing out against the host's servers. */
-static void private_resolv_conf(void)
+/* The guest's own resolv.conf, bind-mounted over the host's (or where its
+ * symlink points).  No network: lookups go to the init's own refusing
+ * resolver (dns_answer), so they fail at once instead of timing out against
+ * the host's servers.  With a network: its name servers (DHCP's, for a
+ * bridge, are written in later through resolv_fd). */
+static int resolv_fd = -1;
+
+static void write_resolv(int fd, const struct spec *s, const char *const *dns, int ndns)
 {
-	int fd = open("/stage/resolv.conf", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+	if (ftruncate(fd, 0) != 0 || lseek(fd, 0, SEEK_SET) != 0)
+		return;
+	if (!s->net) {
+		dprintf(fd, "# sandbox: this sandbox has no network; the resolver below refuses every lookup\n"
+			    "nameserver 127.0.0.1\noptions attempts:1 timeout:1\n");
+		return;
+	}
+	dprintf(fd, "# sandbox: --net %s\n", strrchr(s->net, ' ') + 1);
+	if (s->search && *s->search)
+		dprintf(fd, "search %s\n", s->search);
+	for (int i = 0; i < ndns; i++)
+		dprintf(fd, "nameserver %s\n", dns[i]);
+}
+
+static void private_resolv_conf(const struct spec *s)
+{
+	int fd = open("/stage/resolv.conf", O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
 	if (fd < 0)
 		return;
-	dprintf(fd, "# sandbox: this sandbox has no network; the resolver below refuses every lookup\n"
-		    "nameserver 127.0.0.1\noptions attempts:1 timeout:1\n");
-	close(fd);
+	write_resolv(fd, s, s->dns, s->ndns);
+	resolv_fd = fd;
 	char target[4200] = NEWROOT "/etc/resolv.conf", link[4096];
 	struct stat st;
 	if (lstat(target, &st) == 0 && S_ISLNK(st.st_mode)) {
@@ -666,7 +699,7 @@ static void setup_root(const struct spec *s)
 	tmpfs(NEWROOT "/dev/shm", "mode=1777");
 	for (int i = 0; i < s->nmops; i++)
 		do_mop(s, &s->mops[i]);
-	private_resolv_conf();
+	private_resolv_conf(s);
 	if (chdir(NEWROOT) || mount(".", "/", NULL, MS_MOVE, NULL) || chroot(".") || chdir("/"))
 		die("switch root: %s", strerror(errno));
 }
@@ -684,6 +717,321 @@ static void loopback_up(void)
 	if (ioctl(fd, SIOCSIFFLAGS, &ifr) != 0)
 		die("loopback up: %s", strerror(errno));
 	close(fd);
+}
+
+/* ---- the network (--net) ------------------------------------------------ */
+
+#define NET_IF "eth0"
+
+struct netcfg {
+	char mac[32], ipv4[64], gw4[64], mode[64];
+	int ipv6, wait_ms;
+	unsigned char hw[6];
+};
+static struct netcfg net;
+
+static void write_file(const char *path, const char *value)
+{
+	int fd = open(path, O_WRONLY | O_CLOEXEC);
+	if (fd < 0 || write(fd, value, strlen(value)) < 0)
+		ctl_send("L cannot set %s: %s", path, strerror(errno));
+	if (fd >= 0)
+		close(fd);
+}
+
+static void ipv6_conf(const char *ifname, const char *key, const char *value)
+{
+	char path[128];
+	snprintf(path, sizeof path, "/proc/sys/net/ipv6/conf/%s/%s", ifname, key);
+	write_file(path, value);
+}
+
+static int if_ioctl(int fd, unsigned long req, struct ifreq *ifr)
+{
+	strcpy(ifr->ifr_name, NET_IF);
+	return ioctl(fd, req, ifr);
+}
+
+static void set_in_addr(struct sockaddr *sa, in_addr_t a)
+{
+	struct sockaddr_in *in = (struct sockaddr_in *)sa;
+	memset(in, 0, sizeof *in);
+	in->sin_family = AF_INET;
+	in->sin_addr.s_addr = a;
+}
+
+static void ipv4_configure(int fd, in_addr_t addr, int plen, in_addr_t gw)
+{
+	struct ifreq ifr;
+	memset(&ifr, 0, sizeof ifr);
+	set_in_addr(&ifr.ifr_addr, addr);
+	if (if_ioctl(fd, SIOCSIFADDR, &ifr) != 0)
+		die("--net %s: cannot set the address: %s", net.mode, strerror(errno));
+	set_in_addr(&ifr.ifr_netmask, plen ? htonl(~0u << (32 - plen)) : 0);
+	if (if_ioctl(fd, SIOCSIFNETMASK, &ifr) != 0)
+		die("--net %s: cannot set the netmask: %s", net.mode, strerror(errno));
+	if (!gw)
+		return;
+	struct rtentry rt;
+	memset(&rt, 0, sizeof rt);
+	set_in_addr(&rt.rt_dst, 0);
+	set_in_addr(&rt.rt_genmask, 0);
+	set_in_addr(&rt.rt_gateway, gw);
+	rt.rt_flags = RTF_UP | RTF_GATEWAY;
+	rt.rt_dev = (char *)NET_IF;
+	if (ioctl(fd, SIOCADDRT, &rt) != 0 && errno != EEXIST)
+		die("--net %s: cannot add the default route: %s", net.mode, strerror(errno));
+}
+
+/* Bring the interface up as early as possible (before the root is
+ * mounted), so that the router's advertisement arrives meanwhile. */
+static void net_start(const struct spec *s)
+{
+	if (!s->net)
+		return;
+	char ipv6[8];
+	if (sscanf(s->net, "%31s %63s %63s %7s %d %63s", net.mac, net.ipv4, net.gw4, ipv6, &net.wait_ms, net.mode) != 6 ||
+	    sscanf(net.mac, "%hhx:%hhx:%hhx:%hhx:%hhx:%hhx", &net.hw[0], &net.hw[1], &net.hw[2], &net.hw[3], &net.hw[4], &net.hw[5]) != 6)
+		die("bad network spec '%s'", s->net);
+	net.ipv6 = atoi(ipv6); /* 0: none, 1: required, 2: if the LAN offers it */
+	/* The driver registers the interface as it probes the device, during
+	 * its module's load; a moment's grace all the same. */
+	for (int i = 0; !if_nametoindex(NET_IF); i++) {
+		if (i == 500)
+			die("--net %s: the guest has no network interface %s", net.mode, NET_IF);
+		usleep(2000);
+	}
+	/* SLAAC without duplicate-address detection (the host hands out
+	 * unique MACs), and a router solicitation at once, not after the
+	 * standard's random delay of up to a second. */
+	ipv6_conf("all", "accept_dad", "0"); /* the kernel does DAD if either says so */
+	ipv6_conf(NET_IF, "accept_dad", "0");
+	ipv6_conf(NET_IF, "dad_transmits", "0");
+	ipv6_conf(NET_IF, "router_solicitation_delay", "0");
+	ipv6_conf(NET_IF, "accept_ra", net.ipv6 ? "1" : "0");
+	if (!net.ipv6)
+		ipv6_conf(NET_IF, "disable_ipv6", "1");
+	ipv6_conf(NET_IF, "autoconf", net.ipv6 ? "1" : "0");
+	int fd = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+	struct ifreq ifr;
+	memset(&ifr, 0, sizeof ifr);
+	/* The MAC is this sandbox's: a restored guest's device still has the
+	 * template's. */
+	ifr.ifr_hwaddr.sa_family = ARPHRD_ETHER;
+	memcpy(ifr.ifr_hwaddr.sa_data, net.hw, 6);
+	if (fd < 0 || if_ioctl(fd, SIOCSIFHWADDR, &ifr) != 0)
+		die("--net %s: cannot set the MAC address %s: %s", net.mode, net.mac, strerror(errno));
+	if (if_ioctl(fd, SIOCGIFFLAGS, &ifr) != 0)
+		die("--net %s: %s: %s", net.mode, NET_IF, strerror(errno));
+	ifr.ifr_flags |= IFF_UP;
+	if (if_ioctl(fd, SIOCSIFFLAGS, &ifr) != 0)
+		die("--net %s: cannot bring %s up: %s", net.mode, NET_IF, strerror(errno));
+	char *slash = strchr(net.ipv4, '/');
+	if (slash) {
+		*slash = 0;
+		in_addr_t a = inet_addr(net.ipv4), gw = strcmp(net.gw4, "-") ? inet_addr(net.gw4) : 0;
+		ipv4_configure(fd, a, atoi(slash + 1), gw);
+	}
+	close(fd);
+}
+
+/* ---- DHCP (IPv4 on a bridge: the LAN's server assigns the address) -------- */
+
+struct dhcp_msg {
+	uint8_t op, htype, hlen, hops;
+	uint32_t xid;
+	uint16_t secs, flags;
+	uint32_t ciaddr, yiaddr, siaddr, giaddr;
+	uint8_t chaddr[16], sname[64], file[128];
+	uint8_t magic[4], options[312];
+};
+
+struct dhcp_lease {
+	in_addr_t addr, server, mask, router;
+	char dns[3][16];
+	int ndns;
+};
+
+static size_t dhcp_request(struct dhcp_msg *m, uint32_t xid, int type, const struct dhcp_lease *offer)
+{
+	memset(m, 0, sizeof *m);
+	m->op = 1, m->htype = 1, m->hlen = 6, m->xid = xid, m->flags = htons(0x8000); /* answer by broadcast */
+	memcpy(m->chaddr, net.hw, 6);
+	static const uint8_t magic[4] = {99, 130, 83, 99};
+	memcpy(m->magic, magic, 4);
+	uint8_t *o = m->options;
+	*o++ = 53, *o++ = 1, *o++ = (uint8_t)type;
+	if (offer) {
+		*o++ = 50, *o++ = 4, memcpy(o, &offer->addr, 4), o += 4;
+		*o++ = 54, *o++ = 4, memcpy(o, &offer->server, 4), o += 4;
+	}
+	*o++ = 55, *o++ = 3, *o++ = 1, *o++ = 3, *o++ = 6;
+	*o++ = 255;
+	return (size_t)(o - (uint8_t *)m);
+}
+
+/* The message's type (0: not ours or malformed), its fields in `l`. */
+static int dhcp_parse(const struct dhcp_msg *m, ssize_t n, uint32_t xid, struct dhcp_lease *l)
+{
+	if (n < (ssize_t)offsetof(struct dhcp_msg, options) || m->op != 2 || m->xid != xid || memcmp(m->chaddr, net.hw, 6))
+		return 0;
+	int type = 0;
+	memset(l, 0, sizeof *l);
+	l->addr = m->yiaddr;
+	const uint8_t *o = m->options, *end = (const uint8_t *)m + n;
+	while (o < end && *o != 255) {
+		if (*o == 0) {
+			o++;
+			continue;
+		}
+		if (o + 2 > end || o + 2 + o[1] > end)
+			break;
+		const uint8_t *v = o + 2;
+		int len = o[1];
+		if (o[0] == 53 && len == 1)
+			type = v[0];
+		else if (o[0] == 54 && len == 4)
+			memcpy(&l->server, v, 4);
+		else if (o[0] == 1 && len == 4)
+			memcpy(&l->mask, v, 4);
+		else if (o[0] == 3 && len >= 4)
+			memcpy(&l->router, v, 4);
+		else if (o[0] == 6)
+			for (int i = 0; i + 4 <= len && l->ndns < 3; i += 4) {
+				struct in_addr a;
+				memcpy(&a, v + i, 4);
+				snprintf(l->dns[l->ndns++], 16, "%s", inet_ntoa(a));
+			}
+		o += 2 + len;
+	}
+	return type;
+}
+
+static int dhcp(uint64_t deadline, struct dhcp_lease *lease)
+{
+	int fd = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0), on = 1;
+	struct sockaddr_in me = {.sin_family = AF_INET, .sin_port = htons(68)};
+	struct sockaddr_in server = {.sin_family = AF_INET, .sin_port = htons(67), .sin_addr.s_addr = INADDR_BROADCAST};
+	if (fd < 0 || setsockopt(fd, SOL_SOCKET, SO_BROADCAST, &on, sizeof on) ||
+	    setsockopt(fd, SOL_SOCKET, SO_BINDTODEVICE, NET_IF, sizeof NET_IF) || bind(fd, (struct sockaddr *)&me, sizeof me))
+		die("--net %s: DHCP socket: %s", net.mode, strerror(errno));
+	uint32_t xid;
+	if (getrandom(&xid, sizeof xid, 0) != sizeof xid)
+		xid = (uint32_t)now_ns();
+	struct dhcp_msg m;
+	struct dhcp_lease offer;
+	int want = 2; /* an offer, then an ack */
+	uint64_t resend = 0;
+	while (now_ns() < deadline) {
+		if (now_ns() >= resend) {
+			size_t len = dhcp_request(&m, xid, want == 2 ? 1 : 3, want == 2 ? NULL : &offer);
+			sendto(fd, &m, len, 0, (struct sockaddr *)&server, sizeof server);
+			resend = now_ns() + 1000000000ull;
+		}
+		struct pollfd p = {fd, POLLIN, 0};
+		uint64_t until = resend < deadline ? resend : deadline, t = now_ns();
+		if (poll(&p, 1, until > t ? (int)((until - t) / 1000000 + 1) : 0) <= 0)
+			continue;
+		ssize_t n = recv(fd, &m, sizeof m, 0);
+		int type = dhcp_parse(&m, n, xid, want == 2 ? &offer : lease);
+		if (type == 2 && want == 2 && offer.server) {
+			want = 5;
+			resend = 0;
+		} else if (type == 5 && want == 5) {
+			close(fd);
+			return 1;
+		} else if (type == 6) { /* NAK: start over */
+			want = 2;
+			resend = 0;
+		}
+	}
+	close(fd);
+	return 0;
+}
+
+/* ---- waiting for usable addresses ------------------------------------------ */
+
+/* A global, non-tentative IPv6 address on the interface, and a default route. */
+static int ipv6_ready(void)
+{
+	char buf[4096];
+	int have_addr = 0, have_route = 0;
+	int fd = open("/proc/net/if_inet6", O_RDONLY | O_CLOEXEC);
+	if (fd >= 0) {
+		ssize_t n = read(fd, buf, sizeof buf - 1);
+		close(fd);
+		buf[n > 0 ? n : 0] = 0;
+		char *save = NULL;
+		for (char *l = strtok_r(buf, "\n", &save); l; l = strtok_r(NULL, "\n", &save)) {
+			char addr[40], ifname[32];
+			unsigned idx, plen, scope, flags;
+			if (sscanf(l, "%39s %x %x %x %x %31s", addr, &idx, &plen, &scope, &flags, ifname) == 6 &&
+			    !strcmp(ifname, NET_IF) && scope == 0 && !(flags & 0x40 /* IFA_F_TENTATIVE */))
+				have_addr = 1;
+		}
+	}
+	fd = open("/proc/net/ipv6_route", O_RDONLY | O_CLOEXEC);
+	if (fd >= 0) {
+		static char rbuf[16384];
+		ssize_t n = read(fd, rbuf, sizeof rbuf - 1);
+		close(fd);
+		rbuf[n > 0 ? n : 0] = 0;
+		char *save = NULL;
+		for (char *l = strtok_r(rbuf, "\n", &save); l; l = strtok_r(NULL, "\n", &save))
+			if (!strncmp(l, "00000000000000000000000000000000 00 ", 36) && strstr(l, " " NET_IF))
+				have_route = 1;
+	}
+	return have_addr && have_route;
+}
+
+/* The command starts only once its addresses are usable. */
+static void net_wait(const struct spec *s)
+{
+	if (!s->net)
+		return;
+	uint64_t deadline = now_ns() + (uint64_t)net.wait_ms * 1000000ull;
+	int have4 = 0;
+	if (!strcmp(net.ipv4, "dhcp")) {
+		struct dhcp_lease l;
+		if (dhcp(deadline, &l)) {
+			int plen = 0;
+			for (uint32_t m = ntohl(l.mask ? l.mask : htonl(0xffffff00)); m & 0x80000000u; m <<= 1)
+				plen++;
+			int fd = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+			ipv4_configure(fd, l.addr, plen, l.router);
+			close(fd);
+			if (!s->ndns && l.ndns && resolv_fd >= 0) {
+				const char *d[3] = {l.dns[0], l.dns[1], l.dns[2]};
+				write_resolv(resolv_fd, s, d, l.ndns);
+			}
+			struct in_addr a = {l.addr};
+			ctl_send("L --net %s: DHCP gave %s/%d", net.mode, inet_ntoa(a), plen);
+			have4 = 1;
+		} else if (!(net.ipv6 && ipv6_ready())) {
+			die("--net %s: no DHCP answer within %.1f s (is there a DHCP server on the bridge?)", net.mode, net.wait_ms / 1000.0);
+		} else {
+			ctl_send("L --net %s: no DHCP answer: IPv6 only", net.mode);
+		}
+	}
+	if (net.ipv6 == 2 && have4) {
+		/* Optional IPv6: the RA has been on its way since the link came up. */
+		uint64_t grace = now_ns() + 1000000000ull;
+		if (grace < deadline)
+			deadline = grace;
+	}
+	if (net.ipv6) {
+		while (!ipv6_ready()) {
+			if (now_ns() >= deadline) {
+				if (net.ipv6 == 2) {
+					ctl_send("L --net %s: no IPv6 router advertisement: IPv4 only", net.mode);
+					break;
+				}
+				die("--net %s: no IPv6 address from a router advertisement within %.1f s", net.mode, net.wait_ms / 1000.0);
+			}
+			usleep(2000);
+		}
+	}
+	stamp("net_ready");
 }
 
 /* ---- the refusing resolver ------------------------------------------------ */
@@ -1568,15 +1916,18 @@ int main(void)
 		die("stdio ports did not appear");
 	set_nonblock(exec_port);
 
+	net_start(&s);
 	setup_root(&s);
 	loopback_up();
-	dns_setup();
+	if (!s.net)
+		dns_setup();
 	if (s.x11) {
 		x11_xpra = s.xpra;
 		x11_setup(s.x11 - 1, s.xpra, (uid_t)s.uid, (gid_t)s.gid);
 	}
 
 	sync_clock(spec_read);
+	net_wait(&s);
 	struct child c;
 	unsigned long ooms = oom_kills();
 	int code = spawn(&s, &c);

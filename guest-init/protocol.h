@@ -26,6 +26,9 @@
  *       done in order over the read-only root; the path is the guest's
  *     r 64 random bytes in hex, mixed into the guest's pool and credited
  *     t the host's CLOCK_REALTIME in ns when the spec was made
+ *     n "<mac> <ipv4/len|dhcp|-> <gateway4|-> <ipv6 0|1> <wait_ms> <mode>"
+ *       the network interface (--net; none: no record, no interface)
+ *     d a name server (repeated)    s the DNS search list
  * The init stamps "ready" just before it reads the spec (a template is
  * taken there) and "spec_read" just after; the host answers the latter:
  *   "C <realtime_ns>\n"  the host's wall clock, set before the command starts

@@ -118,6 +118,21 @@ def build_parser() -> argparse.ArgumentParser:
     rm.add_argument("name", nargs="+")
     rm.add_argument("-f", "--force", action="store_true")
 
+    net = sub.add_parser("net", help="virtual networks for --net nat=NAME (root)")
+    nsub = net.add_subparsers(dest="net_verb", required=True, parser_class=_Parser)
+    create = nsub.add_parser("create", help="define a NAT'd network (it comes up on first use)")
+    create.add_argument("name")
+    create.add_argument("--ipv4", metavar="CIDR", help="a private IPv4 network (default: a free 10.213.N.0/24)")
+    create.add_argument("--ipv6", metavar="PREFIX/64", help="a /64, routed when global (default: a generated ULA /64)")
+    create.add_argument("--nat66", action="store_true", help="NAT the IPv6 prefix too (for a ULA prefix that is not routed)")
+    nls = nsub.add_parser("list", help="the networks")
+    nls.add_argument("--json", action="store_true")
+    ninfo = nsub.add_parser("info", help="one network and its sandboxes")
+    ninfo.add_argument("name")
+    ninfo.add_argument("--json", action="store_true")
+    ndestroy = nsub.add_parser("destroy", help="take a network down and forget it (refused while in use)")
+    ndestroy.add_argument("name")
+
     audit = sub.add_parser("audit", help="show the last sandbox start/stop records")
     audit.add_argument("-n", type=int, default=20, help="how many entries")
     return parser
@@ -343,6 +358,27 @@ def _bench(args: argparse.Namespace) -> int:
     return bench.main(run_args, _command(args) or ("true",), args.runs, args.warmup, args.json, args.plot, vm["accel"], vm["kernel"])
 
 
+def _net(args: argparse.Namespace) -> int:
+    from .net import networks
+
+    if args.net_verb == "create":
+        net = networks.create(args.name, args.ipv4, args.ipv6, args.nat66)
+        print(f"network {net.name}: {net.ipv4} (NAT), {net.ipv6} ({'routed' if net.ipv6_routed else 'ULA'}) on bridge {net.bridge}")
+    elif args.net_verb == "list":
+        rows = [networks.describe(n) for n in networks.all_networks()]
+        print(json.dumps(rows, indent=2) if args.json else networks.format_list(rows))
+    elif args.net_verb == "info":
+        found = networks.load(networks.check_name(args.name))
+        if found is None:
+            raise UsageError(f"no network {args.name}")
+        d = networks.describe(found)
+        print(json.dumps(d, indent=2) if args.json else networks.format_info(d))
+    else:
+        for what in networks.destroy(args.name):
+            print(f"removed {what}")
+    return 0
+
+
 def _audit(args: argparse.Namespace) -> int:
     from .confinement import audit
 
@@ -393,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
         handler = {
             "run": _run, "bench": _bench, "prepare": _prepare, "audit": _audit, "list": _list, "info": _info,
             "logs": _logs, "wait": _wait, "stop": _stop, "kill": _kill, "rm": _rm, "send-key": _send_key,
-            "attach": _attach, "exec": _exec,
+            "attach": _attach, "exec": _exec, "net": _net,
         }[args.verb]  # fmt: skip
         return handler(args)
     except SandboxError as exc:

@@ -18,11 +18,12 @@ TRANSPORT_MODULES = {"microvm": ["virtio_mmio", "virtio_pci"], "q35": ["virtio_p
 
 
 KEYBOARD_MODULES = ["virtio_input", "evdev"]  # --keyboard: a virtio keyboard read through /dev/input
+NET_MODULES = ["virtio_net"]  # --net: loaded only when the guest has a NIC
 
 
-def wanted_modules(machine: str, keyboard: bool = False) -> list[str]:
+def wanted_modules(machine: str, keyboard: bool = False, net: bool = False) -> list[str]:
     """Module names the guest loads, transport first so the devices exist."""
-    return TRANSPORT_MODULES[machine] + BASE_MODULES + (KEYBOARD_MODULES if keyboard else [])
+    return TRANSPORT_MODULES[machine] + BASE_MODULES + (KEYBOARD_MODULES if keyboard else []) + (NET_MODULES if net else [])
 
 
 def build(kernel: Kernel, init: Path, wanted: list[str]) -> bytes:

@@ -122,6 +122,9 @@ VM: tuple[Option, ...] = (
     Option(("--kernel-append",), "kernel_append", {"default": "", "metavar": "ARGS", "help": "extra guest kernel arguments"}),
     Option(("--crypto-selftests",), "crypto_selftests", {"action": "store_true", "help": "keep the guest kernel's crypto self-tests"}),
     Option(("--keyboard",), "keyboard", {"action": "store_true", "help": "a virtio keyboard in the guest, for sandbox send-key"}),
+    Option(("--net",), "net", {"default": "none", "metavar": "MODE",
+                               "help": "none (default), user (passt, anyone), nat[=NAME] or bridge=BRIDGE (root)"}),
+    Option(("--mac",), "mac", {"metavar": "MAC", "help": "the guest's MAC address (default: random, 52:54:00:xx:xx:xx)"}),
     Option(("--cold",), "warm", {"action": "store_true", "help": "boot the kernel even when a warm-start template fits"}, inverted=True),
     Option(("--tracefs",), "tracefs", {"action": "store_true", "help": "keep the guest kernel's tracefs (ftrace event files)"}),
 )  # fmt: skip

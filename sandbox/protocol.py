@@ -55,6 +55,23 @@ class MountStep:
 
 
 @dataclass(frozen=True)
+class GuestNet:
+    """How the guest init configures its network interface (--net)."""
+
+    mode: str  # for messages: "user", "nat=default", "bridge=br0"
+    mac: str
+    ipv4: str | None  # "10.0.2.15/24", "dhcp", or None (no IPv4)
+    gateway4: str | None
+    ipv6: int  # a SLAAC address and default route from an RA: 0 none, 1 required, 2 if offered
+    dns: tuple[str, ...] = ()
+    search: tuple[str, ...] = ()
+    wait_ms: int = 10_000
+
+    def encode(self) -> str:
+        return f"{self.mac} {self.ipv4 or '-'} {self.gateway4 or '-'} {self.ipv6} {self.wait_ms} {self.mode}"
+
+
+@dataclass(frozen=True)
 class CommandSpec:
     """What the guest runs, and as whom."""
 
@@ -75,6 +92,7 @@ class CommandSpec:
     x11_xpra: bool = False  # --x11=xpra: the host dials in to an xpra server in the guest
     entropy: bytes = b""  # mixed into the guest's pool: clones of one template must differ
     realtime_ns: int = 0  # the host's wall clock when the spec was made (refined by "C")
+    net: GuestNet | None = None
 
 
 def _field(key: str, value: str) -> bytes:
@@ -109,6 +127,11 @@ def encode_spec(spec: CommandSpec) -> bytes:
         parts.append(_field("r", spec.entropy.hex()))
     if spec.realtime_ns:
         parts.append(_field("t", str(spec.realtime_ns)))
+    if spec.net is not None:
+        parts.append(_field("n", spec.net.encode()))
+        parts += [_field("d", d) for d in spec.net.dns]
+        if spec.net.search:
+            parts.append(_field("s", " ".join(spec.net.search)))
     body = b"".join(parts)
     return b"SPEC %d\n" % len(body) + body
 

@@ -8,7 +8,7 @@ import os
 import pwd
 import resource
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 from collections.abc import Callable
@@ -16,6 +16,7 @@ from collections.abc import Callable
 from . import cache, config, diagnostics, host, initramfs, kernel, mounts, protocol, runtime
 from .errors import EXIT_LAUNCHER, BootStallError, MachineError, SandboxError, TimeoutExpired, UsageError
 from .guestinit import init_binary
+from .net import attachment
 from .qemu import argv as qemuargv
 from .qemu import template
 from .qemu.backend import BootSpec, DirectGuest, WarmStart, template_argv
@@ -66,6 +67,8 @@ class RunOptions:
     keyboard: bool = False  # a virtio keyboard for `sandbox send-key`
     monitor_socket: Path | None = None  # a QMP socket for other commands (send-key), bound here
     exec_socket: Path | None = None  # where `sandbox exec` reaches this run (sandbox/execs.py)
+    net: str = "none"  # --net: none | user | nat[=NAME] | bridge=BRIDGE (sandbox/net)
+    mac: str | None = None
 
     def __post_init__(self) -> None:
         if not self.argv:
@@ -285,7 +288,7 @@ def prepare(opts: RunOptions) -> Prepared:
     pvh_image = kernel.pvh_image(kern) if opts.pvh else None
     image = pvh_image or kern.image
     init = init_binary()
-    initrd = initramfs.cached(kern, init, initramfs.wanted_modules(machine, opts.keyboard))
+    initrd = initramfs.cached(kern, init, initramfs.wanted_modules(machine, opts.keyboard, net=opts.net != "none"))
     for stale in cache.prune_boot_images([p for p in (pvh_image, initrd, init) if p is not None]):
         log.info("removed unused cache entry %s", stale)
     tsc = host.tsc_khz() if accel == "tcg" else None
@@ -293,7 +296,7 @@ def prepare(opts: RunOptions) -> Prepared:
     return Prepared(accel, qemu, machine, image, pvh_image is not None, initrd, cmdline, tsc)
 
 
-def boot_spec(opts: RunOptions, prep: Prepared, plan: mounts.Plan) -> BootSpec:
+def boot_spec(opts: RunOptions, prep: Prepared, plan: mounts.Plan, net: qemuargv.NetDevice | None = None) -> BootSpec:
     """The machine for this run (the same for every attempt)."""
     confinement = opts.confinement
     return BootSpec(
@@ -312,6 +315,7 @@ def boot_spec(opts: RunOptions, prep: Prepared, plan: mounts.Plan) -> BootSpec:
         x11=opts.x11 is not None,
         shares=tuple(qemuargv.Share(tag, share.host, readonly=not share.writable) for tag, share in plan.shares),
         keyboard=opts.keyboard,
+        net=net,
     )
 
 
@@ -515,6 +519,7 @@ def run(opts: RunOptions) -> RunResult:
     cwd = opts.cwd or working_directory()
     plan = mount_plan(opts, home, cwd)
     cspec = command_spec(opts, tty_mask(opts.tty), plan, home, cwd, env)
+    net_request = attachment.parse(opts.net, opts.mac)
     prep = prepare(opts)
     timeline.tsc_khz = prep.tsc_khz
     # --timeout counts from the launcher's start (as `timeout sandbox run` would), across retries.
@@ -528,7 +533,15 @@ def run(opts: RunOptions) -> RunResult:
         if opts.x11 is not None:
             stack.callback(opts.x11.close)
             opts.x11.start(f"sandbox: {' '.join(opts.argv)} [{label or 'unlabelled'}]")
-        result = _boot(opts, prep, boot_spec(opts, prep, plan), rundir, timeline, cspec, timeout_at)
+        nic = None
+        if net_request.mode != "none":
+            timeline.stamp_host("net_attach", monotonic_boottime())
+        att = stack.enter_context(attachment.attach(net_request, rundir))
+        if att is not None:
+            timeline.stamp_host("net_attached", monotonic_boottime())
+            cspec = replace(cspec, net=att.guest)
+            nic = qemuargv.NetDevice(att.kind, att.fd, att.guest.mac)
+        result = _boot(opts, prep, boot_spec(opts, prep, plan, nic), rundir, timeline, cspec, timeout_at)
         if opts.confinement is not None:
             opts.confinement.exit_status = result.status
         return result
@@ -544,7 +557,10 @@ def prepare_template(opts: RunOptions) -> tuple[template.Template, bool]:
     home = user_home(env)
     cwd = opts.cwd or working_directory()
     prep = prepare(opts)
-    boot = boot_spec(opts, prep, mount_plan(opts, home, cwd))
+    req = attachment.parse(opts.net, opts.mac)
+    # The NIC's kind shapes the template; its descriptor and MAC do not.
+    nic = qemuargv.NetDevice("stream" if req.mode == "user" else "tap", 0, "52:54:00:00:00:00") if req.mode != "none" else None
+    boot = boot_spec(opts, prep, mount_plan(opts, home, cwd), nic)
     store = template_store(opts, prep, boot)
     if store is None:
         raise UsageError("warm start is off for these options (--cold, or -vv which shows a whole boot)")

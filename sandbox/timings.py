@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 # In order of occurrence; the names are also the JSON keys.
 PHASES = (
     "launcher_start",
+    "net_attach",
+    "net_attached",
     "qemu_exec",
     "kernel_entry",
     "init_start",
@@ -36,6 +38,7 @@ PHASES = (
     "template_saved",
     "spec_read",
     "root_mounted",
+    "net_ready",
     "command_exec",
     "command_exit",
     "poweroff",
@@ -54,6 +57,10 @@ SPANS = (
     ("template", "modules_loaded", "template_saved"),
     ("mount", "modules_loaded", "root_mounted"),
     ("spawn", "root_mounted", "command_exec"),
+    # --net: the host's side (tap, lease, rules; passt) and the guest's wait
+    # for usable addresses (within spawn).
+    ("net_attach", "net_attach", "net_attached"),
+    ("net_wait", "root_mounted", "net_ready"),
     ("command", "command_exec", "command_exit"),
     ("report", "command_exit", "poweroff"),
     ("poweroff", "poweroff", "qemu_reaped"),

@@ -42,6 +42,15 @@ class GuestRam:
 
 
 @dataclass(frozen=True)
+class NetDevice:
+    """A virtio-net NIC whose backend QEMU gets as an open descriptor (it opens nothing itself)."""
+
+    kind: str  # "tap" (a tap's queue) or "stream" (a connected socket: passt)
+    fd: int
+    mac: str
+
+
+@dataclass(frozen=True)
 class MachineSpec:
     """Everything the QEMU command line depends on."""
 
@@ -64,6 +73,7 @@ class MachineSpec:
     incoming: bool = False  # wait for a device state to restore (migrate-incoming)
     keyboard: bool = False  # a virtio keyboard (send-key)
     extra_monitor_fd: int | None = None  # a listening socket: QMP for other commands
+    net: NetDevice | None = None
     extra: tuple[str, ...] = field(default=())
 
 
@@ -106,6 +116,25 @@ def _serial_device(spec: MachineSpec) -> str:
     over PCI, for ~30 ms more boot (benchmarks/README.md).
     """
     return "virtio-serial-pci"
+
+
+def _netdev(net: NetDevice) -> str:
+    if net.kind == "tap":
+        return f"tap,id=net0,fd={net.fd}"
+    if net.kind == "stream":
+        return f"stream,id=net0,server=off,addr.type=fd,addr.str={net.fd}"
+    raise ValueError(f"unknown netdev kind {net.kind!r}")
+
+
+def _nic(spec: MachineSpec) -> str:
+    assert spec.net is not None
+    # No link-status feature: the carrier is then on from the probe, with no
+    # link-state event that the kernel defers by up to a second (linkwatch),
+    # and IPv6 autoconfiguration, which waits for it, starts at once.
+    nic = f"{_bus_device(spec, 'virtio-net')},netdev=net0,mac={spec.net.mac},status=off"
+    if spec.machine != "microvm":
+        nic += ",romfile="  # no PXE option ROM: the kernel is loaded directly
+    return nic
 
 
 def build_argv(spec: MachineSpec) -> list[str]:
@@ -165,6 +194,8 @@ def build_argv(spec: MachineSpec) -> list[str]:
                 "-chardev", f"socket,id=port{p.nr},fd={p.fd}",
                 "-device", f"virtserialport,chardev=port{p.nr},name={escape(p.name)},nr={p.nr}",
             ]  # fmt: skip
+    if spec.net is not None:
+        argv += ["-netdev", _netdev(spec.net), "-device", _nic(spec)]
     if spec.seccomp:
         argv += ["-sandbox", SECCOMP]
     argv += list(spec.extra)

@@ -50,6 +50,7 @@ class BootSpec:
     x11: bool
     shares: tuple[qemuargv.Share, ...]  # after the root's
     keyboard: bool = False
+    net: qemuargv.NetDevice | None = None
 
 
 # The same ports for every run, X11's included (unused without --x11), so
@@ -102,6 +103,7 @@ def machine_spec(
         incoming=incoming,
         keyboard=boot.keyboard,
         extra_monitor_fd=extra_monitor_fd,
+        net=boot.net,
     )
 
 
@@ -119,6 +121,8 @@ def template_argv(boot: BootSpec) -> list[str]:
         shares=tuple(qemuargv.Share(s.tag, Path("/"), True) for s in boot.shares),
         kernel_image=Path("kernel"),
         initrd=Path("initrd"),
+        # The guest sets its own MAC (the restored device has the template's).
+        net=replace(boot.net, fd=0, mac="52:54:00:00:00:00") if boot.net is not None else None,
     )
     spec = machine_spec(
         canonical,
@@ -325,7 +329,10 @@ class DirectGuest:
             log.info("qemu: %s", " ".join(argv))
         machine = Machine(
             argv,
-            pass_fds=tuple(s.fileno() for s in self._qemu_ends) + tuple(i.fd for i in self.images) + tuple(extra_fds),
+            pass_fds=tuple(s.fileno() for s in self._qemu_ends)
+            + tuple(i.fd for i in self.images)
+            + tuple(extra_fds)
+            + ((boot.net.fd,) if boot.net is not None else ()),
             cwd=self.rundir,
             env=QEMU_ENV,
             stderr_log=self.rundir / "qemu.log",

@@ -1,0 +1,1 @@
+"""The sandbox's network (--net): none, user (passt), nat (a virtual network), bridge (the LAN)."""

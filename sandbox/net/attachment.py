@@ -1,0 +1,116 @@
+"""One sandbox's network: what `--net` asks for, made real for one run."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import UsageError
+from ..protocol import GuestNet
+from . import addresses
+
+MODES = ("none", "user", "nat", "bridge")
+
+# The guest waits this long for usable addresses before it gives up.
+WAIT_MS = 10_000
+
+
+@dataclass(frozen=True)
+class NetRequest:
+    """--net MODE[=NAME] and --mac."""
+
+    mode: str = "none"
+    name: str = ""  # nat: the network; bridge: the host's bridge
+    mac: str | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.mode}={self.name}" if self.name else self.mode
+
+
+def parse(value: str, mac: str | None = None) -> NetRequest:
+    """--net's value: none, user, nat, nat=NAME or bridge=BRIDGE."""
+    mode, _, name = value.partition("=")
+    if mode not in MODES:
+        raise UsageError(f"--net {value}: not one of none, user, nat[=NAME], bridge=BRIDGE")
+    if mode in ("none", "user") and name:
+        raise UsageError(f"--net {value}: {mode} takes no name")
+    if mode == "bridge" and not re.fullmatch(r"[A-Za-z0-9_.-]{1,15}", name):
+        raise UsageError(f"--net {value}: bridge= needs the name of one of this host's bridges")
+    if mode == "nat":
+        from .networks import DEFAULT, check_name
+
+        name = check_name(name or DEFAULT)
+    if mac is not None:
+        if mode == "none":
+            raise UsageError("--mac needs a network (--net user, nat or bridge)")
+        mac = addresses.parse_mac(mac)
+    return NetRequest(mode, name, mac)
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """What QEMU and the guest get: a netdev on a descriptor, and the interface's settings."""
+
+    kind: str  # "tap" or "stream" (QEMU's -netdev type)
+    fd: int
+    guest: GuestNet
+    tap: str | None = None
+
+
+def _mac(req: NetRequest) -> str:
+    return req.mac or addresses.random_mac(os.urandom(3))
+
+
+@contextlib.contextmanager
+def attach(req: NetRequest, rundir: Path) -> Iterator[Attachment | None]:
+    """Set up this run's network for as long as the run lasts (None for --net none)."""
+    if req.mode == "none":
+        yield None
+    elif req.mode == "user":
+        from . import passt
+
+        with passt.start(rundir) as p:
+            dns = (passt.DNS,) if p.ipv4 else ()
+            ipv4 = f"{passt.GUEST_IPV4}/{passt.PREFIX_LEN}" if p.ipv4 else None
+            yield Attachment("stream", p.fd, GuestNet(req.label, _mac(req), ipv4, passt.GATEWAY if p.ipv4 else None, int(p.ipv6), dns, (), WAIT_MS))
+    elif req.mode == "nat":
+        from . import links, networks
+
+        networks.require_root("--net nat")
+        net = networks.get_or_create(req.name)
+        networks.activate(net)
+        fd, tap = links.open_tap()
+        try:
+            lease = networks.join(net, tap, _mac(req))
+            try:
+                with links.netlink() as ipr:
+                    links.attach_to_bridge(ipr, tap, net.bridge)
+                guest = GuestNet(
+                    req.label, lease.mac, f"{lease.ipv4}/{net.ipv4.prefixlen}", str(net.gateway4), 1, (str(net.gateway4),), (), WAIT_MS
+                )
+                yield Attachment("tap", fd, guest, tap)
+            finally:
+                networks.leave(net, lease)
+        finally:
+            os.close(fd)
+    else:  # bridge
+        from . import links
+
+        if os.geteuid() != 0:
+            raise UsageError("--net bridge needs root (it makes a tap); --net user works for anyone")
+        with links.netlink() as ipr:
+            if not links.is_bridge(ipr, req.name):
+                raise UsageError(f"--net bridge={req.name}: this host has no bridge {req.name}")
+        fd, tap = links.open_tap()
+        try:
+            with links.netlink() as ipr:
+                links.attach_to_bridge(ipr, tap, req.name)
+            # The LAN's own servers configure it: DHCP for IPv4, its routers' RAs for IPv6.
+            yield Attachment("tap", fd, GuestNet(req.label, _mac(req), "dhcp", None, 2, (), (), WAIT_MS), tap)
+        finally:
+            os.close(fd)

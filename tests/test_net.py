@@ -1,0 +1,226 @@
+"""--net end to end: real guests on networks of namespaces the tests build (tests/netlab.py).
+
+Never the host's own interfaces: the launcher runs inside the lab's "host"
+namespace (or its "lan" one, for --net bridge), with its network
+definitions in a directory of the test's own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import SANDBOX, Nobody, popen, run_sandbox, run_tracked
+import netlab
+
+pytestmark = pytest.mark.vm
+
+# (busybox 1.35's wget crashes with -T: timeout(1) bounds it instead)
+WGET = "timeout 5 busybox wget -q -O -"
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[netlab.Lab]:
+    why = netlab.available()
+    if why is not None:
+        pytest.fail(f"the network tests {why} (setup.sh installs the tools; run as root)")
+    lab = netlab.Lab(str(os.getpid()), tmp_path_factory.mktemp("netlab"))
+    try:
+        lab.setup()
+        yield lab
+    finally:
+        netdir = lab.workdir / "networks"
+        for definition in sorted(netdir.glob("*.json")):
+            subprocess.run(lab.ns(lab.host, *SANDBOX, "net", "destroy", definition.stem), env=_env(lab), capture_output=True)
+        for pidfile in netdir.glob("run/*/dnsmasq.pid"):  # a destroy that failed: the daemon still goes
+            with contextlib.suppress(ValueError, OSError):
+                os.kill(int(pidfile.read_text()), signal.SIGTERM)
+        lab.teardown()
+
+
+def _env(lab: netlab.Lab) -> dict[str, str]:
+    return dict(os.environ, SANDBOX_NETWORK_DIR=str(lab.workdir / "networks"))
+
+
+def sandbox_in(lab: netlab.Lab, ns: str, *args: str, input: bytes | None = None, timeout: float = 180) -> subprocess.CompletedProcess[bytes]:
+    """`sandbox ARGS...` inside the lab's namespace `ns`."""
+    return run_tracked(lab.ns(ns, *SANDBOX, *args), input=input, timeout=timeout, env=_env(lab))
+
+
+def ok(proc: subprocess.CompletedProcess[bytes]) -> str:
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    return proc.stdout.decode()
+
+
+def addresses(text: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """The addresses in `ip -o addr` output."""
+    return [ipaddress.ip_address(m) for m in re.findall(r"inet6? ([0-9a-f.:]+)/", text)]
+
+
+@pytest.fixture(scope="module")
+def routed(lab: netlab.Lab) -> str:
+    """A NAT network whose /64 the upstream routes to the host."""
+    out = ok(sandbox_in(lab, lab.host, "net", "create", "lab", "--ipv4", "10.213.77.0/24", "--ipv6", str(netlab.ROUTED)))
+    assert "routed" in out
+    return "lab"
+
+
+def test_net_none_has_only_loopback() -> None:
+    out = ok(run_sandbox("sh", "-c", "ls /sys/class/net; grep -c nameserver /etc/resolv.conf"))
+    assert out.split() == ["lo", "1"]
+
+
+def test_net_user_reaches_the_upstream_over_ipv4_and_ipv6(lab: netlab.Lab, nobody: Nobody) -> None:
+    script = f"ip -o addr show dev eth0; {WGET} http://{netlab.UPSTREAM4}:{netlab.HTTP_PORT}/; echo; {WGET} http://[{netlab.UPSTREAM6}]:{netlab.HTTP_PORT}/"
+    out = ok(sandbox_in(lab, lab.host, "run", "--net", "user", "--mac", "52:54:00:00:0a:01", "--", "sh", "-c", script))
+    have = addresses(out)
+    assert ipaddress.ip_address("10.0.2.15") in have
+    # The guest autoconfigured from passt's RA: the host's /64 and its own MAC.
+    assert netlab.eui64(netlab.HOST_PREFIX, "52:54:00:00:0a:01") in have
+    # The server saw the host: passt turns the guest's packets into the host's own sockets.
+    assert f"::ffff:{netlab.HOST4}" in out and str(lab.host6) in out.splitlines()[-1]
+    # Anyone may use it: the same as nobody (QEMU and passt then share the user's namespaces).
+    proc = run_tracked(
+        lab.ns(lab.host, *nobody.prefix, *SANDBOX, "run", "--cold", "--net", "user", "--", "sh", "-c", f"{WGET} http://[{netlab.UPSTREAM6}]:{netlab.HTTP_PORT}/"),
+        env=nobody.env(), cwd="/", timeout=240,
+    )  # fmt: skip
+    assert ok(proc).strip() == str(lab.host6)
+
+
+def test_net_nat_nats_ipv4_routes_ipv6_and_walls_off_the_host(lab: netlab.Lab, routed: str) -> None:
+    mac = "52:54:00:00:0b:01"
+    # Something of the host's own that the guest must not reach, on its upstream and bridge addresses.
+    lab.daemon(lab.host, "python3", "-c", netlab.HTTP_SERVER, "9999")
+    lab.wait_for(lambda: ":9999" in lab.sh(lab.host, "ss", "-ltn").stdout, "host service")
+    script = "; ".join([
+        "ip -o addr show dev eth0",
+        f"echo v4=$({WGET} http://{netlab.UPSTREAM4}:{netlab.HTTP_PORT}/)",
+        f"echo v6=$({WGET} http://[{netlab.UPSTREAM6}]:{netlab.HTTP_PORT}/)",
+        f"echo host=$({WGET} http://{netlab.HOST4}:9999/ 2>&1 >/dev/null && echo reached || echo refused)",
+        f"echo bridge=$({WGET} http://10.213.77.1:9999/ 2>&1 >/dev/null && echo reached || echo refused)",
+    ])  # fmt: skip
+    out = ok(sandbox_in(lab, lab.host, "run", "--net", f"nat={routed}", "--mac", mac, "--", "sh", "-c", script))
+    slaac = netlab.eui64(netlab.ROUTED, mac)
+    assert slaac in addresses(out)  # the prefix plus the EUI-64 of its MAC
+    assert ipaddress.ip_address("10.213.77.2") in addresses(out)
+    assert f"v4=::ffff:{netlab.HOST4}" in out  # NAT'd: the server saw the host
+    assert f"v6={slaac}" in out  # routed: the server saw the guest itself
+    assert "host=refused" in out and "bridge=refused" in out
+    # The service is there for the host itself: the wall is what stopped the guest.
+    assert lab.sh(lab.host, "python3", "-c", f"import urllib.request;urllib.request.urlopen('http://{netlab.HOST4}:9999/')").returncode == 0
+    # Forwarding is on, and the host still takes its upstream's RAs (accept_ra=2).
+    assert lab.sh(lab.host, "cat", "/proc/sys/net/ipv6/conf/all/forwarding").stdout.strip() == "1"
+    assert lab.sh(lab.host, "cat", "/proc/sys/net/ipv6/conf/h0/accept_ra").stdout.strip() == "2"
+
+
+def test_upstream_connects_back_and_guests_reach_each_other(lab: netlab.Lab, routed: str) -> None:
+    serve = "mkdir /tmp/w && echo hello-from-a > /tmp/w/index.html && busybox httpd -p 7000 -h /tmp/w && ip -o addr show dev eth0 && echo ready && cat >/dev/null"
+    a = popen(lab.ns(lab.host, *SANDBOX, "run", "--net", f"nat={routed}", "--mac", "52:54:00:00:0c:01", "--", "sh", "-c", serve),
+              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(lab))  # fmt: skip
+    try:
+        assert a.stdout is not None and a.stdin is not None
+        lines = []
+        while not lines or lines[-1] != "ready":
+            line = a.stdout.readline().decode()
+            assert line, a.stderr.read().decode() if a.stderr else ""
+            lines.append(line.strip())
+        have = addresses("\n".join(lines))
+        a4 = next(x for x in have if x.version == 4)
+        a6 = netlab.eui64(netlab.ROUTED, "52:54:00:00:0c:01")
+        assert a6 in have
+        fetch = f"import urllib.request;print(urllib.request.urlopen('http://[{a6}]:7000/', timeout=5).read().decode())"
+        assert lab.sh(lab.up, "python3", "-c", fetch).stdout.strip() == "hello-from-a"
+        out = ok(sandbox_in(lab, lab.host, "run", "--net", f"nat={routed}", "--", "sh", "-c",
+                            f"{WGET} http://{a4}:7000/; {WGET} http://[{a6}]:7000/"))  # fmt: skip
+        assert out.split() == ["hello-from-a", "hello-from-a"]
+        a.stdin.close()
+        assert a.wait(60) == 0
+    finally:
+        if a.poll() is None:
+            a.kill()
+            a.wait()
+
+
+def _set_elements(lab: netlab.Lab, network: str) -> str:
+    return lab.sh(lab.host, "nft", "list", "set", "bridge", f"sandbox_{network}", "ports").stdout
+
+
+def test_a_killed_launcher_is_cleaned_up_and_destroy_leaves_nothing(lab: netlab.Lab) -> None:
+    ok(sandbox_in(lab, lab.host, "net", "create", "gone"))
+    state = lab.workdir / "networks" / "run" / "gone"
+    victim = popen(lab.ns(lab.host, *SANDBOX, "run", "--net", "nat=gone", "--", "sleep", "120"),
+                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env(lab))  # fmt: skip
+    try:
+        lab.wait_for(lambda: any((state / "guests").glob("*.json")) and "sbxtap" in lab.sh(lab.host, "ip", "-br", "link").stdout, "the guest's lease", 120)
+        lease = json.loads(next((state / "guests").glob("*.json")).read_text())
+        assert f'"{lease["tap"]}"' in _set_elements(lab, "gone")
+        refused = sandbox_in(lab, lab.host, "net", "destroy", "gone")
+        assert refused.returncode == 125 and b"in use by 1 sandbox" in refused.stderr
+        time.sleep(1)  # let the command start: a kill in the middle of the run
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+            victim.wait()
+    # QEMU dies with its launcher; the tap goes with the last descriptor.
+    lab.wait_for(lambda: "sbxtap" not in lab.sh(lab.host, "ip", "-br", "link").stdout, "the tap to go", 20)
+    # The next run on the network reclaims the dead launcher's lease and rules.
+    ok(sandbox_in(lab, lab.host, "run", "--net", "nat=gone", "--", "true"))
+    assert not list((state / "guests").glob("*.json"))
+    assert "sbxtap" not in _set_elements(lab, "gone")
+    dnsmasq = int((state / "dnsmasq.pid").read_text())
+    out = ok(sandbox_in(lab, lab.host, "net", "destroy", "gone"))
+    assert f"dnsmasq {dnsmasq}" in out and "bridge sbx-gone" in out
+    assert "sbx-gone" not in lab.sh(lab.host, "ip", "-br", "link").stdout
+    assert "sandbox_gone" not in lab.sh(lab.host, "nft", "list", "tables").stdout
+    assert not Path(f"/proc/{dnsmasq}").exists()
+    assert not state.exists() and not (lab.workdir / "networks" / "gone.json").exists()
+
+
+def test_net_bridge_takes_the_lans_ra_prefix_and_dhcp(lab: netlab.Lab) -> None:
+    mac = "52:54:00:00:0d:01"
+    script = f"ip -o addr show dev eth0; {WGET} http://{netlab.LAN_ROUTER4}:{netlab.HTTP_PORT}/"
+    out = ok(sandbox_in(lab, lab.lan, "run", "--net", "bridge=brlan", "--mac", mac, "--", "sh", "-c", script))
+    have = addresses(out)
+    assert netlab.eui64(netlab.LAN_PREFIX, mac) in have
+    v4 = next(x for x in have if x.version == 4)
+    assert v4 in ipaddress.ip_network("203.0.113.0/24")  # from the LAN's DHCP server
+    assert out.splitlines()[-1] == f"::ffff:{v4}"  # on the LAN itself: no NAT
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("run", "--net", "nat=nope", "--", "true"), "no network nope (sandbox net create nope"),
+        (("run", "--net", "bridge=nosuchbr", "--", "true"), "this host has no bridge nosuchbr"),
+        (("run", "--net", "wifi", "--", "true"), "--net wifi: not one of none, user, nat[=NAME], bridge=BRIDGE"),
+        (("run", "--net", "user", "--mac", "01:00:5e:00:00:01", "--", "true"), "a multicast address cannot be a guest's"),
+        (("net", "create", "clash", "--ipv6", str(netlab.HOST_PREFIX)), "overlaps 2001:db8:1::/64 on h0"),
+        (("net", "create", "clash", "--ipv4", "198.51.100.0/25"), "--ipv4 198.51.100.0/25 overlaps 198.51.100.0/24 on h0"),
+        (("net", "create", "public", "--ipv4", "8.8.8.0/24"), "--ipv4 8.8.8.0/24: NAT'd guests need a private range"),
+        (("net", "create", "wide", "--ipv6", "2001:db8:9::/48"), "needs a /64"),
+        (("net", "info", "nope"), "no network nope"),
+    ],
+)
+def test_bad_network_input_gets_one_line(lab: netlab.Lab, args: tuple[str, ...], message: str) -> None:
+    proc = sandbox_in(lab, lab.host, *args)
+    err = proc.stderr.decode()
+    assert proc.returncode == 125, err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_net_nat_needs_root(nobody: Nobody) -> None:
+    proc = nobody.run("run", "--net", "nat", "--", "true")
+    assert proc.returncode == 125
+    assert proc.stderr.decode().strip() == "sandbox: --net nat needs root (it makes a bridge, taps and firewall rules); --net user works for anyone"
