@@ -296,7 +296,7 @@ struct spec {
 	mode_t umask;
 	int tty, rows, cols, x11, xpra, rw_share;
 	const char *entropy;   /* hex: host randomness for a restored guest's pool */
-	const char *net;       /* "<mac> <ipv4/len|dhcp|-> <gw4|-> <ipv6 0|1> <wait_ms> <mode>" */
+	const char *net;       /* "<mac> <ipv4/len|dhcp|-> <gw4|-> <ipv6 0|1|2> <wait_ms> <mtu> <mode>" */
 	const char **dns;      /* name servers for resolv.conf */
 	int ndns;
 	const char *search;
@@ -725,7 +725,7 @@ static void loopback_up(void)
 
 struct netcfg {
 	char mac[32], ipv4[64], gw4[64], mode[64];
-	int ipv6, wait_ms;
+	int ipv6, wait_ms, mtu;
 	unsigned char hw[6];
 };
 static struct netcfg net;
@@ -790,7 +790,7 @@ static void net_start(const struct spec *s)
 	if (!s->net)
 		return;
 	char ipv6[8];
-	if (sscanf(s->net, "%31s %63s %63s %7s %d %63s", net.mac, net.ipv4, net.gw4, ipv6, &net.wait_ms, net.mode) != 6 ||
+	if (sscanf(s->net, "%31s %63s %63s %7s %d %d %63s", net.mac, net.ipv4, net.gw4, ipv6, &net.wait_ms, &net.mtu, net.mode) != 7 ||
 	    sscanf(net.mac, "%hhx:%hhx:%hhx:%hhx:%hhx:%hhx", &net.hw[0], &net.hw[1], &net.hw[2], &net.hw[3], &net.hw[4], &net.hw[5]) != 6)
 		die("bad network spec '%s'", s->net);
 	net.ipv6 = atoi(ipv6); /* 0: none, 1: required, 2: if the LAN offers it */
@@ -821,6 +821,11 @@ static void net_start(const struct spec *s)
 	memcpy(ifr.ifr_hwaddr.sa_data, net.hw, 6);
 	if (fd < 0 || if_ioctl(fd, SIOCSIFHWADDR, &ifr) != 0)
 		die("--net %s: cannot set the MAC address %s: %s", net.mode, net.mac, strerror(errno));
+	if (net.mtu) {
+		ifr.ifr_mtu = net.mtu;
+		if (if_ioctl(fd, SIOCSIFMTU, &ifr) != 0)
+			ctl_send("L --net %s: cannot set the MTU to %d: %s", net.mode, net.mtu, strerror(errno));
+	}
 	if (if_ioctl(fd, SIOCGIFFLAGS, &ifr) != 0)
 		die("--net %s: %s: %s", net.mode, NET_IF, strerror(errno));
 	ifr.ifr_flags |= IFF_UP;

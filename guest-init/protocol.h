@@ -26,7 +26,7 @@
  *       done in order over the read-only root; the path is the guest's
  *     r 64 random bytes in hex, mixed into the guest's pool and credited
  *     t the host's CLOCK_REALTIME in ns when the spec was made
- *     n "<mac> <ipv4/len|dhcp|-> <gateway4|-> <ipv6 0|1> <wait_ms> <mode>"
+ *     n "<mac> <ipv4/len|dhcp|-> <gateway4|-> <ipv6 0|1|2> <wait_ms> <mtu> <mode>"
  *       the network interface (--net; none: no record, no interface)
  *     d a name server (repeated)    s the DNS search list
  * The init stamps "ready" just before it reads the spec (a template is

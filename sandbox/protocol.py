@@ -66,9 +66,10 @@ class GuestNet:
     dns: tuple[str, ...] = ()
     search: tuple[str, ...] = ()
     wait_ms: int = 10_000
+    mtu: int = 0  # 0: the device's default
 
     def encode(self) -> str:
-        return f"{self.mac} {self.ipv4 or '-'} {self.gateway4 or '-'} {self.ipv6} {self.wait_ms} {self.mode}"
+        return f"{self.mac} {self.ipv4 or '-'} {self.gateway4 or '-'} {self.ipv6} {self.wait_ms} {self.mtu} {self.mode}"
 
 
 @dataclass(frozen=True)

@@ -89,6 +89,7 @@ class Started:
     shares: tuple[str, ...]
     x11_display: int | None = None  # the nested X server (Xephyr) on the host
     x11_auth: str = ""
+    network: str = "none"
 
 
 @dataclass
@@ -342,6 +343,7 @@ def boot_once(
     timeout_at: float | None,
     warm: WarmStart | None = None,
     builder: template.Builder | None = None,
+    net_wired: Callable[[], None] = lambda: None,
 ) -> RunResult:
     """One boot (or restore) of the VM; raises BootStallError if it stalls before the command starts."""
     confinement = opts.confinement
@@ -358,7 +360,9 @@ def boot_once(
                 confinement.process_label or "" if confinement is not None else "",
                 ("/ (read-only)",) + tuple(f"{s.path} ({'read-only' if s.readonly else 'read-write'})" for s in boot.shares),
                 *(opts.x11.xtest_target() if opts.x11 is not None else (None, "")),
+                network=_describe_net(cspec.net),
             ))  # fmt: skip
+        net_wired()  # the host's side of the network, set up meanwhile, before the guest's first packet
         execs = None
         if opts.exec_socket is not None:
             from .execs import ExecBridge
@@ -404,6 +408,13 @@ def boot_once(
         if outcome.looked_up is not None and outcome.status != 0:
             log.warning("%s", diagnostics.no_network(outcome.looked_up))
         return RunResult(outcome.status, timeline, outcome.qemu_peak_rss_kb)
+
+
+def _describe_net(net: protocol.GuestNet | None) -> str:
+    if net is None:
+        return "none"
+    ipv4 = f", {net.ipv4}" if net.ipv4 and net.ipv4 != "dhcp" else ""
+    return f"{net.mode}, MAC {net.mac}{ipv4}"
 
 
 def template_store(opts: RunOptions, prep: Prepared, boot: BootSpec) -> template.Store | None:
@@ -455,6 +466,7 @@ def _boot(
     timeline: Timeline,
     cspec: protocol.CommandSpec,
     timeout_at: float | None,
+    net_wired: Callable[[], None] = lambda: None,
 ) -> RunResult:
     """Warm when a template fits, else cold (building the template on the way); a stalled boot is retried."""
     store = template_store(opts, prep, boot)
@@ -463,7 +475,7 @@ def _boot(
         if warm is not None:
             timeline.start = "warm"
             try:
-                return boot_once(opts, boot, rundir, timeline, 1, cspec, timeout_at, warm=warm)
+                return boot_once(opts, boot, rundir, timeline, 1, cspec, timeout_at, warm=warm, net_wired=net_wired)
             except (WarmStartFailed, template.TemplateError) as exc:
                 log.warning("%s; booting cold", exc)
                 if not isinstance(exc, WarmStartFailed) or exc.template_broken:
@@ -477,7 +489,7 @@ def _boot(
     try:
         for attempt in range(1, opts.boot_retries + 2):
             try:
-                return boot_once(opts, boot, rundir, timeline, attempt, cspec, timeout_at, builder=builder)
+                return boot_once(opts, boot, rundir, timeline, attempt, cspec, timeout_at, builder=builder, net_wired=net_wired)
             except BootStallError as exc:
                 if attempt > opts.boot_retries:
                     raise
@@ -534,14 +546,19 @@ def run(opts: RunOptions) -> RunResult:
             stack.callback(opts.x11.close)
             opts.x11.start(f"sandbox: {' '.join(opts.argv)} [{label or 'unlabelled'}]")
         nic = None
+        net_wired: Callable[[], None] = lambda: None
         if net_request.mode != "none":
             timeline.stamp_host("net_attach", monotonic_boottime())
         att = stack.enter_context(attachment.attach(net_request, rundir))
         if att is not None:
-            timeline.stamp_host("net_attached", monotonic_boottime())
             cspec = replace(cspec, net=att.guest)
             nic = qemuargv.NetDevice(att.kind, att.fd, att.guest.mac)
-        result = _boot(opts, prep, boot_spec(opts, prep, plan, nic), rundir, timeline, cspec, timeout_at)
+
+            def net_wired() -> None:
+                att.wait()
+                timeline.stamp_host("net_attached", monotonic_boottime())
+
+        result = _boot(opts, prep, boot_spec(opts, prep, plan, nic), rundir, timeline, cspec, timeout_at, net_wired)
         if opts.confinement is not None:
             opts.confinement.exit_status = result.status
         return result

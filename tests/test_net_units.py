@@ -94,10 +94,10 @@ def test_guest_net_record_in_the_spec() -> None:
     spec = protocol.CommandSpec(argv=("true",), env=(), cwd="/", home="/", uid=0, gid=0, net=net)
     body = protocol.encode_spec(spec).split(b"\n", 1)[1]
     records = body.split(b"\0")
-    assert b"n52:54:00:00:00:01 10.213.0.2/24 10.213.0.1 1 5000 nat=default" in records
+    assert b"n52:54:00:00:00:01 10.213.0.2/24 10.213.0.1 1 5000 0 nat=default" in records
     assert b"d10.213.0.1" in records and b"slab" in records
     bridge = protocol.GuestNet("bridge=br0", "52:54:00:00:00:01", "dhcp", None, 2)
-    assert bridge.encode() == "52:54:00:00:00:01 dhcp - 2 10000 bridge=br0"
+    assert bridge.encode() == "52:54:00:00:00:01 dhcp - 2 10000 0 bridge=br0"
 
 
 def _spec(machine: str, net: qemuargv.NetDevice | None) -> qemuargv.MachineSpec:

@@ -25,6 +25,9 @@ GUEST_IPV4 = "10.0.2.15"
 PREFIX_LEN = 24
 GATEWAY = "10.0.2.2"
 DNS = "10.0.2.3"  # passt forwards queries sent here to the host's resolver
+# passt's own (what its DHCP and RAs would announce): 40 times fewer frames
+# than Ethernet's 1500 for the guest to make and passt to take apart.
+MTU = 65520
 
 
 def argv(passt: str, fd: int, ipv4: bool, ipv6: bool) -> list[str]:

@@ -371,6 +371,11 @@ class DirectGuest:
         if qmp is None:
             raise self.failure(f"QEMU never answered its monitor (restore, attempt {attempt})")
         qmp.execute("migrate-set-capabilities", timeout, template.IGNORE_SHARED)
+        if self.boot.net is not None:
+            # After a restore QEMU announces the NIC (RARP) with the MAC it
+            # restored: the template's, shared by every clone.  None of that
+            # onto a LAN: the guest sets its own MAC and speaks for itself.
+            qmp.execute("migrate-set-parameters", timeout, {"announce-rounds": 0})
         assert self._filling is not None
         self._filling.join()
         if self._fill_error is not None:
