@@ -106,8 +106,13 @@ def test_net_nat_nats_ipv4_routes_ipv6_and_walls_off_the_host(lab: netlab.Lab, r
         "ip -o addr show dev eth0",
         f"echo v4=$({WGET} http://{netlab.UPSTREAM4}:{netlab.HTTP_PORT}/)",
         f"echo v6=$({WGET} http://[{netlab.UPSTREAM6}]:{netlab.HTTP_PORT}/)",
-        f"echo host=$({WGET} http://{netlab.HOST4}:9999/ 2>&1 >/dev/null && echo reached || echo refused)",
-        f"echo bridge=$({WGET} http://10.213.77.1:9999/ 2>&1 >/dev/null && echo reached || echo refused)",
+        f"echo host=$({WGET} http://{netlab.HOST4}:9999/ >/dev/null 2>&1 && echo reached || echo refused)",
+        f"echo bridge=$({WGET} http://10.213.77.1:9999/ >/dev/null 2>&1 && echo reached || echo refused)",
+        # Another guest's address, then another MAC: the bridge drops what it sends.
+        "ip addr add 10.213.77.200/24 dev eth0 && ip route replace default via 10.213.77.1 src 10.213.77.200",
+        f"echo spoofed_ip=$({WGET} http://{netlab.UPSTREAM4}:{netlab.HTTP_PORT}/ >/dev/null 2>&1 && echo reached || echo dropped)",
+        "ip route replace default via 10.213.77.1 src 10.213.77.2 && ip link set eth0 address 52:54:00:00:0b:99",
+        f"echo spoofed_mac=$({WGET} http://{netlab.UPSTREAM4}:{netlab.HTTP_PORT}/ >/dev/null 2>&1 && echo reached || echo dropped)",
     ])  # fmt: skip
     out = ok(sandbox_in(lab, lab.host, "run", "--net", f"nat={routed}", "--mac", mac, "--", "sh", "-c", script))
     slaac = netlab.eui64(netlab.ROUTED, mac)
@@ -116,6 +121,10 @@ def test_net_nat_nats_ipv4_routes_ipv6_and_walls_off_the_host(lab: netlab.Lab, r
     assert f"v4=::ffff:{netlab.HOST4}" in out  # NAT'd: the server saw the host
     assert f"v6={slaac}" in out  # routed: the server saw the guest itself
     assert "host=refused" in out and "bridge=refused" in out
+    assert "spoofed_ip=dropped" in out and "spoofed_mac=dropped" in out
+    counters = lab.sh(lab.host, "nft", "list", "chain", "bridge", "sandbox_lab", "prerouting").stdout
+    assert re.search(r"iifname \. ether saddr != @macs counter packets [1-9]", counters), counters
+    assert re.search(r"iifname \. ip saddr != @addrs4 counter packets [1-9]", counters), counters
     # The service is there for the host itself: the wall is what stopped the guest.
     assert lab.sh(lab.host, "python3", "-c", f"import urllib.request;urllib.request.urlopen('http://{netlab.HOST4}:9999/')").returncode == 0
     # Forwarding is on, and the host still takes its upstream's RAs (accept_ra=2).
