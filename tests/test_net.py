@@ -175,6 +175,11 @@ def test_a_killed_launcher_is_cleaned_up_and_destroy_leaves_nothing(lab: netlab.
         assert f'"{lease["tap"]}"' in _set_elements(lab, "gone")
         refused = sandbox_in(lab, lab.host, "net", "destroy", "gone")
         assert refused.returncode == 125 and b"in use by 1 sandbox" in refused.stderr
+        info = json.loads(ok(sandbox_in(lab, lab.host, "net", "info", "gone", "--json")))
+        assert info["active"] and info["bridge"] == "sbx-gone" and [s["mac"] for s in info["sandboxes"]] == [lease["mac"]]
+        assert re.search(r"^gone +sbx-gone +10\.213\.\d+\.0/24 +fd[0-9a-f:]+/64 +active +1$", ok(sandbox_in(lab, lab.host, "net", "list")), re.M)
+        taken = sandbox_in(lab, lab.host, "run", "--net", "nat=gone", "--mac", lease["mac"], "--", "true")
+        assert taken.returncode == 125 and f"--mac {lease['mac']}: a sandbox on network gone already uses it".encode() in taken.stderr
         time.sleep(1)  # let the command start: a kill in the middle of the run
         victim.send_signal(signal.SIGKILL)
         victim.wait()
@@ -195,6 +200,14 @@ def test_a_killed_launcher_is_cleaned_up_and_destroy_leaves_nothing(lab: netlab.
     assert "sandbox_gone" not in lab.sh(lab.host, "nft", "list", "tables").stdout
     assert not Path(f"/proc/{dnsmasq}").exists()
     assert not state.exists() and not (lab.workdir / "networks" / "gone.json").exists()
+
+
+def test_nat66_gives_a_ula_network_outbound_ipv6(lab: netlab.Lab) -> None:
+    out = ok(sandbox_in(lab, lab.host, "net", "create", "ula", "--nat66"))
+    assert "ULA" in out
+    got = ok(sandbox_in(lab, lab.host, "run", "--net", "nat=ula", "--", "sh", "-c", f"{WGET} http://[{netlab.UPSTREAM6}]:{netlab.HTTP_PORT}/"))
+    assert got.strip() == str(lab.host6)  # masqueraded behind the host's own IPv6 address
+    ok(sandbox_in(lab, lab.host, "net", "destroy", "ula"))
 
 
 def test_net_bridge_takes_the_lans_ra_prefix_and_dhcp(lab: netlab.Lab) -> None:
