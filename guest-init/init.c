@@ -1437,6 +1437,8 @@ struct pump {
 	int eof;
 	unsigned long long count;
 	int close_dst; /* close dst at EOF (the child's stdin) */
+	long long limit; /* EOF after this many bytes read ("I <n>"); -1: at the source's own EOF */
+	unsigned long long rcount;
 };
 
 static void pump_init(struct pump *p, int src, int dst, int close_dst)
@@ -1448,6 +1450,8 @@ static void pump_init(struct pump *p, int src, int dst, int close_dst)
 	p->eof = src < 0 || dst < 0;
 	p->count = 0;
 	p->close_dst = close_dst;
+	p->limit = -1;
+	p->rcount = 0;
 	if (src >= 0) set_nonblock(src);
 	if (dst >= 0) set_nonblock(dst);
 }
@@ -1487,6 +1491,10 @@ static int pump_run(struct pump *p)
 				pump_finish(p);
 			return moved;
 		}
+		if (p->limit >= 0 && p->rcount >= (unsigned long long)p->limit) {
+			p->eof = 1; /* all the host sent: its EOF, whether or not the port ever closes */
+			continue;
+		}
 		ssize_t r = read(p->src, p->buf, BUFSZ);
 		if (r < 0 && (errno == EAGAIN || errno == EINTR))
 			return moved;
@@ -1494,6 +1502,7 @@ static int pump_run(struct pump *p)
 			p->eof = 1;
 			continue;
 		}
+		p->rcount += (unsigned long long)r;
 		p->len = (size_t)r;
 		p->off = 0;
 		moved = 1;
@@ -1785,6 +1794,7 @@ static int handle_ctl(struct child *c, struct pump *pumps)
 	ctl_in_len += (size_t)n;
 	ctl_in[ctl_in_len] = 0;
 	int acked = 0;
+	long long eof_at;
 	char *line = ctl_in, *nl;
 	while ((nl = strchr(line, '\n'))) {
 		*nl = 0;
@@ -1802,6 +1812,11 @@ static int handle_ctl(struct child *c, struct pump *pumps)
 				p->src = -1;
 			}
 			pump_finish(p);
+		} else if (line[0] == 'I' && sscanf(line, "I %lld", &eof_at) == 1 && eof_at >= 0) {
+			/* stdin ends after this many bytes: a backend whose port
+			 * cannot be half-closed (libvirt's streams) says so here. */
+			pumps[0].limit = eof_at;
+			pump_run(&pumps[0]);
 		} else if (line[0] == 'A')
 			acked = 1;
 		line = nl + 1;

@@ -36,6 +36,9 @@
  *   "K <signo>\n"        deliver a signal to the command's process group
  *   "W <rows> <cols>\n"  window size changed
  *   "P <fd>\n"           host's stdout (1) or stderr (2) is gone: EPIPE
+ *   "I <bytes>\n"        stdin ends after this many bytes in all (sent at the
+ *                        host's EOF, beside the port's half-close, which a
+ *                        libvirt stream cannot do)
  *   "A\n"                everything received: power off now
  * Guest -> host, every line starts with the guest's CLOCK_BOOTTIME in ns
  * at the time of sending:

@@ -125,6 +125,8 @@ VM: tuple[Option, ...] = (
     Option(("--net",), "net", {"default": "none", "metavar": "MODE",
                                "help": "none (default), user (passt, anyone), nat[=NAME] or bridge=BRIDGE (root)"}),
     Option(("--mac",), "mac", {"metavar": "MAC", "help": "the guest's MAC address (default: random, 52:54:00:xx:xx:xx)"}),
+    Option(("--connect",), "connect", {"metavar": "URI",
+                                       "help": "run through libvirt (qemu:///system, qemu+ssh://HOST/system; default: SANDBOX_CONNECT)"}),
     Option(("--cold",), "warm", {"action": "store_true", "help": "boot the kernel even when a warm-start template fits"}, inverted=True),
     Option(("--tracefs",), "tracefs", {"action": "store_true", "help": "keep the guest kernel's tracefs (ftrace event files)"}),
 )  # fmt: skip

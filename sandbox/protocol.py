@@ -224,6 +224,11 @@ def broken_pipe_message(fd: int) -> bytes:
     return b"P %d\n" % fd
 
 
+def stdin_end_message(total: int) -> bytes:
+    """stdin ends after `total` bytes: EOF for a port that cannot be half-closed."""
+    return b"I %d\n" % total
+
+
 def clock_message(realtime_ns: int) -> bytes:
     """The host's wall clock, the answer to the guest's "spec_read" stamp."""
     return b"C %d\n" % realtime_ns

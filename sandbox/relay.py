@@ -173,6 +173,8 @@ class Relay:
         self.received = {"stdout": 0, "stderr": 0}
         self.broken = {"stdout": False, "stderr": False}
         self.stdin_buf = b""
+        self.stdin_sent = 0  # bytes of stdin handed to the guest's port
+        self.stdin_end_pending = False
         self.stdin_open = True
         self.stdin_registered = False
         self.console_log: BinaryIO | None = None
@@ -326,6 +328,8 @@ class Relay:
                 if request is None:
                     self.spec_sent = True
                 self._send_ctl(request if request is not None else self.spec_message)
+                if self.spec_sent and self.stdin_end_pending:
+                    self._send_ctl(protocol.stdin_end_message(self.stdin_sent))
             elif msg.phase == "spec_read":
                 self._send_ctl(protocol.clock_message(time.time_ns()))
             if msg.phase == "command_exec" and self.state is State.BOOTING:
@@ -445,6 +449,7 @@ class Relay:
             self.stdin_buf = b""
             self._close_stdin()
             return
+        self.stdin_sent += sent
         self.stdin_buf = self.stdin_buf[sent:]
         # While a chunk is pending, wait for the socket rather than reading more.
         if self.stdin_buf:
@@ -484,6 +489,12 @@ class Relay:
             sock.shutdown(socket.SHUT_WR)
         except OSError:
             pass
+        # Said on the control port too (after the spec): a libvirt stream
+        # cannot be half-closed.
+        if self.spec_sent:
+            self._send_ctl(protocol.stdin_end_message(self.stdin_sent))
+        else:
+            self.stdin_end_pending = True
 
     # ---- signals and deadlines ---------------------------------------------
 

@@ -10,7 +10,7 @@ import resource
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from collections.abc import Callable
 
 from . import cache, config, diagnostics, host, initramfs, kernel, mounts, protocol, runtime
@@ -69,6 +69,7 @@ class RunOptions:
     exec_socket: Path | None = None  # where `sandbox exec` reaches this run (sandbox/execs.py)
     net: str = "none"  # --net: none | user | nat[=NAME] | bridge=BRIDGE (sandbox/net)
     mac: str | None = None
+    connect: str | None = None  # --connect URI: libvirtd runs the guest (sandbox/libvirt)
 
     def __post_init__(self) -> None:
         if not self.argv:
@@ -344,19 +345,26 @@ def boot_once(
     warm: WarmStart | None = None,
     builder: template.Builder | None = None,
     net_wired: Callable[[], None] = lambda: None,
+    make_guest: Callable[[], Any] | None = None,
 ) -> RunResult:
-    """One boot (or restore) of the VM; raises BootStallError if it stalls before the command starts."""
+    """One boot (or restore) of the VM; raises BootStallError if it stalls before the command starts.
+
+    `make_guest` gives another backend's guest (a context manager
+    implementing backend.Guest); by default QEMU runs here (DirectGuest).
+    """
     confinement = opts.confinement
     boot_timeout = opts.boot_timeout or (20.0 if boot.accel == "tcg" else 10.0)
     if warm is not None:
         boot_timeout = min(boot_timeout, WARM_PROGRESS_TIMEOUT)
-    with contextlib.ExitStack() as stack, DirectGuest(
-        boot, rundir, timeline, confinement, opts.verbose, warm=warm, builder=builder, monitor_socket=opts.monitor_socket
-    ) as guest:
+    if make_guest is None:
+        make_guest = lambda: DirectGuest(  # noqa: E731
+            boot, rundir, timeline, confinement, opts.verbose, warm=warm, builder=builder, monitor_socket=opts.monitor_socket
+        )
+    with contextlib.ExitStack() as stack, make_guest() as guest:
         guest.wait_built(boot_timeout, attempt)
         if opts.on_started is not None:  # after the restore was set going: off its critical path
             opts.on_started(Started(
-                guest.pids()[-1], boot.accel, str(boot.kernel_image), boot.memory_mb, boot.cpus, timeline.start,
+                (guest.pids() or (0,))[-1], boot.accel, str(boot.kernel_image), boot.memory_mb, boot.cpus, timeline.start,
                 confinement.process_label or "" if confinement is not None else "",
                 ("/ (read-only)",) + tuple(f"{s.path} ({'read-only' if s.readonly else 'read-write'})" for s in boot.shares),
                 *(opts.x11.xtest_target() if opts.x11 is not None else (None, "")),
@@ -397,7 +405,8 @@ def boot_once(
         if outcome.end is End.TIMEOUT:
             raise TimeoutExpired("the command timed out; the VM was killed")
         if outcome.fatal is not None:
-            raise SandboxError(f"cannot set up the sandbox: {outcome.fatal}")
+            explain = getattr(guest, "explain", None)  # a backend's hint about its own walls
+            raise SandboxError(f"cannot set up the sandbox: {outcome.fatal}{explain(outcome.fatal) if explain else ''}")
         if outcome.status is None:
             panic = _panic_line(rundir / "console.log")
             raise guest.failure(f"guest kernel panic ({panic})" if panic else "guest stopped before reporting a status")
@@ -532,14 +541,33 @@ def run(opts: RunOptions) -> RunResult:
     plan = mount_plan(opts, home, cwd)
     cspec = command_spec(opts, tty_mask(opts.tty), plan, home, cwd, env)
     net_request = attachment.parse(opts.net, opts.mac)
-    prep = prepare(opts)
+    backend = None
+    from .libvirt.backend import connect_uri
+
+    opts = replace(opts, connect=connect_uri(opts.connect, dict(os.environ)))
+    if opts.connect:
+        from .libvirt.backend import LibvirtBackend, check_options
+
+        check_options(opts)
+        backend = LibvirtBackend(opts.connect)
+    try:
+        return _run(opts, timeline, plan, cspec, net_request, backend)
+    finally:
+        if backend is not None:
+            backend.close()
+
+
+def _run(
+    opts: RunOptions, timeline: Timeline, plan: mounts.Plan, cspec: protocol.CommandSpec, net_request: attachment.NetRequest, backend: Any
+) -> RunResult:
+    prep = prepare(opts) if backend is None else backend.prepare(opts)
     timeline.tsc_khz = prep.tsc_khz
     # --timeout counts from the launcher's start (as `timeout sandbox run` would), across retries.
     started = timeline.host.get("launcher_start", monotonic_boottime())
     timeout_at = time.monotonic() + opts.timeout - (monotonic_boottime() - started) if opts.timeout else None
     with runtime.runtime_dir() as rundir, contextlib.ExitStack() as stack:
         label = None
-        if opts.confinement is not None:
+        if opts.confinement is not None and backend is None:  # libvirt puts up its own walls
             stack.enter_context(opts.confinement.around(rundir, [share for _, share in plan.shares]))
             label = opts.confinement.process_label
         if opts.x11 is not None:
@@ -558,7 +586,13 @@ def run(opts: RunOptions) -> RunResult:
                 att.wait()
                 timeline.stamp_host("net_attached", monotonic_boottime())
 
-        result = _boot(opts, prep, boot_spec(opts, prep, plan, nic), rundir, timeline, cspec, timeout_at, net_wired)
+        boot = boot_spec(opts, prep, plan, nic)
+        if backend is not None:
+            timeline.start = "cold, libvirt"
+            guest = lambda: backend.guest(boot, rundir, timeline, opts.confinement, opts.verbose)  # noqa: E731
+            result = boot_once(opts, boot, rundir, timeline, 1, cspec, timeout_at, make_guest=guest)
+        else:
+            result = _boot(opts, prep, boot, rundir, timeline, cspec, timeout_at, net_wired)
         if opts.confinement is not None:
             opts.confinement.exit_status = result.status
         return result

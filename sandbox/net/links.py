@@ -20,7 +20,7 @@ from ..errors import SandboxError
 from .addresses import Route
 
 if TYPE_CHECKING:
-    from pyroute2 import IPRoute  # type: ignore[import-untyped]
+    from pyroute2 import IPRoute
 
 TUNSETIFF = 0x400454CA
 IFF_TAP = 0x0002
@@ -36,7 +36,7 @@ class NetworkError(SandboxError):
 @contextlib.contextmanager
 def netlink() -> Iterator[IPRoute]:
     from pyroute2 import IPRoute
-    from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-untyped]
+    from pyroute2.netlink.exceptions import NetlinkError
 
     try:
         with IPRoute() as ipr:

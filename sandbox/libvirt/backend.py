@@ -1,0 +1,138 @@
+"""--connect URI: what the runner needs from a libvirt host (boot inputs there, and guests)."""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .. import config, host, initramfs, kernel, protocol
+from ..errors import UsageError
+from ..guestinit import init_binary
+from ..qemu.backend import PORTS, BootSpec
+from ..timings import Timeline
+from . import images
+from .connection import is_remote, open_connection
+from .domain import DomainSpec
+from .guest import LibvirtGuest
+
+if TYPE_CHECKING:
+    from ..confinement.walls import Confinement
+    from ..runner import Prepared, RunOptions
+
+log = logging.getLogger(__name__)
+
+
+def connect_uri(option: str | None, env: dict[str, str]) -> str | None:
+    """--connect, else SANDBOX_CONNECT; None for the direct backend."""
+    uri = option or env.get("SANDBOX_CONNECT") or None
+    return uri
+
+
+class LibvirtBackend:
+    """One connection to libvirtd for one run."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self.conn = open_connection(uri)
+        self.remote = is_remote(self.conn)
+        self.caps = ET.fromstring(self.conn.getCapabilities())
+
+    def close(self) -> None:
+        try:
+            self.conn.close()
+        except Exception:  # noqa: BLE001 - closing a dead connection
+            pass
+
+    def _accel(self, requested: str) -> str:
+        if not self.remote:
+            accel, warning = host.choose_accel(requested)
+            if warning:
+                log.info("%s", warning)
+            return accel
+        if requested == "tcg":
+            return "tcg"
+        # KVM only where the host CPU has it (a /dev/kvm alone is not enough).
+        has_kvm = any(d.get("type") == "kvm" for d in self.caps.iter("domain"))
+        cpu_ok = any(f.get("name") in ("vmx", "svm") for f in self.caps.iterfind("host/cpu/feature"))
+        if has_kvm and cpu_ok:
+            return "kvm"
+        if requested == "kvm":
+            raise UsageError(f"--accel kvm: the libvirt host behind {self.uri} has no usable KVM")
+        return "tcg"
+
+    def _tsc_khz(self) -> int | None:
+        counter = self.caps.find("host/cpu/counter[@name='tsc']")
+        freq = counter.get("frequency") if counter is not None else None
+        return int(freq) // 1000 if freq and freq.isdigit() else None
+
+    def _microvm(self) -> bool:
+        return any(m.text == "microvm" for m in self.caps.iter("machine"))
+
+    def prepare(self, opts: RunOptions) -> Prepared:
+        """Kernel and initramfs on the libvirt host (the remote's own kernel when remote)."""
+        from ..runner import Prepared, kernel_cmdline
+
+        accel = self._accel(config.accel(opts.accel))
+        machine = opts.machine if opts.machine != "auto" else ("microvm" if self._microvm() else "q35")
+        wanted = initramfs.wanted_modules(machine, opts.keyboard, net=False)
+        if self.remote:
+            if opts.kernel is not None:
+                raise UsageError("--kernel with a remote --connect: the remote host's own kernel is used")
+            kern = images.mirror_remote_kernel(self.conn, wanted)
+        else:
+            kern = kernel.find_kernel(opts.kernel)
+            kernel.ensure_readable(kern.image)
+        pvh = kernel.pvh_image(kern) if opts.pvh else None
+        initrd = initramfs.cached(kern, init_binary(), wanted)
+        pool = images.image_pool(self.conn)
+        image_on_host = images.upload(self.conn, pool, pvh or kern.image)
+        initrd_on_host = images.upload(self.conn, pool, initrd)
+        tsc = self._tsc_khz() if accel == "tcg" else None
+        cmdline = kernel_cmdline(accel, tsc, opts.crypto_selftests, opts.verbose, opts.kernel_append, opts.tracefs)
+        qemu = host.QemuInfo(path="", version=self.conn.getVersion().__str__(), microvm=machine == "microvm", seccomp=False)
+        return Prepared(accel, qemu, machine, Path(image_on_host), pvh is not None, Path(initrd_on_host), cmdline, tsc)
+
+    def guest(self, boot: BootSpec, rundir: Path, timeline: Timeline, confinement: Confinement | None, verbose: int) -> LibvirtGuest:
+        limits = confinement.limits if confinement is not None else None
+        if limits is not None and limits.pids:
+            raise UsageError("--pids-limit with --connect: libvirt's domain XML has no pids limit")
+        ident = uuid.uuid4()
+        spec = DomainSpec(
+            name=f"sandbox-{ident.hex[:12]}",
+            uuid=str(ident),
+            accel=boot.accel,
+            machine=boot.machine,
+            kernel=str(boot.kernel_image),
+            initrd=str(boot.initrd),
+            cmdline=boot.cmdline,
+            memory_mb=boot.memory_mb,
+            cpus=boot.cpus,
+            tb_size_mb=boot.tb_size_mb,
+            cpu_model=boot.cpu_model,
+            memory_limit_mb=limits.memory_mb if limits is not None else None,
+            cpu_weight=limits.cpu_weight if limits is not None else None,
+            cpu_quota=limits.cpu_quota if limits is not None else None,
+            ports=tuple(p for p in PORTS if p != protocol.PORT_X11),  # --x11 is refused with --connect
+        )
+        from ..confinement.audit import summarize_argv
+
+        command = summarize_argv(confinement.argv) if confinement is not None else {}
+        return LibvirtGuest(self.conn, spec, rundir, timeline, verbose, command)
+
+
+def check_options(opts: RunOptions) -> None:
+    """What --connect cannot do (yet), as one line each."""
+    if opts.x11 is not None:
+        raise UsageError("--x11 with --connect: not supported (the display would be on the libvirt host)")
+    if opts.net != "none":
+        raise UsageError("--net with --connect: not supported yet (use libvirt's own networks)")
+    if opts.shares or opts.home is not None:
+        raise UsageError("--share/--home with --connect: not supported yet (the paths would be the libvirt host's)")
+    if opts.keyboard:
+        raise UsageError("--keyboard with --connect: not supported (use virsh send-key on the domain)")
+    if not re.fullmatch(r"[a-z0-9+]+://[^\s]*", opts.connect or ""):
+        raise UsageError(f"--connect {opts.connect}: not a libvirt URI (e.g. qemu:///system, qemu+ssh://host/system)")

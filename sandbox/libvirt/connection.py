@@ -1,0 +1,84 @@
+"""Connecting to libvirtd, its event loop, and its errors as one-line SandboxErrors."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import TYPE_CHECKING, Any
+
+from ..errors import SandboxError, ToolMissingError
+
+if TYPE_CHECKING:
+    import libvirt
+
+log = logging.getLogger(__name__)
+
+
+class LibvirtError(SandboxError):
+    """libvirt refused or failed (its own message is kept)."""
+
+
+_loop_lock = threading.Lock()
+_loop_started = False
+
+
+def _module() -> Any:
+    try:
+        import libvirt
+    except ImportError:
+        raise ToolMissingError("--connect needs libvirt's Python binding (pip install libvirt-python; apt-get install libvirt-dev pkg-config gcc)") from None
+    return libvirt
+
+
+def event_loop() -> None:
+    """libvirt's default event loop, in a thread of its own (streams and lifecycle events need it)."""
+    global _loop_started
+    lv = _module()
+    with _loop_lock:
+        if _loop_started:
+            return
+        lv.virEventRegisterDefaultImpl()
+
+        def run() -> None:
+            while True:
+                lv.virEventRunDefaultImpl()
+
+        threading.Thread(target=run, name="sandbox-libvirt-events", daemon=True).start()
+        _loop_started = True
+
+
+def message(exc: Exception) -> str:
+    get = getattr(exc, "get_error_message", None)
+    text = get() if get is not None else None
+    return (text or str(exc)).strip().splitlines()[0] if (text or str(exc)).strip() else type(exc).__name__
+
+
+def open_connection(uri: str) -> libvirt.virConnect:
+    """A read-write connection to `uri`, with keepalive so that a dead peer is noticed."""
+    lv = _module()
+    event_loop()
+    # libvirt prints its errors to stderr unless a handler takes them.
+    lv.registerErrorHandler(lambda _ctx, _err: None, None)
+    try:
+        conn = lv.open(uri)
+    except lv.libvirtError as exc:
+        text = message(exc)
+        if "authentication" in text.lower() or "auth" in text.lower() and "fail" in text.lower():
+            raise LibvirtError(f"--connect {uri}: authentication refused: {text}") from None
+        raise LibvirtError(f"--connect {uri}: cannot reach libvirtd: {text}") from None
+    if conn is None:
+        raise LibvirtError(f"--connect {uri}: cannot reach libvirtd")
+    try:
+        conn.setKeepAlive(5, 3)
+    except lv.libvirtError:
+        pass  # a local driver connection has no keepalive
+    return conn
+
+
+def is_remote(conn: libvirt.virConnect) -> bool:
+    """Whether the libvirtd is on another host: then no path of ours is assumed to exist there."""
+    uri = conn.getURI()
+    from urllib.parse import urlsplit
+
+    host = urlsplit(uri).hostname
+    return bool(host)
