@@ -9,11 +9,19 @@ if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
         cpio procps util-linux busybox-static time \
         xvfb xserver-xephyr x11-apps x11-utils xdotool xauth imagemagick \
         selinux-policy-default selinux-utils policycoreutils semodule-utils checkpolicy selinux-policy-dev make \
-        passt dnsmasq-base nftables iproute2 radvd iperf3
+        passt dnsmasq-base nftables iproute2 radvd iperf3 \
+        libvirt-daemon-system libvirt-dev pkg-config
     # --x11=xpra: with its recommends (codecs, PIL), as tested; its client
     # paints through cairo, which Debian's package does not pull in.
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q xpra python3-gi-cairo
+    # libvirt for --connect qemu:///system: without systemd nothing starts
+    # it; tools/libvirtd.py runs virtlogd and libvirtd under a reaper.
+    if ! [ -S /run/libvirt/libvirt-sock ]; then
+        python3 tools/libvirtd.py --background
+        i=0
+        while ! [ -S /run/libvirt/libvirt-sock ] && [ $i -lt 100 ]; do sleep 0.2; i=$((i + 1)); done
+    fi
 fi
 python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
-.venv/bin/pip install -q -e '.[test]'
+.venv/bin/pip install -q -e '.[test,libvirt]'

@@ -1,0 +1,220 @@
+"""--connect end to end, against a libvirtd the tests start (tools/libvirtd.py --private).
+
+Two transports to one daemon: its UNIX socket (the qemu:///system driver,
+a local host: the cached images are uploaded) and TCP on 127.0.0.1 (a
+remote host to the launcher: it finds and mirrors that host's own kernel
+through libvirt, assuming no shared path).  The launcher runs from a
+directory libvirt's QEMU user can read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, SANDBOX, popen, run_tracked
+
+pytestmark = pytest.mark.vm
+
+
+@dataclass
+class Libvirtd:
+    work: Path
+    port: int
+    proc: subprocess.Popen[bytes]
+
+    @property
+    def local(self) -> str:
+        return f"qemu+unix:///system?socket={self.work}/run/libvirt-sock"
+
+    @property
+    def remote(self) -> str:
+        return f"qemu+tcp://127.0.0.1:{self.port}/system"
+
+    def domains(self) -> list[str]:
+        import libvirt
+
+        conn = libvirt.open(self.local)
+        try:
+            return [d.name() for d in conn.listAllDomains()]
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        shutil.rmtree(self.work, ignore_errors=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_libvirtd(*extra: str) -> Libvirtd:
+    for tool in ("libvirtd", "virtlogd", "unshare"):
+        if shutil.which(tool) is None:
+            pytest.fail(f"the libvirt tests need {tool} (setup.sh installs libvirt-daemon-system)")
+    work = Path(tempfile.mkdtemp(prefix="sandbox-libvirtd-"))
+    port = _free_port()
+    proc = subprocess.Popen(
+        ["unshare", "--mount", "--propagation", "private", sys.executable, str(REPO / "tools" / "libvirtd.py"), "--private", str(work), str(port), *extra],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    daemon = Libvirtd(work, port, proc)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if (work / "run" / "libvirt-sock").exists():
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    return daemon
+        if proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    log = (work / "daemons.log").read_text(errors="replace")[-2000:] if (work / "daemons.log").exists() else ""
+    daemon.stop()
+    pytest.fail(f"libvirtd did not come up: {log}")
+
+
+@pytest.fixture(scope="module")
+def libvirtd() -> Iterator[Libvirtd]:
+    daemon = start_libvirtd()
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+
+
+@pytest.fixture(autouse=True)
+def no_domain_left(request: pytest.FixtureRequest) -> Iterator[None]:
+    yield
+    if "libvirtd" in request.fixturenames:
+        daemon = request.getfixturevalue("libvirtd")
+        assert daemon.domains() == [], "a domain outlived its sandbox"
+
+
+@pytest.fixture(scope="module")
+def where() -> Iterator[tuple[Path, dict[str, str]]]:
+    """A working directory and home that libvirt's QEMU user can read."""
+    base = Path(tempfile.mkdtemp(prefix="sandbox-lv-user-"))
+    base.chmod(0o755)
+    (base / "home").mkdir(mode=0o755)
+    env = dict(os.environ, HOME=str(base / "home"), XDG_CACHE_HOME=os.environ.get("XDG_CACHE_HOME", str(Path.home() / ".cache")))
+    env.pop("SANDBOX_CONNECT", None)
+    try:
+        yield base, env
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def lv_run(where: tuple[Path, dict[str, str]], uri: str, *args: str, input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+    cwd, env = where
+    return run_tracked([*SANDBOX, "run", "--connect", uri, *args], input=input, env=env, cwd=cwd, timeout=240)
+
+
+STREAMS = "cat; echo to-stderr >&2; touch /usr/sandbox-x 2>/dev/null && echo writable >&2 || echo read-only >&2; exit 7"
+
+
+def _check_streams(proc: subprocess.CompletedProcess[bytes], data: bytes) -> None:
+    assert proc.returncode == 7, proc.stderr.decode(errors="replace")
+    assert hashlib.sha256(proc.stdout).hexdigest() == hashlib.sha256(data).hexdigest()
+    assert proc.stderr.decode().splitlines()[:2] == ["to-stderr", "read-only"]
+
+
+def test_local_statuses_streams_and_a_read_only_root(libvirtd: Libvirtd, where: tuple[Path, dict[str, str]]) -> None:
+    data = os.urandom(1 << 20) + bytes(range(256)) * 64
+    _check_streams(lv_run(where, libvirtd.local, "--", "sh", "-c", STREAMS, input=data), data)
+    assert lv_run(where, libvirtd.local, "--", "sh", "-c", "kill -TERM $$").returncode == 128 + 15
+    # Empty stdin is an immediate EOF, not a hang.
+    assert lv_run(where, libvirtd.local, "--", "wc", "-c", input=b"").stdout.strip() == b"0"
+
+
+def test_through_qemu_system_as_users_write_it(where: tuple[Path, dict[str, str]]) -> None:
+    """The host's own libvirtd (setup.sh starts it), by its plain URI."""
+    if not Path("/run/libvirt/libvirt-sock").exists():
+        pytest.fail("no libvirtd on this host: setup.sh starts one (tools/libvirtd.py --background)")
+    data = os.urandom(200_000)
+    _check_streams(lv_run(where, "qemu:///system", "--", "sh", "-c", STREAMS, input=data), data)
+
+
+def test_remote_transport_uses_the_hosts_own_kernel_and_times_itself(libvirtd: Libvirtd, where: tuple[Path, dict[str, str]]) -> None:
+    data = os.urandom(300_000)
+    proc = lv_run(where, libvirtd.remote, "--timings=json", "--", "sh", "-c", STREAMS, input=data)
+    _check_streams(proc, data)
+    timing = json.loads(proc.stderr[proc.stderr.index(b"{") :])
+    assert timing["start"] == "cold, libvirt"
+    assert {"kernel", "command", "total"} <= set(timing["spans_ms"])
+    mirrors = list((Path(where[1]["XDG_CACHE_HOME"]) / "sandbox" / "remote").glob("*/boot/vmlinuz-*"))
+    assert mirrors, "the remote host's kernel was not fetched through libvirt"
+    # The domain's UUID is in the audit trail.
+    audit = [json.loads(l) for l in run_tracked([*SANDBOX, "audit", "-n", "4"], env=where[1]).stdout.decode().splitlines()]
+    assert any(e.get("backend") == "libvirt" and e.get("domain_uuid") and e.get("uri") == libvirtd.remote for e in audit)
+
+
+def test_timeout_and_a_forwarded_ctrl_c(libvirtd: Libvirtd, where: tuple[Path, dict[str, str]]) -> None:
+    proc = lv_run(where, libvirtd.remote, "--timeout", "8", "--", "sleep", "100")
+    assert proc.returncode == 124 and b"timed out" in proc.stderr
+    cwd, env = where
+    p = popen([*SANDBOX, "run", "--connect", libvirtd.remote, "--", "sh", "-c", "echo ready; exec sleep 100"],
+              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=cwd)  # fmt: skip
+    assert p.stdout is not None and p.stdout.readline() == b"ready\n"
+    p.send_signal(signal.SIGINT)
+    assert p.wait(60) == 128 + signal.SIGINT
+
+
+def test_a_killed_launcher_leaves_no_domain(libvirtd: Libvirtd, where: tuple[Path, dict[str, str]]) -> None:
+    cwd, env = where
+    p = popen([*SANDBOX, "run", "--connect", libvirtd.remote, "--", "sh", "-c", "echo ready; exec sleep 100"],
+              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, cwd=cwd)  # fmt: skip
+    assert p.stdout is not None and p.stdout.readline() == b"ready\n"
+    assert len(libvirtd.domains()) == 1
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    deadline = time.monotonic() + 20
+    while libvirtd.domains() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert libvirtd.domains() == []  # AUTODESTROY: gone with the connection
+    # Its runtime dir is the next run's to reclaim (as with the direct backend).
+    assert lv_run(where, libvirtd.local, "--", "true").returncode == 0
+    assert not list(Path("/run/sandbox").glob(f"run-{p.pid}-*"))
+
+
+def _one_line(proc: subprocess.CompletedProcess[bytes], expect: str) -> None:
+    err = proc.stderr.decode()
+    assert proc.returncode == 125, err
+    assert expect in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_errors_are_one_line(libvirtd: Libvirtd, where: tuple[Path, dict[str, str]]) -> None:
+    _one_line(lv_run(where, f"qemu+tcp://127.0.0.1:{_free_port()}/system", "--", "true"), "cannot reach libvirtd")
+    _one_line(lv_run(where, "nonsense", "--", "true"), "--connect nonsense: not a libvirt URI")
+    _one_line(lv_run(where, libvirtd.local, "--cpu-model", "no-such-cpu", "--", "true"), "libvirt refused the domain:")
+    _one_line(lv_run(where, libvirtd.local, "--net", "user", "--", "true"), "--net with --connect: not supported yet")
+
+
+def test_a_remote_host_without_a_kernel(where: tuple[Path, dict[str, str]]) -> None:
+    daemon = start_libvirtd("--empty-boot")
+    try:
+        _one_line(lv_run(where, daemon.remote, "--", "true"), "has no usable kernel in /boot")
+        assert daemon.domains() == []
+    finally:
+        daemon.stop()
