@@ -11,6 +11,7 @@ import socket
 from dataclasses import dataclass
 from typing import Protocol
 
+from . import protocol
 from .errors import MachineError
 
 
@@ -25,6 +26,19 @@ class Channels:
     console: socket.socket  # the guest's serial console (log only)
     x11: socket.socket | None = None
     exec: socket.socket | None = None  # `sandbox exec` processes (sandbox/execs.py)
+
+    @classmethod
+    def of_ports(cls, ports: dict[int, socket.socket], console: socket.socket, x11: bool) -> Channels:
+        """The channels from the launcher's ends of the guest's ports (protocol.PORT_*)."""
+        return cls(
+            control=ports[protocol.PORT_CONTROL],
+            stdin=ports[protocol.PORT_STDIN],
+            stdout=ports[protocol.PORT_STDOUT],
+            stderr=ports[protocol.PORT_STDERR],
+            console=console,
+            x11=ports[protocol.PORT_X11] if x11 else None,
+            exec=ports.get(protocol.PORT_EXEC),
+        )
 
     def all(self) -> list[socket.socket]:
         return [s for s in (self.control, self.stdin, self.stdout, self.stderr, self.console, self.x11, self.exec) if s is not None]

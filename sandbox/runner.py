@@ -80,7 +80,7 @@ class RunOptions:
 class Started:
     """A machine runs the guest (for `sandbox list` and `info`)."""
 
-    qemu_pid: int
+    qemu_pid: int | None  # None: QEMU is libvirtd's, perhaps on another host
     accel: str
     kernel: str
     memory_mb: int
@@ -364,7 +364,7 @@ def boot_once(
         guest.wait_built(boot_timeout, attempt)
         if opts.on_started is not None:  # after the restore was set going: off its critical path
             opts.on_started(Started(
-                (guest.pids() or (0,))[-1], boot.accel, str(boot.kernel_image), boot.memory_mb, boot.cpus, timeline.start,
+                (guest.pids() or (None,))[-1], boot.accel, str(boot.kernel_image), boot.memory_mb, boot.cpus, timeline.start,
                 confinement.process_label or "" if confinement is not None else "",
                 ("/ (read-only)",) + tuple(f"{s.path} ({'read-only' if s.readonly else 'read-write'})" for s in boot.shares),
                 *(opts.x11.xtest_target() if opts.x11 is not None else (None, "")),
@@ -548,7 +548,7 @@ def run(opts: RunOptions) -> RunResult:
     if opts.connect:
         from .libvirt.backend import LibvirtBackend, check_options
 
-        check_options(opts)
+        check_options(opts.connect, opts.x11 is not None, opts.net, bool(opts.shares or opts.home), opts.keyboard)
         backend = LibvirtBackend(opts.connect)
     try:
         return _run(opts, timeline, plan, cspec, net_request, backend)
@@ -560,7 +560,12 @@ def run(opts: RunOptions) -> RunResult:
 def _run(
     opts: RunOptions, timeline: Timeline, plan: mounts.Plan, cspec: protocol.CommandSpec, net_request: attachment.NetRequest, backend: Any
 ) -> RunResult:
-    prep = prepare(opts) if backend is None else backend.prepare(opts)
+    if backend is None:
+        prep = prepare(opts)
+    else:
+        on_host = backend.prepare(opts.accel, opts.machine, opts.kernel, opts.pvh)
+        cmdline = kernel_cmdline(on_host.accel, on_host.tsc_khz, opts.crypto_selftests, opts.verbose, opts.kernel_append, opts.tracefs)
+        prep = Prepared(on_host.accel, on_host.qemu, on_host.machine, on_host.kernel_image, on_host.pvh, on_host.initrd, cmdline, on_host.tsc_khz)
     timeline.tsc_khz = prep.tsc_khz
     # --timeout counts from the launcher's start (as `timeout sandbox run` would), across retries.
     started = timeline.host.get("launcher_start", monotonic_boottime())

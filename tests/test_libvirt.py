@@ -211,10 +211,15 @@ def test_errors_are_one_line(libvirtd: Libvirtd, where: tuple[Path, dict[str, st
     _one_line(lv_run(where, libvirtd.local, "--net", "user", "--", "true"), "--net with --connect: not supported yet")
 
 
-def test_a_remote_host_without_a_kernel(where: tuple[Path, dict[str, str]]) -> None:
+def test_a_remote_host_without_a_kernel_and_one_that_refuses_us(where: tuple[Path, dict[str, str]]) -> None:
     daemon = start_libvirtd("--empty-boot")
     try:
         _one_line(lv_run(where, daemon.remote, "--", "true"), "has no usable kernel in /boot")
         assert daemon.domains() == []
+    finally:
+        daemon.stop()
+    daemon = start_libvirtd("--auth-sasl")
+    try:
+        _one_line(lv_run(where, daemon.remote, "--", "true"), f"--connect {daemon.remote}: authentication refused (authentication failed)")
     finally:
         daemon.stop()

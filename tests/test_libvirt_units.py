@@ -10,7 +10,6 @@ from sandbox import protocol
 from sandbox.errors import UsageError
 from sandbox.libvirt.backend import check_options, connect_uri
 from sandbox.libvirt.domain import DomainSpec, domain_xml
-from sandbox.runner import RunOptions
 
 SPEC = DomainSpec(
     name="sandbox-abc", uuid="8b2f5a52-5f9e-4a53-9a55-4f2c1f0e7d11", accel="tcg", machine="microvm",
@@ -78,10 +77,12 @@ def test_connect_comes_from_the_option_then_the_environment() -> None:
     [
         ({"net": "user"}, "--net with --connect"),
         ({"keyboard": True}, "--keyboard with --connect"),
-        ({"connect": "not a uri"}, "--connect not a uri: not a libvirt URI"),
+        ({"x11": True}, "--x11 with --connect"),
+        ({"shares": True}, "--share/--home with --connect"),
+        ({"uri": "not a uri"}, "--connect not a uri: not a libvirt URI"),
     ],
 )
 def test_what_connect_cannot_do_is_one_line(kw: dict[str, object], message: str) -> None:
-    opts = RunOptions(argv=("true",), **{"connect": "qemu:///system", **kw})  # type: ignore[arg-type]
+    args: dict[str, object] = {"uri": "qemu:///system", "x11": False, "net": "none", "shares": False, "keyboard": False, **kw}
     with pytest.raises(UsageError, match=message):
-        check_options(opts)
+        check_options(**args)  # type: ignore[arg-type]

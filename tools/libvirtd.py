@@ -3,14 +3,15 @@
 
     tools/libvirtd.py --background
         The host's own daemons (qemu:///system), detached: what setup.sh runs.
-    unshare --mount --propagation private tools/libvirtd.py --private WORKDIR TCP_PORT [--empty-boot]
+    unshare --mount --propagation private tools/libvirtd.py --private WORKDIR TCP_PORT [--empty-boot] [--auth-sasl]
         A private one for the tests: in its own mount namespace it binds
         WORKDIR/{run,lib,cache,log,etc} over /run/libvirt, /var/lib/libvirt,
         /var/cache/libvirt, /var/log/libvirt and /etc/libvirt, so that it
         never meets the host's, and listens on TCP 127.0.0.1:TCP_PORT without
         auth.  Clients: qemu+unix:///system?socket=WORKDIR/run/libvirt-sock or
         qemu+tcp://127.0.0.1:TCP_PORT/system.  --empty-boot hides /boot (a
-        host with no kernel to offer).
+        host with no kernel to offer); --auth-sasl asks TCP clients for SASL
+        credentials (which nobody has: authentication refused).
 
 This process is the daemons' reaper (PR_SET_CHILD_SUBREAPER): the QEMUs
 libvirtd daemonizes are reaped at once, not by a slow PID 1 (which cost
@@ -33,7 +34,7 @@ MS_BIND = 4096
 BINDS = {"run": "/run/libvirt", "lib": "/var/lib/libvirt", "cache": "/var/cache/libvirt", "log": "/var/log/libvirt", "etc": "/etc/libvirt"}
 
 
-def private(work: Path, port: str, empty_boot: bool, libc: ctypes.CDLL) -> None:
+def private(work: Path, port: str, empty_boot: bool, sasl: bool, libc: ctypes.CDLL) -> None:
     if empty_boot:
         # A libvirt host without a kernel to offer (for the error's test).
         (work / "boot").mkdir(parents=True, exist_ok=True)
@@ -49,7 +50,7 @@ def private(work: Path, port: str, empty_boot: bool, libc: ctypes.CDLL) -> None:
             raise OSError(ctypes.get_errno(), f"bind {src} on {target}")
     Path("/var/lib/libvirt/qemu").mkdir(exist_ok=True)
     Path("/etc/libvirt/libvirtd.conf").write_text(
-        f'listen_tls = 0\nlisten_tcp = 1\ntcp_port = "{port}"\nlisten_addr = "127.0.0.1"\nauth_tcp = "none"\n'
+        f'listen_tls = 0\nlisten_tcp = 1\ntcp_port = "{port}"\nlisten_addr = "127.0.0.1"\nauth_tcp = "{"sasl" if sasl else "none"}"\n'
         'unix_sock_group = "root"\nunix_sock_rw_perms = "0700"\nauth_unix_rw = "none"\n'
     )
 
@@ -59,7 +60,7 @@ def main() -> int:
     libc = ctypes.CDLL(None, use_errno=True)
     if args[:1] == ["--private"]:
         work = Path(args[1])
-        private(work, args[2], "--empty-boot" in args, libc)
+        private(work, args[2], "--empty-boot" in args, "--auth-sasl" in args, libc)
         daemon_args = ["--listen", "--pid-file", str(work / "libvirtd.pid")]
         logd_args = ["--pid-file", str(work / "virtlogd.pid")]
     elif args == ["--background"]:

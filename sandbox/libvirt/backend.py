@@ -6,6 +6,7 @@ import logging
 import re
 import uuid
 import xml.etree.ElementTree as ET
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,7 +22,6 @@ from .guest import LibvirtGuest
 
 if TYPE_CHECKING:
     from ..confinement.walls import Confinement
-    from ..runner import Prepared, RunOptions
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,19 @@ def connect_uri(option: str | None, env: dict[str, str]) -> str | None:
     """--connect, else SANDBOX_CONNECT; None for the direct backend."""
     uri = option or env.get("SANDBOX_CONNECT") or None
     return uri
+
+
+@dataclass(frozen=True)
+class HostImages:
+    """What the libvirt host boots: paths there, and the accelerator and machine it offers."""
+
+    accel: str
+    qemu: host.QemuInfo
+    machine: str
+    kernel_image: Path
+    pvh: bool
+    initrd: Path
+    tsc_khz: int | None
 
 
 class LibvirtBackend:
@@ -72,29 +85,27 @@ class LibvirtBackend:
     def _microvm(self) -> bool:
         return any(m.text == "microvm" for m in self.caps.iter("machine"))
 
-    def prepare(self, opts: RunOptions) -> Prepared:
+    def prepare(self, accel_request: str | None, machine: str, kernel_path: Path | None, pvh: bool) -> HostImages:
         """Kernel and initramfs on the libvirt host (the remote's own kernel when remote)."""
-        from ..runner import Prepared, kernel_cmdline
-
-        accel = self._accel(config.accel(opts.accel))
-        machine = opts.machine if opts.machine != "auto" else ("microvm" if self._microvm() else "q35")
-        wanted = initramfs.wanted_modules(machine, opts.keyboard, net=False)
+        accel = self._accel(config.accel(accel_request))
+        if machine == "auto":
+            machine = "microvm" if self._microvm() else "q35"
+        wanted = initramfs.wanted_modules(machine)
         if self.remote:
-            if opts.kernel is not None:
+            if kernel_path is not None:
                 raise UsageError("--kernel with a remote --connect: the remote host's own kernel is used")
             kern = images.mirror_remote_kernel(self.conn, wanted)
         else:
-            kern = kernel.find_kernel(opts.kernel)
+            kern = kernel.find_kernel(kernel_path)
             kernel.ensure_readable(kern.image)
-        pvh = kernel.pvh_image(kern) if opts.pvh else None
+        pvh_image = kernel.pvh_image(kern) if pvh else None
         initrd = initramfs.cached(kern, init_binary(), wanted)
         pool = images.image_pool(self.conn)
-        image_on_host = images.upload(self.conn, pool, pvh or kern.image)
+        image_on_host = images.upload(self.conn, pool, pvh_image or kern.image)
         initrd_on_host = images.upload(self.conn, pool, initrd)
+        qemu = host.QemuInfo(path="", version=str(self.conn.getVersion()), microvm=machine == "microvm", seccomp=False)
         tsc = self._tsc_khz() if accel == "tcg" else None
-        cmdline = kernel_cmdline(accel, tsc, opts.crypto_selftests, opts.verbose, opts.kernel_append, opts.tracefs)
-        qemu = host.QemuInfo(path="", version=self.conn.getVersion().__str__(), microvm=machine == "microvm", seccomp=False)
-        return Prepared(accel, qemu, machine, Path(image_on_host), pvh is not None, Path(initrd_on_host), cmdline, tsc)
+        return HostImages(accel, qemu, machine, Path(image_on_host), pvh_image is not None, Path(initrd_on_host), tsc)
 
     def guest(self, boot: BootSpec, rundir: Path, timeline: Timeline, confinement: Confinement | None, verbose: int) -> LibvirtGuest:
         limits = confinement.limits if confinement is not None else None
@@ -124,15 +135,15 @@ class LibvirtBackend:
         return LibvirtGuest(self.conn, spec, rundir, timeline, verbose, command)
 
 
-def check_options(opts: RunOptions) -> None:
+def check_options(uri: str, x11: bool, net: str, shares: bool, keyboard: bool) -> None:
     """What --connect cannot do (yet), as one line each."""
-    if opts.x11 is not None:
+    if x11:
         raise UsageError("--x11 with --connect: not supported (the display would be on the libvirt host)")
-    if opts.net != "none":
+    if net != "none":
         raise UsageError("--net with --connect: not supported yet (use libvirt's own networks)")
-    if opts.shares or opts.home is not None:
+    if shares:
         raise UsageError("--share/--home with --connect: not supported yet (the paths would be the libvirt host's)")
-    if opts.keyboard:
+    if keyboard:
         raise UsageError("--keyboard with --connect: not supported (use virsh send-key on the domain)")
-    if not re.fullmatch(r"[a-z0-9+]+://[^\s]*", opts.connect or ""):
-        raise UsageError(f"--connect {opts.connect}: not a libvirt URI (e.g. qemu:///system, qemu+ssh://host/system)")
+    if not re.fullmatch(r"[a-z0-9+]+://[^\s]*", uri):
+        raise UsageError(f"--connect {uri}: not a libvirt URI (e.g. qemu:///system, qemu+ssh://host/system)")

@@ -63,8 +63,11 @@ def open_connection(uri: str) -> libvirt.virConnect:
         conn = lv.open(uri)
     except lv.libvirtError as exc:
         text = message(exc)
-        if "authentication" in text.lower() or "auth" in text.lower() and "fail" in text.lower():
-            raise LibvirtError(f"--connect {uri}: authentication refused: {text}") from None
+        head, _, tail = text.partition(": ")
+        if head == tail:  # libvirt says some things twice ("authentication failed: authentication failed")
+            text = head
+        if "authentication" in text.lower():
+            raise LibvirtError(f"--connect {uri}: authentication refused ({text})") from None
         raise LibvirtError(f"--connect {uri}: cannot reach libvirtd: {text}") from None
     if conn is None:
         raise LibvirtError(f"--connect {uri}: cannot reach libvirtd")

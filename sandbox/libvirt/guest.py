@@ -295,15 +295,7 @@ class LibvirtGuest:
             self.bridges.append(StreamBridge(stream, console[1], "console"))
         except lv.libvirtError as exc:
             raise LibvirtError(f"cannot open the domain's channels: {message(exc)}") from None
-        self.channels = Channels(
-            control=ports[protocol.PORT_CONTROL][0],
-            stdin=ports[protocol.PORT_STDIN][0],
-            stdout=ports[protocol.PORT_STDOUT][0],
-            stderr=ports[protocol.PORT_STDERR][0],
-            console=console[0],
-            x11=None,
-            exec=ports[protocol.PORT_EXEC][0] if protocol.PORT_EXEC in ports else None,
-        )
+        self.channels = Channels.of_ports({n: pair[0] for n, pair in ports.items()}, console[0], x11=False)
         try:
             self.dom.resume()
         except lv.libvirtError as exc:

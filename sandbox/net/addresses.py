@@ -65,14 +65,21 @@ def ula_prefix(random: bytes) -> IPv6Network:
     return IPv6Network((value, 64))
 
 
-def parse_ipv6_prefix(text: str) -> IPv6Network:
-    """A /64 for a virtual network; anything else is a clear error."""
+def _network(text: str, flag: str, version: int) -> Network:
+    kind = "an IPv6 prefix" if version == 6 else "an IPv4 network"
     try:
         net = ipaddress.ip_network(text, strict=True)
     except ValueError as exc:
-        raise UsageError(f"--ipv6 {text}: not an IPv6 prefix ({exc})") from None
-    if not isinstance(net, IPv6Network):
-        raise UsageError(f"--ipv6 {text}: not an IPv6 prefix")
+        raise UsageError(f"{flag} {text}: not {kind} ({exc})") from None
+    if net.version != version:
+        raise UsageError(f"{flag} {text}: not {kind}")
+    return net
+
+
+def parse_ipv6_prefix(text: str) -> IPv6Network:
+    """A /64 for a virtual network; anything else is a clear error."""
+    net = _network(text, "--ipv6", 6)
+    assert isinstance(net, IPv6Network)
     if net.prefixlen != 64:
         raise UsageError(f"--ipv6 {text}: a virtual network needs a /64 (SLAAC forms addresses only in a /64)")
     if net.is_link_local or net.is_multicast or net.is_loopback:
@@ -82,12 +89,8 @@ def parse_ipv6_prefix(text: str) -> IPv6Network:
 
 def parse_ipv4_net(text: str) -> IPv4Network:
     """A private IPv4 network of at least 4 addresses (the bridge takes the first host address)."""
-    try:
-        net = ipaddress.ip_network(text, strict=True)
-    except ValueError as exc:
-        raise UsageError(f"--ipv4 {text}: not an IPv4 network ({exc})") from None
-    if not isinstance(net, IPv4Network):
-        raise UsageError(f"--ipv4 {text}: not an IPv4 network")
+    net = _network(text, "--ipv4", 4)
+    assert isinstance(net, IPv4Network)
     if not 8 <= net.prefixlen <= 29:
         raise UsageError(f"--ipv4 {text}: the prefix length must be between 8 and 29")
     if not net.is_private:

@@ -271,15 +271,7 @@ class DirectGuest:
         boot = self.boot
         ports = {n: self._pair() for n in PORTS}
         console, monitor = self._pair(), self._pair()
-        self.channels = Channels(
-            control=ports[protocol.PORT_CONTROL][0],
-            stdin=ports[protocol.PORT_STDIN][0],
-            stdout=ports[protocol.PORT_STDOUT][0],
-            stderr=ports[protocol.PORT_STDERR][0],
-            console=console[0],
-            x11=ports[protocol.PORT_X11][0] if boot.x11 else None,
-            exec=ports[protocol.PORT_EXEC][0],
-        )
+        self.channels = Channels.of_ports({n: pair[0] for n, pair in ports.items()}, console[0], boot.x11)
         # Kernel and initramfs go to QEMU as open files: a QEMU that runs as
         # another uid, in another mount namespace, needs no path to our cache.
         # For a cold boot a PVH kernel goes as a private copy the launcher can
