@@ -49,7 +49,11 @@ class Channels:
 
 
 class Guest(Protocol):
-    """A started machine running the guest init."""
+    """A started machine running the guest init.
+
+    A backend whose ports cannot be half-closed sets `half_close = False`:
+    the relay then tells the guest where stdin ends on the control port.
+    """
 
     channels: Channels
 

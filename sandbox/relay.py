@@ -489,8 +489,10 @@ class Relay:
             sock.shutdown(socket.SHUT_WR)
         except OSError:
             pass
-        # Said on the control port too (after the spec): a libvirt stream
-        # cannot be half-closed.
+        # A backend whose ports cannot be half-closed (libvirt's streams)
+        # says it on the control port instead (after the spec).
+        if getattr(self.guest, "half_close", True):
+            return
         if self.spec_sent:
             self._send_ctl(protocol.stdin_end_message(self.stdin_sent))
         else:

@@ -430,11 +430,6 @@ def template_store(opts: RunOptions, prep: Prepared, boot: BootSpec) -> template
     """Where this run's template lives, or None when this run boots cold whatever there is."""
     if not opts.warm or opts.verbose >= 2:  # -vv asks for the boot log: there must be a boot
         return None
-    if opts.x11 is not None:
-        # Known gap: after a restore, about one X client in three started
-        # at the same instant fails to connect (seen in the X11 tests, never
-        # after a cold boot); until that is understood, X11 runs boot cold.
-        return None
     identities = {
         "qemu": f"{cache.file_identity(Path(prep.qemu.path))}:{prep.qemu.version}",
         "kernel": cache.file_identity(prep.kernel_image),

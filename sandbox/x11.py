@@ -133,7 +133,11 @@ class X11Session:
         r, w = os.pipe()
         # Display numbers are chosen by Xephyr itself (-displayfd): no race
         # with other servers.  -nolisten tcp: a local socket only.
-        argv = [self.program, "-displayfd", str(w), "-auth", str(auth), "-nolisten", "tcp",
+        # -noreset: an X server resets when its last client leaves, and
+        # closes what connects meanwhile; our readiness probe was such a last
+        # client, and the app's first connection failed ("Can't open
+        # display") in about one run in seven.
+        argv = [self.program, "-displayfd", str(w), "-auth", str(auth), "-nolisten", "tcp", "-noreset",
                 "-screen", self.size, "-title", title, "-no-host-grab", "-resizeable"]  # fmt: skip
         placeholder = xauth_entry(0, self.cookie, socket.gethostname().encode())
         auth.write_bytes(placeholder)

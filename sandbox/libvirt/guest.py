@@ -187,6 +187,10 @@ class LibvirtGuest:
 
     # ---- backend.Guest -----------------------------------------------------
 
+    # A stream's end closes QEMU's socket, a hang-up that drops what is still
+    # queued: stdin's EOF goes on the control port ("I <bytes>") instead.
+    half_close = False
+
     @property
     def end_fd(self) -> int:
         return self._end_r
