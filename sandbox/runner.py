@@ -582,9 +582,11 @@ def _run(
             cspec = replace(cspec, net=att.guest)
             nic = qemuargv.NetDevice(att.kind, att.fd, att.guest.mac)
 
-            def net_wired() -> None:
+            def wired() -> None:
                 att.wait()
                 timeline.stamp_host("net_attached", monotonic_boottime())
+
+            net_wired = wired
 
         boot = boot_spec(opts, prep, plan, nic)
         if backend is not None:

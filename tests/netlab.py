@@ -135,7 +135,7 @@ class Lab:
         self.radvd(self.up, "u1", LAN_PREFIX)
         self.daemon(
             self.up, "dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--port=0", "--interface=u1", "--bind-interfaces",
-            f"--dhcp-range=203.0.113.50,203.0.113.99,255.255.255.0,1h", f"--dhcp-leasefile={self.workdir / 'lan.leases'}",
+            "--dhcp-range=203.0.113.50,203.0.113.99,255.255.255.0,1h", f"--dhcp-leasefile={self.workdir / 'lan.leases'}",
             f"--pid-file={self.workdir / 'lan-dnsmasq.pid'}", "--dhcp-option=option:router,203.0.113.1",
         )  # fmt: skip
         self.daemon(self.up, sys.executable, "-c", HTTP_SERVER, str(HTTP_PORT))

@@ -159,21 +159,6 @@ def host_routes(ipr: IPRoute) -> list[Route]:
     return out
 
 
-def default_route_links(ipr: IPRoute, family: int) -> list[str]:
-    """Interfaces the default route of `family` goes through."""
-    names = {l["index"]: l.get_attr("IFLA_IFNAME") for l in ipr.get_links()}
-    out = []
-    for msg in ipr.get_routes(family=family, table=254):
-        if msg["dst_len"] == 0:
-            oif = msg.get_attr("RTA_OIF")
-            if oif is None:
-                for hop in msg.get_attr("RTA_MULTIPATH") or []:
-                    oif = hop["oif"]
-            if oif in names and names[oif] not in out:
-                out.append(names[oif])
-    return out
-
-
 def has_default_route(family: int) -> bool:
     """A default route in the main table, read from /proc (no netlink import)."""
     if family == 10:
