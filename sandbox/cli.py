@@ -344,6 +344,9 @@ def _prepare(args: argparse.Namespace) -> int:
     os.dup2(devnull, 0)
     os.close(devnull)
     opts = runner.RunOptions(argv=("true",), **options.values(args, options.VM), tty=False, verbose=args.verbose, confinement=confinement)
+    if opts.connect or os.environ.get("SANDBOX_CONNECT"):
+        print(runner.prepare_host(opts))  # no warm start through libvirt: the images are what there is to prepare
+        return 0
     found, built = runner.prepare_template(opts)
     m = found.manifest
     print(f"template {found.key} {'built' if built else 'ready'}: {m.ram_data_bytes / 2**20:.0f} MiB of guest RAM, "

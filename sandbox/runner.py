@@ -604,6 +604,21 @@ def exit_status(result: RunResult) -> int:
     return result.status if 0 <= result.status <= 255 else EXIT_LAUNCHER
 
 
+def prepare_host(opts: RunOptions) -> str:
+    """--connect: put this run's kernel and initramfs on the libvirt host now; what is there, in a line."""
+    from .libvirt.backend import LibvirtBackend, connect_uri
+
+    uri = connect_uri(opts.connect, dict(os.environ))
+    assert uri is not None
+    backend = LibvirtBackend(uri)
+    try:
+        on_host = backend.prepare(opts.accel, opts.machine, opts.kernel, opts.pvh)
+    finally:
+        backend.close()
+    where = "remote host, its own kernel" if backend.remote else "this host"
+    return f"libvirt {uri} ({where}): kernel {on_host.kernel_image}, initramfs {on_host.initrd}, {on_host.machine}, {on_host.accel}"
+
+
 def prepare_template(opts: RunOptions) -> tuple[template.Template, bool]:
     """The template `opts` would restore from, built now if there is none; (template, whether it was built)."""
     env = dict(opts.env) if opts.env is not None else dict(os.environ)

@@ -156,6 +156,24 @@ def test_through_qemu_system_as_users_write_it(where: tuple[Path, dict[str, str]
     _check_streams(lv_run(where, "qemu:///system", "--", "sh", "-c", STREAMS, input=data), data)
 
 
+def test_prepare_puts_the_images_on_the_host_ahead_of_the_first_run(libvirtd: Libvirtd, where: tuple[Path, dict[str, str]]) -> None:
+    cwd, env = where
+    proc = run_tracked([*SANDBOX, "prepare", "--connect", libvirtd.remote], env=env, cwd=cwd, timeout=240)
+    out = proc.stdout.decode()
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert "(remote host, its own kernel)" in out and "/var/lib/libvirt/images/sandbox/" in out
+    # They are volumes of the host's `sandbox` pool, as libvirt sees them.
+    import libvirt
+
+    conn = libvirt.open(libvirtd.local)
+    try:
+        names = {v.name() for v in conn.storagePoolLookupByName("sandbox").listAllVolumes()}
+    finally:
+        conn.close()
+    assert any(n.startswith("initramfs-") and not n.endswith(".complete") for n in names)
+    assert any(n.endswith(".complete") for n in names)
+
+
 def test_remote_transport_uses_the_hosts_own_kernel_and_times_itself(libvirtd: Libvirtd, where: tuple[Path, dict[str, str]]) -> None:
     data = os.urandom(300_000)
     proc = lv_run(where, libvirtd.remote, "--timings=json", "--", "sh", "-c", STREAMS, input=data)
