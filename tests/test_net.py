@@ -97,6 +97,22 @@ def test_net_user_reaches_the_upstream_over_ipv4_and_ipv6(lab: netlab.Lab, nobod
     assert ok(proc).strip() == str(lab.host6)
 
 
+def test_passt_goes_with_a_killed_launcher(lab: netlab.Lab) -> None:
+    p = popen(lab.ns(lab.host, *SANDBOX, "run", "--net", "user", "--", "sh", "-c", "echo ready; exec sleep 100"),
+              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=_env(lab))  # fmt: skip
+    assert p.stdout is not None and p.stdout.readline() == b"ready\n"
+    children = Path(f"/proc/{p.pid}/task/{p.pid}/children").read_text().split()
+    passt = [int(c) for c in children if Path(f"/proc/{c}/comm").read_text().startswith("passt")]  # passt.avx2 too
+    assert len(passt) == 1
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    # Its socket's other end closed with QEMU and the launcher: passt quits (--one-off).
+    lab.wait_for(lambda: not Path(f"/proc/{passt[0]}").exists() or "Z" in Path(f"/proc/{passt[0]}/stat").read_text().split()[2], "passt to go", 20)
+    # The launcher's runtime dir is the next run's to reclaim.
+    ok(sandbox_in(lab, lab.host, "run", "--net", "user", "--", "true"))
+    assert not list(Path("/run/sandbox").glob(f"run-{p.pid}-*"))
+
+
 def test_net_nat_nats_ipv4_routes_ipv6_and_walls_off_the_host(lab: netlab.Lab, routed: str) -> None:
     mac = "52:54:00:00:0b:01"
     # Something of the host's own that the guest must not reach, on its upstream and bridge addresses.
