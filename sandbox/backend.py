@@ -49,13 +49,12 @@ class Channels:
 
 
 class Guest(Protocol):
-    """A started machine running the guest init.
-
-    A backend whose ports cannot be half-closed sets `half_close = False`:
-    the relay then tells the guest where stdin ends on the control port.
-    """
+    """A started machine running the guest init."""
 
     channels: Channels
+    # False for a backend whose ports cannot be half-closed (libvirt's
+    # streams): the relay then tells the guest where stdin ends.
+    half_close: bool
 
     @property
     def end_fd(self) -> int:
@@ -97,6 +96,14 @@ class Guest(Protocol):
 
     def peak_rss_kb(self) -> int | None:
         """The machine's peak resident memory so far, read while it runs."""
+        ...
+
+    def wait_built(self, timeout: float, attempt: int) -> None:
+        """Return once the machine is built (raise BootStallError if it never gets there)."""
+        ...
+
+    def explain(self, fatal: str) -> str:
+        """A hint to add to the guest's set-up failure when it is this backend's doing ("" if none)."""
         ...
 
     def failure(self, message: str) -> MachineError:

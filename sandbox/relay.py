@@ -174,7 +174,6 @@ class Relay:
         self.broken = {"stdout": False, "stderr": False}
         self.stdin_buf = b""
         self.stdin_sent = 0  # bytes of stdin handed to the guest's port
-        self.stdin_end_pending = False
         self.stdin_open = True
         self.stdin_registered = False
         self.console_log: BinaryIO | None = None
@@ -328,8 +327,6 @@ class Relay:
                 if request is None:
                     self.spec_sent = True
                 self._send_ctl(request if request is not None else self.spec_message)
-                if self.spec_sent and self.stdin_end_pending:
-                    self._send_ctl(protocol.stdin_end_message(self.stdin_sent))
             elif msg.phase == "spec_read":
                 self._send_ctl(protocol.clock_message(time.time_ns()))
             if msg.phase == "command_exec" and self.state is State.BOOTING:
@@ -490,13 +487,10 @@ class Relay:
         except OSError:
             pass
         # A backend whose ports cannot be half-closed (libvirt's streams)
-        # says it on the control port instead (after the spec).
-        if getattr(self.guest, "half_close", True):
-            return
-        if self.spec_sent:
+        # says it on the control port instead.  Stdin is read only once the
+        # command runs, so the spec has gone before this.
+        if not self.guest.half_close:
             self._send_ctl(protocol.stdin_end_message(self.stdin_sent))
-        else:
-            self.stdin_end_pending = True
 
     # ---- signals and deadlines ---------------------------------------------
 

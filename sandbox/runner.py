@@ -12,18 +12,21 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 from . import cache, config, diagnostics, host, initramfs, kernel, mounts, protocol, runtime
 from .errors import EXIT_LAUNCHER, BootStallError, MachineError, SandboxError, TimeoutExpired, UsageError
 from .guestinit import init_binary
-from .net import attachment
+from .libvirt import connect_uri
 from .qemu import argv as qemuargv
 from .qemu import template
+from .backend import Guest
 from .qemu.backend import BootSpec, DirectGuest, WarmStart, template_argv
 from .relay import End, Relay
 from .timings import Timeline, monotonic_boottime
 
 if TYPE_CHECKING:
+    from .net.attachment import NetRequest
     from .confinement.walls import Confinement
     from .x11 import X11Session
 
@@ -345,7 +348,7 @@ def boot_once(
     warm: WarmStart | None = None,
     builder: template.Builder | None = None,
     net_wired: Callable[[], None] = lambda: None,
-    make_guest: Callable[[], Any] | None = None,
+    make_guest: Callable[[], AbstractContextManager[Guest]] | None = None,
 ) -> RunResult:
     """One boot (or restore) of the VM; raises BootStallError if it stalls before the command starts.
 
@@ -405,8 +408,7 @@ def boot_once(
         if outcome.end is End.TIMEOUT:
             raise TimeoutExpired("the command timed out; the VM was killed")
         if outcome.fatal is not None:
-            explain = getattr(guest, "explain", None)  # a backend's hint about its own walls
-            raise SandboxError(f"cannot set up the sandbox: {outcome.fatal}{explain(outcome.fatal) if explain else ''}")
+            raise SandboxError(f"cannot set up the sandbox: {outcome.fatal}{guest.explain(outcome.fatal)}")
         if outcome.status is None:
             panic = _panic_line(rundir / "console.log")
             raise guest.failure(f"guest kernel panic ({panic})" if panic else "guest stopped before reporting a status")
@@ -535,10 +537,12 @@ def run(opts: RunOptions) -> RunResult:
     cwd = opts.cwd or working_directory()
     plan = mount_plan(opts, home, cwd)
     cspec = command_spec(opts, tty_mask(opts.tty), plan, home, cwd, env)
-    net_request = attachment.parse(opts.net, opts.mac)
-    backend = None
-    from .libvirt.backend import connect_uri
+    net_request = None
+    if opts.net != "none" or opts.mac is not None:  # sandbox.net costs ~10 ms to import
+        from .net import attachment
 
+        net_request = attachment.parse(opts.net, opts.mac)
+    backend = None
     opts = replace(opts, connect=connect_uri(opts.connect, dict(os.environ)))
     if opts.connect:
         from .libvirt.backend import LibvirtBackend, check_options
@@ -553,7 +557,7 @@ def run(opts: RunOptions) -> RunResult:
 
 
 def _run(
-    opts: RunOptions, timeline: Timeline, plan: mounts.Plan, cspec: protocol.CommandSpec, net_request: attachment.NetRequest, backend: Any
+    opts: RunOptions, timeline: Timeline, plan: mounts.Plan, cspec: protocol.CommandSpec, net_request: NetRequest | None, backend: Any
 ) -> RunResult:
     if backend is None:
         prep = prepare(opts)
@@ -575,9 +579,12 @@ def _run(
             opts.x11.start(f"sandbox: {' '.join(opts.argv)} [{label or 'unlabelled'}]")
         nic = None
         net_wired: Callable[[], None] = lambda: None
-        if net_request.mode != "none":
+        att = None
+        if net_request is not None:
+            from .net import attachment
+
             timeline.stamp_host("net_attach", monotonic_boottime())
-        att = stack.enter_context(attachment.attach(net_request, rundir))
+            att = stack.enter_context(attachment.attach(net_request, rundir))
         if att is not None:
             cspec = replace(cspec, net=att.guest)
             nic = qemuargv.NetDevice(att.kind, att.fd, att.guest.mac)
@@ -606,7 +613,7 @@ def exit_status(result: RunResult) -> int:
 
 def prepare_host(opts: RunOptions) -> str:
     """--connect: put this run's kernel and initramfs on the libvirt host now; what is there, in a line."""
-    from .libvirt.backend import LibvirtBackend, connect_uri
+    from .libvirt.backend import LibvirtBackend
 
     uri = connect_uri(opts.connect, dict(os.environ))
     assert uri is not None
@@ -625,9 +632,11 @@ def prepare_template(opts: RunOptions) -> tuple[template.Template, bool]:
     home = user_home(env)
     cwd = opts.cwd or working_directory()
     prep = prepare(opts)
+    from .net import attachment
+
     req = attachment.parse(opts.net, opts.mac)
-    # The NIC's kind shapes the template; its descriptor and MAC do not.
-    nic = qemuargv.NetDevice("stream" if req.mode == "user" else "tap", 0, "52:54:00:00:00:00") if req.mode != "none" else None
+    # The NIC's kind shapes the template; template_argv makes its descriptor and MAC constant.
+    nic = qemuargv.NetDevice(req.nic_kind, 0, "") if req.nic_kind is not None else None
     boot = boot_spec(opts, prep, mount_plan(opts, home, cwd), nic)
     store = template_store(opts, prep, boot)
     if store is None:

@@ -8,7 +8,8 @@ import pytest
 
 from sandbox import protocol
 from sandbox.errors import UsageError
-from sandbox.libvirt.backend import check_options, connect_uri
+from sandbox.libvirt import connect_uri
+from sandbox.libvirt.backend import check_options
 from sandbox.libvirt.domain import DomainSpec, domain_xml
 
 SPEC = DomainSpec(

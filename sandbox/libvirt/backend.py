@@ -26,12 +26,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def connect_uri(option: str | None, env: dict[str, str]) -> str | None:
-    """--connect, else SANDBOX_CONNECT; None for the direct backend."""
-    uri = option or env.get("SANDBOX_CONNECT") or None
-    return uri
-
-
 @dataclass(frozen=True)
 class HostImages:
     """What the libvirt host boots: paths there, and the accelerator and machine it offers."""

@@ -32,6 +32,11 @@ class NetRequest:
     def label(self) -> str:
         return f"{self.mode}={self.name}" if self.name else self.mode
 
+    @property
+    def nic_kind(self) -> str | None:
+        """QEMU's -netdev type for this mode: passt's socket, or a tap."""
+        return {"none": None, "user": "stream"}.get(self.mode, "tap")
+
 
 def parse(value: str, mac: str | None = None) -> NetRequest:
     """--net's value: none, user, nat, nat=NAME or bridge=BRIDGE."""
@@ -65,7 +70,6 @@ class Attachment:
     kind: str  # "tap" or "stream" (QEMU's -netdev type)
     fd: int
     guest: GuestNet
-    tap: str | None = None
     wait: Callable[[], None] = lambda: None
 
 
@@ -132,7 +136,7 @@ def attach(req: NetRequest, rundir: Path) -> Iterator[Attachment | None]:
                     guest = GuestNet(
                         req.label, lease.mac, f"{lease.ipv4}/{net.ipv4.prefixlen}", str(net.gateway4), 1, (str(net.gateway4),), (), WAIT_MS
                     )
-                    yield Attachment("tap", fd, guest, tap, wiring.wait)
+                    yield Attachment("tap", fd, guest, wiring.wait)
                 finally:
                     wiring.thread.join()
             finally:
@@ -151,7 +155,7 @@ def attach(req: NetRequest, rundir: Path) -> Iterator[Attachment | None]:
             wiring = _Background(tap, req.name)
             try:
                 # The LAN's own servers configure it: DHCP for IPv4, its routers' RAs for IPv6.
-                yield Attachment("tap", fd, GuestNet(req.label, _mac(req), "dhcp", None, 2, (), (), WAIT_MS), tap, wiring.wait)
+                yield Attachment("tap", fd, GuestNet(req.label, _mac(req), "dhcp", None, 2, (), (), WAIT_MS), wiring.wait)
             finally:
                 wiring.thread.join()
         finally:

@@ -175,10 +175,15 @@ class DirectGuest:
 
     # ---- backend.Guest ---------------------------------------------------
 
+    half_close = True
+
     @property
     def end_fd(self) -> int:
         assert self.machine is not None
         return self.machine.pidfd
+
+    def explain(self, fatal: str) -> str:
+        return ""
 
     def reap(self) -> int | None:
         assert self.machine is not None
