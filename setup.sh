@@ -15,12 +15,9 @@ if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
     # paints through cairo, which Debian's package does not pull in.
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q xpra python3-gi-cairo
     # libvirt for --connect qemu:///system: without systemd nothing starts
-    # it; tools/libvirtd.py runs virtlogd and libvirtd under a reaper.
-    if ! [ -S /run/libvirt/libvirt-sock ]; then
-        python3 tools/libvirtd.py --background
-        i=0
-        while ! [ -S /run/libvirt/libvirt-sock ] && [ $i -lt 100 ]; do sleep 0.2; i=$((i + 1)); done
-    fi
+    # it; tools/libvirtd.py runs virtlogd and libvirtd under a reaper, unless
+    # one already answers (a stale socket file does not count).
+    python3 tools/libvirtd.py --ensure
 fi
 python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip

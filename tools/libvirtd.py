@@ -1,8 +1,13 @@
 #!/usr/bin/env python3
 """virtlogd and libvirtd on a machine without systemd, under a parent that reaps their children.
 
+    tools/libvirtd.py --ensure
+        The host's own daemons (qemu:///system): unless a libvirtd answers on
+        /run/libvirt/libvirt-sock, start them detached (as --background) and
+        wait until one answers.  What setup.sh runs.  A socket file alone
+        proves nothing: a daemon killed with its session leaves it behind.
     tools/libvirtd.py --background
-        The host's own daemons (qemu:///system), detached: what setup.sh runs.
+        The host's own daemons, detached, without waiting.
     unshare --mount --propagation private tools/libvirtd.py --private WORKDIR TCP_PORT [--empty-boot] [--auth-sasl]
         A private one for the tests: in its own mount namespace it binds
         WORKDIR/{run,lib,cache,log,etc} over /run/libvirt, /var/lib/libvirt,
@@ -24,6 +29,7 @@ import ctypes
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -31,6 +37,7 @@ from pathlib import Path
 
 PR_SET_CHILD_SUBREAPER = 36
 MS_BIND = 4096
+SYSTEM_SOCKET = "/run/libvirt/libvirt-sock"
 BINDS = {"run": "/run/libvirt", "lib": "/var/lib/libvirt", "cache": "/var/cache/libvirt", "log": "/var/log/libvirt", "etc": "/etc/libvirt"}
 
 
@@ -55,8 +62,34 @@ def private(work: Path, port: str, empty_boot: bool, sasl: bool, libc: ctypes.CD
     )
 
 
+def answers(path: str) -> bool:
+    """Whether a daemon accepts connections on the unix socket at path."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(2)
+        try:
+            sock.connect(path)
+        except OSError:
+            return False
+    return True
+
+
+def ensure() -> int:
+    if answers(SYSTEM_SOCKET):
+        return 0
+    subprocess.run([sys.executable, os.path.abspath(__file__), "--background"], check=True)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if answers(SYSTEM_SOCKET):
+            return 0
+        time.sleep(0.2)
+    sys.stderr.write(f"libvirtd did not answer on {SYSTEM_SOCKET} within 30 s: see /var/log/libvirt/daemons.log\n")
+    return 1
+
+
 def main() -> int:
     args = sys.argv[1:]
+    if args == ["--ensure"]:
+        return ensure()
     libc = ctypes.CDLL(None, use_errno=True)
     if args[:1] == ["--private"]:
         work = Path(args[1])
