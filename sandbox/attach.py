@@ -146,7 +146,7 @@ def taint_reasons(pid: int, desc: Described) -> tuple[str, ...]:
 
 
 def check_monitor(path: str) -> None:
-    """The QMP socket answers (qemu.qmp, as for our own QEMUs)."""
+    """The QMP socket answers (the same client as for our own QEMUs)."""
     from .qemu.monitor import Monitor
 
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

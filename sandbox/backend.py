@@ -90,6 +90,10 @@ class Guest(Protocol):
         """The forced stop, at once."""
         ...
 
+    def finish(self) -> None:
+        """The guest has said its last word (acked, synced, powering off): end the machine without waiting for it."""
+        ...
+
     def pids(self) -> tuple[int, ...]:
         """Host processes that make up the machine (for `info` and memory)."""
         ...

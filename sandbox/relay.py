@@ -329,6 +329,8 @@ class Relay:
                 self._send_ctl(request if request is not None else self.spec_message)
             elif msg.phase == "spec_read":
                 self._send_ctl(protocol.clock_message(time.time_ns()))
+            elif msg.phase == "poweroff" and self.acked:
+                self.guest.finish()
             if msg.phase == "command_exec" and self.state is State.BOOTING:
                 self.started = True
                 self.state = State.RUNNING

@@ -158,8 +158,11 @@ def test_closing_the_nested_window_ends_the_sandbox(desktop: str) -> None:
             run.proc.kill()
             run.proc.wait()
         print("launcher stderr:", "".join(run.stderr))  # shown when the test fails
-    # The app lost its display and got the hang-up: the sandbox is over.
-    assert status in (1, 128 + 1), "".join(run.stderr)
+    # The app lost its display and the sandbox is over: how the app dies
+    # depends on what it was doing when its connection went (reading:
+    # Xlib's I/O error, exit 1; writing: SIGPIPE, seen once in ~40 runs),
+    # or the hang-up.
+    assert status in (1, 128 + 1, 128 + 13), "".join(run.stderr)
 
 
 def test_the_guest_sees_nothing_of_the_host_desktop(desktop: str) -> None:

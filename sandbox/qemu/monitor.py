@@ -1,108 +1,131 @@
-"""QEMU's monitor (QMP) over an inherited socket, driven synchronously with every call bounded."""
+"""QEMU's monitor (QMP) over a connected socket: synchronous, every step bounded.
+
+QMP is a line of JSON each way: a greeting, `qmp_capabilities`, then one
+reply per command, with asynchronous events in between.  The launcher
+needs a handful of commands, one at a time (a restore's three, a quit, a
+key press).  qemu.qmp, the library this used before, is asyncio-only, and
+importing asyncio with it cost 100 ms of a 1.0 s warm `sandbox run`
+(measured, benchmarks/README.md); this client is the standard library's
+socket and json.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
-import signal
 import socket
+import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..errors import SandboxError
-from ..process import TERMINATING
-
-if TYPE_CHECKING:
-    import asyncio
 
 log = logging.getLogger(__name__)
 
+MAX_LINE = 1 << 20  # no reply we ask for is near this; a peer that sends more is not QEMU
+
+
+class MonitorError(SandboxError):
+    """QEMU answered a command with an error, or its monitor broke off."""
 
 
 class Monitor:
-    """One QMP session on `sock`, through qemu.qmp's client.
-
-    qemu.qmp's synchronous wrapper waits for the greeting and capabilities
-    reply without a bound, and a QEMU stuck before its main loop sends the
-    greeting but never the reply; here each step has a timeout.
-    """
+    """One QMP session on `sock` (connected; closing it stays the caller's job)."""
 
     def __init__(self, sock: socket.socket) -> None:
-        # Imported here, not at start-up: asyncio alone costs the launcher
-        # 15 ms, and by now QEMU is starting in parallel.
-        import asyncio
-
-        from qemu.qmp import QMPClient
-
         self.sock = sock
-        self.loop: asyncio.AbstractEventLoop = asyncio.new_event_loop()
-        self.client = QMPClient("sandbox")
         self.connected = False
+        self._buf = b""
+        self._next_id = 0
+        self._broken = False
 
-    def _run(self, coro: Any, timeout: float) -> Any:
-        """Run `coro` to completion or timeout; a terminating signal cancels it and is then re-raised.
-
-        A Python signal handler that raises inside the event loop's
-        callbacks is swallowed by asyncio (seen: a SIGTERM during start-up
-        was lost); so the loop catches those signals itself, and they are
-        delivered again to whatever handler was there once the loop is out
-        of the way.
-        """
-        import asyncio
-
-        task = self.loop.create_task(asyncio.wait_for(coro, timeout))
-        caught: list[int] = []
-
-        def on_signal(signo: int) -> None:
-            caught.append(signo)
-            task.cancel()
-
-        saved = {s: signal.getsignal(s) for s in TERMINATING}
-        wakeup = signal.set_wakeup_fd(-1)  # the relay's, if it runs: the loop sets its own
-        signal.set_wakeup_fd(wakeup, warn_on_full_buffer=False)
-        for s in TERMINATING:
-            self.loop.add_signal_handler(s, on_signal, s)
+    def _line(self, deadline: float) -> dict[str, Any]:
+        """The next JSON object QEMU sent; TimeoutError, or MonitorError on EOF or garbage."""
+        while b"\n" not in self._buf:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("QEMU's monitor did not answer in time")
+            self.sock.settimeout(remaining)
+            try:
+                chunk = self.sock.recv(65536)
+            except socket.timeout:
+                raise TimeoutError("QEMU's monitor did not answer in time") from None
+            if not chunk:
+                self._broken = True
+                raise MonitorError("QEMU's monitor closed")
+            self._buf += chunk
+            if len(self._buf) > MAX_LINE:
+                self._broken = True
+                raise MonitorError("QEMU's monitor sent an overlong line")
+        line, _, self._buf = self._buf.partition(b"\n")
         try:
-            return self.loop.run_until_complete(task)
-        finally:
-            for s, handler in saved.items():
-                self.loop.remove_signal_handler(s)
-                signal.signal(s, handler)
-            signal.set_wakeup_fd(wakeup, warn_on_full_buffer=False)
-            if caught:
-                signal.raise_signal(caught[0])
+            obj = json.loads(line)
+        except ValueError:
+            self._broken = True
+            raise MonitorError(f"QEMU's monitor sent something other than JSON: {line[:80]!r}") from None
+        if not isinstance(obj, dict):
+            self._broken = True
+            raise MonitorError(f"QEMU's monitor sent something other than an object: {line[:80]!r}")
+        return obj
+
+    def _send(self, command: str, arguments: Mapping[str, object] | None, fd: int | None = None) -> int:
+        self._next_id += 1
+        msg: dict[str, object] = {"execute": command, "id": self._next_id}
+        if arguments is not None:
+            msg["arguments"] = dict(arguments)
+        data = json.dumps(msg).encode() + b"\n"
+        self.sock.settimeout(None)
+        if fd is None:
+            self.sock.sendall(data)
+        else:
+            # The descriptor rides on the command's first byte (SCM_RIGHTS), as `getfd` expects.
+            sent = socket.send_fds(self.sock, [data], [fd])
+            self.sock.sendall(data[sent:])
+        return self._next_id
+
+    def _reply(self, ident: int, command: str, deadline: float) -> Any:
+        while True:
+            obj = self._line(deadline)
+            if "event" in obj:
+                log.debug("QMP event: %s", obj.get("event"))
+                continue
+            if obj.get("id") != ident:
+                continue  # a late reply to a command given up on
+            if "error" in obj:
+                err = obj["error"] if isinstance(obj["error"], dict) else {}
+                raise MonitorError(f"QMP {command}: {err.get('desc', obj['error'])}")
+            return obj.get("return")
 
     def connect(self, timeout: float) -> bool:
         """Greeting and capabilities negotiation; False if QEMU did not answer in time or went away."""
+        deadline = time.monotonic() + timeout
         try:
-            self._run(self.client.connect(self.sock), timeout)
-        except (SandboxError, KeyboardInterrupt):
-            raise  # a signal's own exception: the run ends
-        except Exception as exc:  # noqa: BLE001 - timeout, EOF or a protocol error all mean "not running"
+            greeting = self._line(deadline)
+            if "QMP" not in greeting:
+                raise MonitorError("no QMP greeting")
+            self._reply(self._send("qmp_capabilities", None), "qmp_capabilities", deadline)
+        except (TimeoutError, MonitorError, OSError) as exc:
             log.debug("QMP negotiation failed: %s", exc)
             return False
         self.connected = True
         return True
 
     def execute(self, command: str, timeout: float, arguments: Mapping[str, object] | None = None) -> Any:
-        """Run a QMP command; raises on error or timeout."""
+        """Run a QMP command and return its result; MonitorError on an error reply, TimeoutError after `timeout`."""
+        deadline = time.monotonic() + timeout
         if not self.connected and not self.connect(timeout):
-            raise ConnectionError("QEMU's monitor does not answer")
-        return self._run(self.client.execute(command, arguments), timeout)
+            raise MonitorError("QEMU's monitor does not answer")
+        if self._broken:
+            raise MonitorError("QEMU's monitor is out of step (an earlier reply was cut off)")
+        return self._reply(self._send(command, arguments), command, deadline)
 
     def send_fd(self, fd: int, name: str, timeout: float) -> None:
         """Hand QEMU a descriptor (SCM_RIGHTS), known to it from now on as `name`."""
+        deadline = time.monotonic() + timeout
         if not self.connected and not self.connect(timeout):
-            raise ConnectionError("QEMU's monitor does not answer")
-        self.client.send_fd_scm(fd)
-        self._run(self.client.execute("getfd", {"fdname": name}), timeout)
+            raise MonitorError("QEMU's monitor does not answer")
+        self._reply(self._send("getfd", {"fdname": name}, fd=fd), "getfd", deadline)
 
     def close(self) -> None:
-        try:
-            if self.connected:
-                self._run(self.client.disconnect(), 1.0)
-        except (SandboxError, KeyboardInterrupt):
-            raise  # a signal's own exception, re-delivered by _run
-        except Exception as exc:  # noqa: BLE001 - QEMU is gone; nothing left to tell it
-            log.debug("closing QMP: %s", exc)
-        finally:
-            self.loop.close()
+        """Forget the session; the socket is the caller's to close (QEMU sees EOF then)."""
+        self.connected = False
