@@ -40,103 +40,138 @@ def _add_confinement_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-confine", action="store_true", help="no namespaces, seccomp, uid change or cgroup")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _verb_parsers() -> dict[str, Callable[[Any], None]]:
+    """Each verb's sub-parser, added by its own function (a run builds only its own: argparse costs ~1 ms a verb)."""
+
+    def _add_run(sub: Any) -> None:
+        run = sub.add_parser("run", help="run one command in a fresh VM")
+        _add_vm_options(run)
+        run.add_argument("--timeout", type=options.positive, metavar="S", help="kill the VM after S seconds (exit 124)")
+        tty = run.add_mutually_exclusive_group()
+        tty.add_argument("-t", "--tty", dest="tty", action="store_const", const=True, default=None)
+        tty.add_argument("-T", "--no-tty", dest="tty", action="store_const", const=False)
+        fs = run.add_argument_group("files (default: the host's files, copy-on-write under /home, $HOME, /tmp and the cwd)")
+        fs.add_argument("--share", action="append", default=[], metavar="HOST[:GUEST][:ro|rw|cow]",
+                        help="show a host directory in the guest (default mode cow; \\: escapes a colon)")
+        fs.add_argument("--tmpfs", action="append", default=[], metavar="PATH[:SIZE]", help="an empty tmpfs at PATH")
+        fs.add_argument("--private", action="append", default=[], metavar="PATH",
+                        help="an empty private tmpfs instead of the host's files (e.g. /tmp or $HOME)")
+        fs.add_argument("--hide", action="append", default=[], metavar="PATH", help="hide PATH (relative: in the home) too")
+        fs.add_argument("--unhide", action="append", default=[], metavar="PATH", help="show a path hidden by default (e.g. .ssh)")
+        fs.add_argument("--home", type=Path, metavar="DIR", help="share DIR read-write as the home directory")
+        run.add_argument("--timings", nargs="?", const="text", choices=("text", "json"), help="print the phase breakdown")
+        run.add_argument("--x11", nargs="?", const="xephyr", choices=("xephyr", "xpra"), help="show X11 apps in a nested server")
+        run.add_argument("--x11-size", default="1024x768", metavar="WxH")
+        life = run.add_argument_group("naming (see sandbox list)")
+        life.add_argument("--name", metavar="NAME", help="name the sandbox (default: a generated one)")
+        life.add_argument("-d", "--detach", action="store_true", help="run in the background: stdin /dev/null, output to `sandbox logs`")
+        life.add_argument("--rm", action="store_true", help="forget a named or detached sandbox when it ends")
+        _add_confinement_options(run)
+        run.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
+
+    def _add_bench(sub: Any) -> None:
+        bench = sub.add_parser("bench", help="time many sandboxes, phase by phase")
+        _add_vm_options(bench)
+        bench.add_argument("--runs", type=int, default=10)
+        bench.add_argument("--warmup", type=int, default=1)
+        bench.add_argument("--json", type=Path, metavar="FILE", help="save the results as JSON")
+        bench.add_argument("--plot", type=Path, metavar="FILE.png", help="draw a stacked bar chart (needs matplotlib)")
+        bench.add_argument("--no-confine", action="store_true", help="measure without the confinement walls")
+        bench.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
+
+    def _add_prepare(sub: Any) -> None:
+        prepare = sub.add_parser("prepare", help="build the warm-start template now (otherwise the first run does)")
+        _add_vm_options(prepare)
+        _add_confinement_options(prepare)
+
+    def _add_list(sub: Any) -> None:
+        ls = sub.add_parser("list", help="running sandboxes (--all: exited ones too)")
+        ls.add_argument("-a", "--all", action="store_true")
+        ls.add_argument("--json", action="store_true")
+
+    def _add_info(sub: Any) -> None:
+        info = sub.add_parser("info", help="one sandbox in detail")
+        info.add_argument("name")
+        info.add_argument("--json", action="store_true")
+
+    def _add_logs(sub: Any) -> None:
+        logs = sub.add_parser("logs", help="a detached sandbox's output")
+        logs.add_argument("name")
+        logs.add_argument("-f", "--follow", action="store_true")
+
+    def _add_wait(sub: Any) -> None:
+        wait = sub.add_parser("wait", help="wait for a sandbox to end; exit with its status")
+        wait.add_argument("name")
+
+    def _add_stop(sub: Any) -> None:
+        stop = sub.add_parser("stop", help="signal the command (SIGTERM); power off after the grace period")
+        stop.add_argument("name")
+        stop.add_argument("-t", "--time", type=options.positive, default=10.0, metavar="S", help="grace period (default 10 s)")
+
+    def _add_kill(sub: Any) -> None:
+        kill = sub.add_parser("kill", help="end the sandbox's QEMU at once")
+        kill.add_argument("name")
+
+    def _add_send_key(sub: Any) -> None:
+        key = sub.add_parser("send-key", help="press keys in a sandbox's keyboard (as virsh send-key)")
+        key.add_argument("name")
+        key.add_argument("--codeset", default="linux", metavar="SET",
+                         help="linux (default), xt, xt_kbd, atset1, atset2, atset3, usb, win32, osx, qnum")  # fmt: skip
+        key.add_argument("--holdtime", type=int, default=100, metavar="MS", help="release after MS (default 100)")
+        key.add_argument("keys", nargs="+", metavar="KEY", help="codes (decimal or 0x) or names (linux, win32, osx)")
+
+    def _add_exec(sub: Any) -> None:
+        ex = sub.add_parser("exec", help="run another command in a running sandbox (as its user, in its environment)")
+        ex.add_argument("name")
+        ex.add_argument("-e", "--env", action="append", default=[], metavar="NAME=VALUE", help="add to the environment")
+        ex.add_argument("-w", "--workdir", metavar="DIR", help="default: the sandbox's working directory")
+        ex.add_argument("-t", "--tty", action="store_true", help="give the process a terminal (stdin, stdout and stderr on it)")
+        ex.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
+
+    def _add_attach(sub: Any) -> None:
+        attach = sub.add_parser("attach", help="adopt a QEMU launched by hand (it needs a QMP monitor on a UNIX socket)")
+        attach.add_argument("pid", type=int)
+        attach.add_argument("--name", metavar="NAME", help="default: its -name, else qemu-PID")
+
+    def _add_rm(sub: Any) -> None:
+        rm = sub.add_parser("rm", help="forget an exited sandbox (-f: kill a running one first)")
+        rm.add_argument("name", nargs="+")
+        rm.add_argument("-f", "--force", action="store_true")
+
+    def _add_net(sub: Any) -> None:
+        net = sub.add_parser("net", help="virtual networks for --net nat=NAME (root)")
+        nsub = net.add_subparsers(dest="net_verb", required=True, parser_class=_Parser)
+        create = nsub.add_parser("create", help="define a NAT'd network (it comes up on first use)")
+        create.add_argument("name")
+        create.add_argument("--ipv4", metavar="CIDR", help="a private IPv4 network (default: a free 10.213.N.0/24)")
+        create.add_argument("--ipv6", metavar="PREFIX/64", help="a /64, routed when global (default: a generated ULA /64)")
+        create.add_argument("--nat66", action="store_true", help="NAT the IPv6 prefix too (for a ULA prefix that is not routed)")
+        nls = nsub.add_parser("list", help="the networks")
+        nls.add_argument("--json", action="store_true")
+        ninfo = nsub.add_parser("info", help="one network and its sandboxes")
+        ninfo.add_argument("name")
+        ninfo.add_argument("--json", action="store_true")
+        ndestroy = nsub.add_parser("destroy", help="take a network down and forget it (refused while in use)")
+        ndestroy.add_argument("name")
+
+    def _add_audit(sub: Any) -> None:
+        audit = sub.add_parser("audit", help="show the last sandbox start/stop records")
+        audit.add_argument("-n", type=int, default=20, help="how many entries")
+
+    return {"run": _add_run, "bench": _add_bench, "prepare": _add_prepare, "list": _add_list, "info": _add_info, "logs": _add_logs, "wait": _add_wait, "stop": _add_stop, "kill": _add_kill, "send-key": _add_send_key, "exec": _add_exec, "attach": _add_attach, "rm": _add_rm, "net": _add_net, "audit": _add_audit}  # fmt: skip
+
+
+def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
+    """The command line's parser; with `verb`, only that verb's sub-parser (unknown verbs get them all)."""
     parser = _Parser(prog="sandbox", description="Run a command in a throw-away VM over the host's read-only root.")
     parser.add_argument("--version", action="version", version=f"sandbox {__version__}")
     sub = parser.add_subparsers(dest="verb", required=True, parser_class=_Parser)
 
-    run = sub.add_parser("run", help="run one command in a fresh VM")
-    _add_vm_options(run)
-    run.add_argument("--timeout", type=options.positive, metavar="S", help="kill the VM after S seconds (exit 124)")
-    tty = run.add_mutually_exclusive_group()
-    tty.add_argument("-t", "--tty", dest="tty", action="store_const", const=True, default=None)
-    tty.add_argument("-T", "--no-tty", dest="tty", action="store_const", const=False)
-    fs = run.add_argument_group("files (default: the host's files, copy-on-write under /home, $HOME, /tmp and the cwd)")
-    fs.add_argument("--share", action="append", default=[], metavar="HOST[:GUEST][:ro|rw|cow]",
-                    help="show a host directory in the guest (default mode cow; \\: escapes a colon)")
-    fs.add_argument("--tmpfs", action="append", default=[], metavar="PATH[:SIZE]", help="an empty tmpfs at PATH")
-    fs.add_argument("--private", action="append", default=[], metavar="PATH",
-                    help="an empty private tmpfs instead of the host's files (e.g. /tmp or $HOME)")
-    fs.add_argument("--hide", action="append", default=[], metavar="PATH", help="hide PATH (relative: in the home) too")
-    fs.add_argument("--unhide", action="append", default=[], metavar="PATH", help="show a path hidden by default (e.g. .ssh)")
-    fs.add_argument("--home", type=Path, metavar="DIR", help="share DIR read-write as the home directory")
-    run.add_argument("--timings", nargs="?", const="text", choices=("text", "json"), help="print the phase breakdown")
-    run.add_argument("--x11", nargs="?", const="xephyr", choices=("xephyr", "xpra"), help="show X11 apps in a nested server")
-    run.add_argument("--x11-size", default="1024x768", metavar="WxH")
-    life = run.add_argument_group("naming (see sandbox list)")
-    life.add_argument("--name", metavar="NAME", help="name the sandbox (default: a generated one)")
-    life.add_argument("-d", "--detach", action="store_true", help="run in the background: stdin /dev/null, output to `sandbox logs`")
-    life.add_argument("--rm", action="store_true", help="forget a named or detached sandbox when it ends")
-    _add_confinement_options(run)
-    run.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
-
-    bench = sub.add_parser("bench", help="time many sandboxes, phase by phase")
-    _add_vm_options(bench)
-    bench.add_argument("--runs", type=int, default=10)
-    bench.add_argument("--warmup", type=int, default=1)
-    bench.add_argument("--json", type=Path, metavar="FILE", help="save the results as JSON")
-    bench.add_argument("--plot", type=Path, metavar="FILE.png", help="draw a stacked bar chart (needs matplotlib)")
-    bench.add_argument("--no-confine", action="store_true", help="measure without the confinement walls")
-    bench.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
-
-    prepare = sub.add_parser("prepare", help="build the warm-start template now (otherwise the first run does)")
-    _add_vm_options(prepare)
-    _add_confinement_options(prepare)
-
-    ls = sub.add_parser("list", help="running sandboxes (--all: exited ones too)")
-    ls.add_argument("-a", "--all", action="store_true")
-    ls.add_argument("--json", action="store_true")
-    info = sub.add_parser("info", help="one sandbox in detail")
-    info.add_argument("name")
-    info.add_argument("--json", action="store_true")
-    logs = sub.add_parser("logs", help="a detached sandbox's output")
-    logs.add_argument("name")
-    logs.add_argument("-f", "--follow", action="store_true")
-    wait = sub.add_parser("wait", help="wait for a sandbox to end; exit with its status")
-    wait.add_argument("name")
-    stop = sub.add_parser("stop", help="signal the command (SIGTERM); power off after the grace period")
-    stop.add_argument("name")
-    stop.add_argument("-t", "--time", type=options.positive, default=10.0, metavar="S", help="grace period (default 10 s)")
-    kill = sub.add_parser("kill", help="end the sandbox's QEMU at once")
-    kill.add_argument("name")
-    key = sub.add_parser("send-key", help="press keys in a sandbox's keyboard (as virsh send-key)")
-    key.add_argument("name")
-    key.add_argument("--codeset", default="linux", metavar="SET",
-                     help="linux (default), xt, xt_kbd, atset1, atset2, atset3, usb, win32, osx, qnum")  # fmt: skip
-    key.add_argument("--holdtime", type=int, default=100, metavar="MS", help="release after MS (default 100)")
-    key.add_argument("keys", nargs="+", metavar="KEY", help="codes (decimal or 0x) or names (linux, win32, osx)")
-    ex = sub.add_parser("exec", help="run another command in a running sandbox (as its user, in its environment)")
-    ex.add_argument("name")
-    ex.add_argument("-e", "--env", action="append", default=[], metavar="NAME=VALUE", help="add to the environment")
-    ex.add_argument("-w", "--workdir", metavar="DIR", help="default: the sandbox's working directory")
-    ex.add_argument("-t", "--tty", action="store_true", help="give the process a terminal (stdin, stdout and stderr on it)")
-    ex.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
-    attach = sub.add_parser("attach", help="adopt a QEMU launched by hand (it needs a QMP monitor on a UNIX socket)")
-    attach.add_argument("pid", type=int)
-    attach.add_argument("--name", metavar="NAME", help="default: its -name, else qemu-PID")
-    rm = sub.add_parser("rm", help="forget an exited sandbox (-f: kill a running one first)")
-    rm.add_argument("name", nargs="+")
-    rm.add_argument("-f", "--force", action="store_true")
-
-    net = sub.add_parser("net", help="virtual networks for --net nat=NAME (root)")
-    nsub = net.add_subparsers(dest="net_verb", required=True, parser_class=_Parser)
-    create = nsub.add_parser("create", help="define a NAT'd network (it comes up on first use)")
-    create.add_argument("name")
-    create.add_argument("--ipv4", metavar="CIDR", help="a private IPv4 network (default: a free 10.213.N.0/24)")
-    create.add_argument("--ipv6", metavar="PREFIX/64", help="a /64, routed when global (default: a generated ULA /64)")
-    create.add_argument("--nat66", action="store_true", help="NAT the IPv6 prefix too (for a ULA prefix that is not routed)")
-    nls = nsub.add_parser("list", help="the networks")
-    nls.add_argument("--json", action="store_true")
-    ninfo = nsub.add_parser("info", help="one network and its sandboxes")
-    ninfo.add_argument("name")
-    ninfo.add_argument("--json", action="store_true")
-    ndestroy = nsub.add_parser("destroy", help="take a network down and forget it (refused while in use)")
-    ndestroy.add_argument("name")
-
-    audit = sub.add_parser("audit", help="show the last sandbox start/stop records")
-    audit.add_argument("-n", type=int, default=20, help="how many entries")
+    builders = _verb_parsers()
+    for name, add in builders.items():
+        if verb is None or verb not in builders or name == verb:
+            add(sub)
     return parser
-
 
 def _command(args: argparse.Namespace) -> tuple[str, ...]:
     cmd = list(args.command)
@@ -427,7 +462,8 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, _interrupt)
     verbose = 0
     try:
-        args = build_parser().parse_args(argv)
+        words = sys.argv[1:] if argv is None else argv
+        args = build_parser(words[0] if words and not words[0].startswith("-") else None).parse_args(argv)
         verbose = getattr(args, "verbose", 0)
         _setup_logging(verbose)
         handler = {
