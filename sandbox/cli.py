@@ -227,7 +227,7 @@ def _run(args: argparse.Namespace) -> int:
         confinement=confinement,
         x11=x11,
     )
-    from . import lifecycle, registry
+    from . import registry
 
     if args.detach and (args.tty or args.x11):
         raise UsageError("--detach runs without a terminal or display (drop -t / --x11)")
@@ -245,6 +245,8 @@ def _run(args: argparse.Namespace) -> int:
     if opts.keyboard:
         entry.update(keyboard=True)
     if args.detach:
+        from . import lifecycle
+
         return lifecycle.detach(entry, lambda: _report_errors(lambda: _finish_run(args, runner.run(opts)), args.verbose), ready)
     status = EXIT_LAUNCHER
     try:

@@ -22,7 +22,6 @@ from .qemu import argv as qemuargv
 from .qemu import template
 from .backend import Guest
 from .qemu.backend import BootSpec, DirectGuest, WarmStart, template_argv
-from .relay import End, Relay
 from .timings import Timeline, monotonic_boottime
 
 if TYPE_CHECKING:
@@ -364,6 +363,9 @@ def boot_once(
             boot, rundir, timeline, confinement, opts.verbose, warm=warm, builder=builder, monitor_socket=opts.monitor_socket
         )
     with contextlib.ExitStack() as stack, make_guest() as guest:
+        # Imported now, not at start-up: QEMU is starting meanwhile, on the other core.
+        from .relay import End, Relay
+
         guest.wait_built(boot_timeout, attempt)
         if opts.on_started is not None:  # after the restore was set going: off its critical path
             opts.on_started(Started(
