@@ -1927,9 +1927,10 @@ int main(void)
 	if (ctl_fd < 0)
 		die("control port did not appear");
 	write_all(ctl_fd, early, early_len);
-	/* What every run does alike is done before the template is taken, so
-	 * that a restored guest does not pay for it (under TCG the ports, the
-	 * loopback and these mounts cost ~60 ms after a restore). */
+	/* What every run does alike is done once, before the template is
+	 * taken.  (Under TCG this saved no measurable time: what these cost
+	 * after a restore was mostly translating kernel paths that the run
+	 * goes through anyway; benchmarks/README.md.) */
 	int in_port = open_port(PORT_STDIN, O_RDONLY, 2000);
 	int out_port = open_port(PORT_STDOUT, O_WRONLY, 2000);
 	int err_port = open_port(PORT_STDERR, O_WRONLY, 2000);
