@@ -363,9 +363,17 @@ def boot_once(
             boot, rundir, timeline, confinement, opts.verbose, warm=warm, builder=builder, monitor_socket=opts.monitor_socket
         )
     with contextlib.ExitStack() as stack, make_guest() as guest:
-        # Imported now, not at start-up: QEMU is starting meanwhile, on the other core.
+        # Done while QEMU starts (on the other core), not before: the
+        # relay's import, the exec socket, the encoded spec.
         from .relay import End, Relay
 
+        execs = None
+        if opts.exec_socket is not None:
+            from .execs import ExecBridge
+
+            execs = ExecBridge(opts.exec_socket)
+            stack.callback(execs.close)
+        spec_message = protocol.encode_spec(cspec)
         guest.wait_built(boot_timeout, attempt)
         if opts.on_started is not None:  # after the restore was set going: off its critical path
             opts.on_started(Started(
@@ -376,17 +384,11 @@ def boot_once(
                 network=_describe_net(cspec.net),
             ))  # fmt: skip
         net_wired()  # the host's side of the network, set up meanwhile, before the guest's first packet
-        execs = None
-        if opts.exec_socket is not None:
-            from .execs import ExecBridge
-
-            execs = ExecBridge(opts.exec_socket)
-            stack.callback(execs.close)
         relay = Relay(
             guest,
             console_log=rundir / "console.log",
             timeline=timeline,
-            spec_message=protocol.encode_spec(cspec),
+            spec_message=spec_message,
             tty=cspec.tty,
             verbose=opts.verbose,
             boot_timeout=boot_timeout,
