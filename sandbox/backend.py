@@ -90,6 +90,10 @@ class Guest(Protocol):
         """The forced stop, at once."""
         ...
 
+    def host_identity(self) -> tuple[str, str]:
+        """The machine's name and security label on its host ("" for what this backend does not know)."""
+        ...
+
     def finish(self) -> None:
         """The guest has said its last word (acked, synced, powering off): end the machine without waiting for it."""
         ...

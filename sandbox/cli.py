@@ -237,7 +237,7 @@ def _run(args: argparse.Namespace) -> int:
     def started(st: runner.Started) -> None:
         entry.update(qemu_pid=st.qemu_pid, accel=st.accel, kernel=st.kernel, memory_mb=st.memory_mb, cpus=st.cpus,
                      start=st.start, label=st.label, shares=st.shares, x11_display=st.x11_display, x11_auth=st.x11_auth,
-                     network=st.network)  # fmt: skip
+                     network=st.network, machine=st.machine)  # fmt: skip
         while ready:
             ready.pop()()
 

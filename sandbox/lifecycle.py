@@ -106,6 +106,8 @@ def describe(entry: registry.Entry) -> dict[str, Any]:
     }
     if r.attached:
         out.update(machine=r.machine, disks=list(r.disks), monitor=r.monitor)
+    elif r.machine:
+        out["machine"] = r.machine
     if state == "running":
         out.update(_process_figures(r.qemu_pid))
     else:

@@ -93,6 +93,7 @@ class Started:
     x11_display: int | None = None  # the nested X server (Xephyr) on the host
     x11_auth: str = ""
     network: str = "none"
+    machine: str = ""  # the backend's name for it, where it has one (a libvirt domain)
 
 
 @dataclass
@@ -376,12 +377,14 @@ def boot_once(
         spec_message = protocol.encode_spec(cspec)
         guest.wait_built(boot_timeout, attempt)
         if opts.on_started is not None:  # after the restore was set going: off its critical path
+            machine, label = guest.host_identity()
             opts.on_started(Started(
                 (guest.pids() or (None,))[-1], boot.accel, str(boot.kernel_image), boot.memory_mb, boot.cpus, timeline.start,
-                confinement.process_label or "" if confinement is not None else "",
+                label,
                 ("/ (read-only)",) + tuple(f"{s.path} ({'read-only' if s.readonly else 'read-write'})" for s in boot.shares),
                 *(opts.x11.xtest_target() if opts.x11 is not None else (None, "")),
                 network=_describe_net(cspec.net),
+                machine=machine,
             ))  # fmt: skip
         net_wired()  # the host's side of the network, set up meanwhile, before the guest's first packet
         relay = Relay(

@@ -200,6 +200,24 @@ def test_timeout_and_a_forwarded_ctrl_c(libvirtd: Libvirtd, where: tuple[Path, d
     assert p.wait(60) == 128 + signal.SIGINT
 
 
+def test_info_names_the_domain_and_its_label(libvirtd: Libvirtd, where: tuple[Path, dict[str, str]]) -> None:
+    cwd, env = where
+    name = f"lv-info-{os.getpid()}"
+    p = popen([*SANDBOX, "run", "--connect", libvirtd.local, "--name", name, "--", "sh", "-c", "echo ready; exec sleep 100"],
+              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=cwd)  # fmt: skip
+    try:
+        assert p.stdout is not None and p.stdout.readline() == b"ready\n"
+        info = json.loads(run_tracked([*SANDBOX, "info", "--json", name], env=env, cwd=cwd).stdout)
+        assert info["state"] == "running" and info["start"] == "cold, libvirt"
+        # The domain libvirtd runs, and the label its security driver gave it (DAC here: no SELinux).
+        assert info["machine"] in [f"libvirt domain {d}" for d in libvirtd.domains()], info
+        assert info["label"].startswith("dac +"), info
+    finally:
+        p.send_signal(signal.SIGINT)
+        p.wait(60)
+        run_tracked([*SANDBOX, "rm", "-f", name], env=env, cwd=cwd)
+
+
 def test_a_killed_launcher_leaves_no_domain(libvirtd: Libvirtd, where: tuple[Path, dict[str, str]]) -> None:
     cwd, env = where
     p = popen([*SANDBOX, "run", "--connect", libvirtd.remote, "--", "sh", "-c", "echo ready; exec sleep 100"],

@@ -16,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 from types import TracebackType
+from xml.etree import ElementTree
 from typing import TYPE_CHECKING, Any
 
 from .. import protocol
@@ -227,6 +228,20 @@ class LibvirtGuest:
         if self.dom is not None and not self._ended.is_set():
             with contextlib.suppress(lv.libvirtError):
                 self.dom.destroy()
+
+    def host_identity(self) -> tuple[str, str]:
+        if self.dom is None:
+            return "", ""
+        try:
+            name = self.dom.name()
+            # The live XML has the labels libvirt's security drivers gave it
+            # (dynamic sVirt under SELinux, the DAC uid:gid).
+            labels = [f"{sl.get('model')} {text}" for sl in ElementTree.fromstring(self.dom.XMLDesc(0)).findall("seclabel")
+                      if (text := (sl.findtext("label") or "").strip())]  # fmt: skip
+        except (_lv().libvirtError, ElementTree.ParseError) as exc:
+            log.debug("domain identity: %s", exc)
+            return "", ""
+        return f"libvirt domain {name}", ", ".join(labels)
 
     def finish(self) -> None:
         pass  # the domain powers off by itself; libvirtd cleans up after a destroy no faster

@@ -227,6 +227,10 @@ class DirectGuest:
         assert self.machine is not None
         self.machine.kill()
 
+    def host_identity(self) -> tuple[str, str]:
+        # No name of its own: the sandbox's name is the registry's.
+        return "", (self.confinement.process_label or "") if self.confinement is not None else ""
+
     def finish(self) -> None:
         # QEMU holds nothing to save (no disk image; shares' writes are
         # synced), and the guest's own power-off, emulated under TCG,
