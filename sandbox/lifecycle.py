@@ -293,6 +293,9 @@ def send_key(name: str, codeset: str, hold_ms: int, keys: list[str]) -> None:
         qmp.execute("send-key", 5.0, {"keys": [{"type": "number", "data": q} for q in qnums], "hold-time": hold_ms})
 
 
+EXEC_CONNECT_WAIT = 30.0  # s: a cold boot after a failed restore, under TCG
+
+
 def exec_command(name: str, argv: list[str], env: dict[str, str], cwd: str | None, tty: bool = False) -> int:
     """Run `argv` in a running sandbox beside its command, with our stdin, stdout and stderr; its exit status."""
     import json
@@ -309,11 +312,22 @@ def exec_command(name: str, argv: list[str], env: dict[str, str], cwd: str | Non
     if not argv:
         raise UsageError("no command given (usage: sandbox exec NAME -- CMD [ARGS...])")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.connect(str(entry.path / "exec.sock"))
-    except OSError as exc:
-        sock.close()
-        raise UsageError(f"sandbox {name!r} does not take exec requests ({exc.strerror})") from None
+    # A sandbox whose warm start failed boots again cold, with a new exec
+    # socket: a request made meanwhile waits for it (as long as it runs).
+    deadline = time.monotonic() + EXEC_CONNECT_WAIT
+    while True:
+        try:
+            sock.connect(str(entry.path / "exec.sock"))
+            break
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            if time.monotonic() < deadline and entry.state() == "running":
+                time.sleep(0.1)
+                continue
+            sock.close()
+            raise UsageError(f"sandbox {name!r} does not take exec requests ({exc.strerror})") from None
+        except OSError as exc:
+            sock.close()
+            raise UsageError(f"sandbox {name!r} does not take exec requests ({exc.strerror})") from None
     size = None
     if tty:
         try:

@@ -68,7 +68,7 @@ def test_detach_list_info_logs_wait_rm(names: list[str]) -> None:
     row = running[server]
     command = row["command"]
     assert isinstance(command, list) and command[:2] == ["sh", "-c"]
-    assert row["state"] == "running" and row["start"] in ("warm", "cold")
+    assert row["state"] == "running" and row["start"] in ("warm", "cold", "cold, building the template")
     assert isinstance(row["pss_mib"], float) and row["pss_mib"] > 0 and isinstance(row["cpu_s"], float)
     everything = listed(all_=True)
     assert everything[quick]["state"] == "exited" and everything[quick]["exit_status"] == 7
@@ -273,7 +273,7 @@ def test_exec_with_a_terminal(names: list[str]) -> None:
     proc = popen([*SANDBOX, "exec", "-t", name, "--", "sh", "-c", "tty; stty size; exit 6"], stdin=slave, stdout=slave, stderr=slave)
     os.close(slave)
     out = read_pty(master, 60)
-    assert proc.wait(60) == 6
+    assert proc.wait(60) == 6, out
     lines = out.decode(errors="replace").replace("\r", "").splitlines()
     assert lines[0].startswith("/dev/pts/"), lines
     assert "30 100" in lines, lines
