@@ -1930,14 +1930,10 @@ int main(void)
 	/* What every run does alike is done once, before the template is
 	 * taken.  (Under TCG this saved no measurable time: what these cost
 	 * after a restore was mostly translating kernel paths that the run
-	 * goes through anyway; benchmarks/README.md.) */
-	int in_port = open_port(PORT_STDIN, O_RDONLY, 2000);
-	int out_port = open_port(PORT_STDOUT, O_WRONLY, 2000);
-	int err_port = open_port(PORT_STDERR, O_WRONLY, 2000);
-	exec_port = open_port(PORT_EXEC, O_RDWR, 2000);
-	if (in_port < 0 || out_port < 0 || err_port < 0 || exec_port < 0)
-		die("stdio ports did not appear");
-	set_nonblock(exec_port);
+	 * goes through anyway; benchmarks/README.md.)  Not the data ports:
+	 * QEMU moves a port's host data into guest buffers only once the
+	 * guest has it open, and data that came in before the template was
+	 * taken (an early `sandbox exec`'s stdin) would be in the template. */
 	loopback_up();
 	early_mounts();
 	/* Nothing of the run has entered the guest yet: a template is taken
@@ -1950,6 +1946,13 @@ int main(void)
 	uint64_t spec_read = now_ns();
 	ctl_send("T spec_read %llu", (unsigned long long)spec_read);
 	main_spec = &s;
+	int in_port = open_port(PORT_STDIN, O_RDONLY, 2000);
+	int out_port = open_port(PORT_STDOUT, O_WRONLY, 2000);
+	int err_port = open_port(PORT_STDERR, O_WRONLY, 2000);
+	exec_port = open_port(PORT_EXEC, O_RDWR, 2000);
+	if (in_port < 0 || out_port < 0 || err_port < 0 || exec_port < 0)
+		die("stdio ports did not appear");
+	set_nonblock(exec_port);
 
 	net_start(&s);
 	setup_root(&s);

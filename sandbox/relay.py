@@ -240,8 +240,6 @@ class Relay:
         self.sel.register(self.ch.stderr, selectors.EVENT_READ, "stderr")
         self.sel.register(self.ch.console, selectors.EVENT_READ, "console")
         self.sel.register(self.guest.end_fd, selectors.EVENT_READ, "end")
-        if self.execs is not None and self.ch.exec is not None:
-            self.execs.attach(self.sel, self.ch.exec)
         if self.x11 is not None and self.ch.x11 is not None:
             self.x11.attach(self.sel, self.ch.x11)
             # The user closed the nested window: the app has lost its
@@ -336,6 +334,11 @@ class Relay:
                 self.state = State.RUNNING
                 self.deadlines.clear("progress")
                 self._enable_stdin()
+                # `sandbox exec` requests wait in the socket's backlog until
+                # now: nothing of them may reach the guest before its
+                # command runs (a template is taken before the spec).
+                if self.execs is not None and self.ch.exec is not None:
+                    self.execs.attach(self.sel, self.ch.exec)
         elif isinstance(msg, protocol.ExecFailed):
             self.exec_failed = msg
         elif isinstance(msg, protocol.LookedUp):

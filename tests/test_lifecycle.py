@@ -52,6 +52,13 @@ def detach_opts(name: str, opts: tuple[str, ...], *cmd: str) -> None:
     STARTED.append(supervisor)
 
 
+def info(name: str) -> dict[str, object]:
+    proc = sb("info", "--json", name)
+    assert proc.returncode == 0, proc.stderr
+    data: dict[str, object] = json.loads(proc.stdout)
+    return data
+
+
 def listed(all_: bool = False) -> dict[str, dict[str, object]]:
     proc = sb("list", "--json", *(["--all"] if all_ else []))
     assert proc.returncode == 0, proc.stderr
@@ -277,3 +284,25 @@ def test_exec_with_a_terminal(names: list[str]) -> None:
     lines = out.decode(errors="replace").replace("\r", "").splitlines()
     assert lines[0].startswith("/dev/pts/"), lines
     assert "30 100" in lines, lines
+
+
+def test_an_exec_while_the_template_is_built_leaves_nothing_in_it(names: list[str], tmp_path: Path) -> None:
+    """`sandbox exec` at once after the first `run -d` (which builds the template): its data stays out of the template."""
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"))
+    first, second = fresh(names), fresh(names)
+    proc = run_tracked([*SANDBOX, "run", "-d", "--name", first, "--", "sleep", "60"], env=env, timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    STARTED.append(listed(all_=True)[first]["launcher_pid"])  # type: ignore[arg-type]
+    # Sent while the guest boots and is snapshotted: it must wait for the command to run.
+    blob = os.urandom(1 << 20)
+    p = run_tracked([*SANDBOX, "exec", first, "--", "sh", "-c", "cat > /dev/null; echo done"], input=blob, env=env, timeout=240)
+    assert p.returncode == 0 and p.stdout == b"done\n", p.stderr
+    assert info(first)["start"] == "cold, building the template"
+    run_tracked([*SANDBOX, "rm", "-f", first], env=env)
+    # A sandbox restored from that template: its exec channel carries its own bytes only.
+    proc = run_tracked([*SANDBOX, "run", "-d", "--name", second, "--", "sleep", "60"], env=env, timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    STARTED.append(listed(all_=True)[second]["launcher_pid"])  # type: ignore[arg-type]
+    assert info(second)["start"] == "warm"
+    p = run_tracked([*SANDBOX, "exec", second, "--", "sh", "-c", "cat; exit 4"], input=b"clean\n", env=env)
+    assert (p.returncode, p.stdout, p.stderr) == (4, b"clean\n", b"")
