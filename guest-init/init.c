@@ -1795,12 +1795,9 @@ static char ctl_in[4096];
 static size_t ctl_in_len;
 
 /* Messages from the host while the command runs. Returns 1 on "A". */
-static int handle_ctl(struct child *c, struct pump *pumps)
+/* The complete control lines in ctl_in; returns 1 once the host acked. */
+static int ctl_lines(struct child *c, struct pump *pumps)
 {
-	ssize_t n = read(ctl_fd, ctl_in + ctl_in_len, sizeof ctl_in - ctl_in_len - 1);
-	if (n <= 0)
-		return 0;
-	ctl_in_len += (size_t)n;
 	ctl_in[ctl_in_len] = 0;
 	int acked = 0;
 	long long eof_at;
@@ -1833,6 +1830,15 @@ static int handle_ctl(struct child *c, struct pump *pumps)
 	ctl_in_len = (size_t)(ctl_in + ctl_in_len - line);
 	memmove(ctl_in, line, ctl_in_len);
 	return acked;
+}
+
+static int handle_ctl(struct child *c, struct pump *pumps)
+{
+	ssize_t n = read(ctl_fd, ctl_in + ctl_in_len, sizeof ctl_in - ctl_in_len - 1);
+	if (n <= 0)
+		return 0;
+	ctl_in_len += (size_t)n;
+	return ctl_lines(c, pumps);
 }
 
 /* ---- uniqueness after a restore ---------------------------------------- */
@@ -1992,6 +1998,9 @@ int main(void)
 	if (code)
 		for (int i = 0; i < 3; i++)
 			pump_init(&pumps[i], -1, -1, 0);
+	/* Lines that came in with the clock's reply (a resize sent right
+	 * after the spec) wait in ctl_in: not for the next read. */
+	ctl_lines(&c, pumps);
 	while (!exited || pump_active(&pumps[1]) || pump_active(&pumps[2])) {
 		struct pollfd pfd[8 + MAX_X11 + 1 + 3 * MAX_EXEC];
 		int np = 0, idx[3] = {-1, -1, -1};

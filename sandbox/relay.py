@@ -143,6 +143,7 @@ class Relay:
         # A guest being snapshotted gets its spec only after the snapshot.
         self.spec_message = spec_message
         self.spec_sent = not guest.holds_spec
+        self.resized = False  # the terminal changed size before the spec went
         self.ctl_out = bytearray() if guest.holds_spec else bytearray(spec_message)
         self.tty = tty
         self.verbose = verbose
@@ -325,6 +326,8 @@ class Relay:
                 if request is None:
                     self.spec_sent = True
                 self._send_ctl(request if request is not None else self.spec_message)
+                if request is None and self.resized:
+                    self._send_winsize()
             elif msg.phase == "spec_read":
                 self._send_ctl(protocol.clock_message(time.time_ns()))
             elif msg.phase == "poweroff" and self.acked:
@@ -503,12 +506,12 @@ class Relay:
         while self.signals:
             signo = self.signals.pop(0)
             if signo == signal.SIGWINCH:
-                if self.tty:
-                    try:
-                        size = os.get_terminal_size(self.io.stdin if self.tty & protocol.TTY_STDIN else self.io.stdout)
-                    except OSError:
-                        continue  # the terminal is gone
-                    self._send_ctl(protocol.winsize_message(size.lines, size.columns))
+                if self.tty and not self.spec_sent:
+                    # Not into a guest about to be snapshotted (the template
+                    # holds no run data): told right after the spec instead.
+                    self.resized = True
+                elif self.tty:
+                    self._send_winsize()
                 continue
             if self.state is not State.RUNNING:
                 # A second signal, or nothing to forward it to: end the VM now.
@@ -518,6 +521,13 @@ class Relay:
             self.state = State.SIGNALLED
             self.deadlines.set("escalate", ESCALATE_AFTER)
             self.pending_signal = signo
+
+    def _send_winsize(self) -> None:
+        try:
+            size = os.get_terminal_size(self.io.stdin if self.tty & protocol.TTY_STDIN else self.io.stdout)
+        except OSError:
+            return  # the terminal is gone
+        self._send_ctl(protocol.winsize_message(size.lines, size.columns))
 
     def _kill(self, end: End, signo: int | None = None) -> None:
         if self.state is State.FINISHED:

@@ -217,6 +217,32 @@ def test_tty_gets_a_pty_with_the_window_size() -> None:
     assert "/dev/pts/" in text and "33 101" in text and "stdin-tty" in text, text
 
 
+def test_a_resize_while_the_template_is_built_reaches_the_command(tmp_path: Path) -> None:
+    """SIGWINCH before the spec (the guest is about to be snapshotted): held back, then sent after the spec."""
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path))
+    name = f"t-winch-{os.getpid()}"
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 20, 70, 0, 0))
+    proc = popen([*SANDBOX, "run", "--name", name, "--timings=json", "--", "sh", "-c", "sleep 2; stty size"],
+                 stdin=slave, stdout=slave, stderr=slave, close_fds=True, env=env)  # fmt: skip
+    os.close(slave)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # the machine is built; the kernel boots for seconds yet
+            rows = json.loads(run_tracked([*SANDBOX, "list", "--json"]).stdout)
+            if any(r["name"] == name and r.get("qemu_pid") for r in rows):
+                break
+            time.sleep(0.1)
+        fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 44, 132, 0, 0))
+        proc.send_signal(signal.SIGWINCH)
+        text = read_pty(master, 120).decode(errors="replace")
+        assert proc.wait(30) == 0, text
+    finally:
+        run_tracked([*SANDBOX, "rm", "-f", name])
+    assert '"start": "cold, building the template"' in text, text
+    assert "44 132" in text and "20 70" not in text, text
+
+
 def test_verbose_shows_qemu_argv_and_console() -> None:
     # A kernel message at error level reaches the console whatever the loglevel.
     proc = run_sandbox("sh", "-c", "echo '<3>sbx-console-check' > /dev/kmsg", run_opts=("-v",))
