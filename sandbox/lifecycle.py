@@ -319,13 +319,11 @@ def exec_command(name: str, argv: list[str], env: dict[str, str], cwd: str | Non
         try:
             sock.connect(str(entry.path / "exec.sock"))
             break
-        except (FileNotFoundError, ConnectionRefusedError) as exc:
-            if time.monotonic() < deadline and entry.state() == "running":
+        except OSError as exc:
+            absent = isinstance(exc, (FileNotFoundError, ConnectionRefusedError))
+            if absent and time.monotonic() < deadline and entry.state() == "running":
                 time.sleep(0.1)
                 continue
-            sock.close()
-            raise UsageError(f"sandbox {name!r} does not take exec requests ({exc.strerror})") from None
-        except OSError as exc:
             sock.close()
             raise UsageError(f"sandbox {name!r} does not take exec requests ({exc.strerror})") from None
     size = None

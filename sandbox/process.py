@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import select
 import signal
 import subprocess
 from collections.abc import Callable, Iterator
@@ -91,6 +92,19 @@ def spawn(
 
 def wait(proc: subprocess.Popen[bytes], timeout: float | None) -> int | None:
     """The exit status, or None if it still runs after `timeout` seconds."""
+    if timeout is not None and proc.returncode is None:
+        # Popen.wait with a timeout polls with growing sleeps (up to 50 ms
+        # late); a pidfd wakes us the moment the process exits.
+        try:
+            fd = os.pidfd_open(proc.pid)
+        except OSError:
+            pass  # reaped already, or an old kernel: Popen's own wait
+        else:
+            try:
+                if not select.select([fd], [], [], max(timeout, 0))[0]:
+                    return None
+            finally:
+                os.close(fd)
     try:
         return proc.wait(timeout)
     except subprocess.TimeoutExpired:
