@@ -202,13 +202,13 @@ def working_directory() -> str:
 
 
 def user_home(env: dict[str, str]) -> str:
+    """The home directory the guest overlays: $HOME, else the passwd entry's (the command's environment is left as it is)."""
     home = env.get("HOME")
     if not home:
         try:
             home = pwd.getpwuid(os.getuid()).pw_dir
         except KeyError:
             home = "/"
-        env["HOME"] = home
     return home
 
 

@@ -70,12 +70,13 @@ def test_death_by_signal_is_128_plus_n() -> None:
 
 def test_stdout_stderr_env_and_argv_exact(visible_dir: Path) -> None:
     env = dict(os.environ, SB_SPACES="a b  c", SB_QUOTES="it's \"quoted\"", SB_NL="line1\nline2", SB_EMPTY="")
-    script = 'printf "%s|" "$PWD" "$SB_SPACES" "$SB_QUOTES" "$SB_NL" "$SB_EMPTY" "$@"; echo to-stderr >&2'
+    env.pop("HOME", None)  # no HOME on the host: none for the command either (the guest still mounts the user's home)
+    script = 'printf "%s|" "$PWD" "$SB_SPACES" "$SB_QUOTES" "$SB_NL" "$SB_EMPTY" "${HOME-unset}" "$@"; echo to-stderr >&2'
     args = ["with space", 'quote"d', "new\nline", ""]
     proc = run_sandbox("sh", "-c", script, "argv0", *args, env=env, cwd=visible_dir)
     assert proc.returncode == 0, proc.stderr
     fields = proc.stdout.decode().split("|")[:-1]
-    assert fields == [str(visible_dir), "a b  c", "it's \"quoted\"", "line1\nline2", "", *args]
+    assert fields == [str(visible_dir), "a b  c", "it's \"quoted\"", "line1\nline2", "", "unset", *args]
     assert stderr_lines(proc) == ["to-stderr"]
 
 
