@@ -294,7 +294,7 @@ struct spec {
 	gid_t *groups;
 	int ngroups;
 	mode_t umask;
-	int tty, rows, cols, x11, xpra, rw_share;
+	int tty, rows, cols, x11, xpra, rw_share, closed;
 	const char *entropy;   /* hex: host randomness for a restored guest's pool */
 	const char *net;       /* "<mac> <ipv4/len|dhcp|-> <gw4|-> <ipv6 0|1|2> <wait_ms> <mtu> <mode>" */
 	const char **dns;      /* name servers for resolv.conf */
@@ -443,6 +443,7 @@ static void read_spec(struct spec *s)
 		case 'S': s->groups[s->ngroups++] = (gid_t)strtoul(v, NULL, 10); break;
 		case 'M': s->umask = (mode_t)strtoul(v, NULL, 8); break;
 		case 'T': s->tty = atoi(v); break;
+		case 'F': s->closed = atoi(v); break;
 		case 'R': s->rows = atoi(v); break;
 		case 'W': s->cols = atoi(v); break;
 		case 'X': s->x11 = atoi(v) + 1; break;
@@ -1152,6 +1153,11 @@ static void child_exec(const struct spec *s, int fds[3], int pty_slave, int errp
 	for (int i = 0; i < 3; i++)
 		if (dup2(fds[i], i) < 0)
 			_exit(125);
+	/* `cmd >&-` on the host: the command finds that fd closed (EBADF),
+	 * not a pipe to nowhere. */
+	for (int i = 0; i < 3; i++)
+		if (s->closed & (1 << i))
+			close(i);
 	/* The host's limits, the stack's first: it sets how much argv and
 	 * environment execve takes, and the host's execve took all of it. */
 	for (int i = 0; i < s->nrlims; i++)

@@ -20,6 +20,8 @@
  *     A argv element     E env entry        C cwd        H home directory
  *     U uid   G gid      S supplementary gid (repeated)   M umask (octal)
  *     T tty mask (TTY_* bits)   R rows   W cols
+ *     F closed mask: bit 1 << fd set when the launcher's fd 0, 1 or 2 was
+ *       closed; the command gets that fd closed too
  *     X x11 display number   Y xpra mode ("1")
  *     Z "<resource> <soft> <hard>" an rlimit for the command (-1: unlimited)
  *     m "<op>:<tag>:<octal mode>:<size>:<path>" one mount step (MOP_*),

@@ -222,6 +222,8 @@ def _run(args: argparse.Namespace) -> int:
         unhide=tuple(args.unhide),
         timeout=args.timeout,
         tty=args.tty,
+        # Detached, the command's stdio is /dev/null and the log, whatever ours was.
+        closed_stdio=0 if args.detach else _closed_stdio,
         home=args.home.resolve() if args.home else None,
         verbose=args.verbose,
         confinement=confinement,
@@ -428,13 +430,19 @@ def _audit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _reserve_stdio() -> None:
-    """Put /dev/null on a closed fd 0, 1 or 2, so that no socket of ours lands there."""
+_closed_stdio = 0  # set by main: the fds the launcher found closed
+
+
+def _reserve_stdio() -> int:
+    """Put /dev/null on a closed fd 0, 1 or 2, so that no socket of ours lands there; which were closed (bit 1 << fd)."""
+    closed = 0
     for fd in (0, 1, 2):
         try:
             os.fstat(fd)
         except OSError:
             os.open("/dev/null", os.O_RDWR)  # the lowest free number: this one
+            closed |= 1 << fd
+    return closed
 
 
 def _interrupt(signo: int, _frame: object) -> None:
@@ -459,7 +467,8 @@ def _print_error(exc: SandboxError, verbose: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    _reserve_stdio()
+    global _closed_stdio
+    _closed_stdio = _reserve_stdio()
     for sig in UNWINDING:
         signal.signal(sig, _interrupt)
     verbose = 0

@@ -94,6 +94,7 @@ class CommandSpec:
     entropy: bytes = b""  # mixed into the guest's pool: clones of one template must differ
     realtime_ns: int = 0  # the host's wall clock when the spec was made (refined by "C")
     net: GuestNet | None = None
+    closed: int = 0  # bit 1 << fd: the command's fd 0, 1 or 2 is closed, as the launcher's was
 
 
 def _field(key: str, value: str) -> bytes:
@@ -128,6 +129,8 @@ def encode_spec(spec: CommandSpec) -> bytes:
         parts.append(_field("r", spec.entropy.hex()))
     if spec.realtime_ns:
         parts.append(_field("t", str(spec.realtime_ns)))
+    if spec.closed:
+        parts.append(_field("F", str(spec.closed)))
     if spec.net is not None:
         parts.append(_field("n", spec.net.encode()))
         parts += [_field("d", d) for d in spec.net.dns]

@@ -47,6 +47,7 @@ class RunOptions:
     boot_timeout: float | None = None  # None: chosen by accelerator
     boot_retries: int = 1
     tty: bool | None = None  # None: when stdin is a terminal
+    closed_stdio: int = 0  # bit 1 << fd: fd 0, 1 or 2 was closed when the launcher started, so it is for the command too
     shares: tuple[mounts.Share, ...] = ()
     home: Path | None = None  # --home DIR: a read-write share shown as $HOME
     tmpfs: tuple[tuple[str, str], ...] = ()
@@ -260,6 +261,7 @@ def command_spec(opts: RunOptions, tty: int, plan: mounts.Plan, home: str, cwd: 
         x11_xpra=opts.x11 is not None and opts.x11.mode == "xpra",
         entropy=os.urandom(64),
         realtime_ns=time.time_ns(),
+        closed=opts.closed_stdio,
     )
 
 

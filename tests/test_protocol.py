@@ -73,6 +73,14 @@ def test_x11_display_and_xpra_mode_records() -> None:
     assert ("X", "100") in records and ("Y", "1") in records
 
 
+def test_closed_fd_record_only_when_a_fd_was_closed() -> None:
+    base = dict(argv=("true",), env=(), cwd="/", home="/root", uid=0, gid=0)
+    _, records = decode(protocol.encode_spec(CommandSpec(**base)))  # type: ignore[arg-type]
+    assert not any(k == "F" for k, _ in records)
+    _, records = decode(protocol.encode_spec(CommandSpec(**base, closed=0b101)))  # type: ignore[arg-type]
+    assert ("F", "5") in records
+
+
 def test_rlimit_and_mount_records() -> None:
     steps = (
         protocol.MountStep(protocol.MOP_OVERLAY, "/home/a:b, c"),

@@ -319,11 +319,30 @@ def test_a_closed_reader_ends_the_command_by_sigpipe() -> None:
     assert proc.wait(120) == 128 + signal.SIGPIPE
 
 
-def test_closed_stdin_reads_as_eof() -> None:
-    proc = run_tracked([*SANDBOX, "run", "--", "sh", "-c", "cat; echo rc=$?"], stdin=subprocess.DEVNULL,
-                       timeout=120, preexec_fn=lambda: os.close(0))  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout == b"rc=0\n"
+CLOSED_FD_SCRIPTS = {
+    0: "cat; echo rc=$?",
+    1: "echo to-stdout; echo rc=$? >&2",
+    2: "echo to-stderr >&2; echo rc=$?",
+}
+
+
+@pytest.mark.parametrize("fd", sorted(CLOSED_FD_SCRIPTS))
+def test_a_closed_stdio_fd_is_closed_for_the_command(fd: int) -> None:
+    # `cmd <&-`, `cmd >&-`, `cmd 2>&-`: the command itself meets EBADF, as it
+    # does run directly (not an empty stdin or a sink that swallows output).
+    argv = ["sh", "-c", CLOSED_FD_SCRIPTS[fd]]
+    streams = {"stdin": subprocess.DEVNULL, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+    streams[("stdin", "stdout", "stderr")[fd]] = subprocess.DEVNULL
+    direct = subprocess.Popen(argv, **streams, preexec_fn=lambda: os.close(fd))  # type: ignore[call-overload]
+    expected = (*direct.communicate(timeout=30), direct.returncode)
+    proc = popen([*SANDBOX, "run", "--", *argv], **streams, preexec_fn=lambda: os.close(fd))
+    try:
+        got = (*proc.communicate(timeout=120), proc.returncode)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert b"rc=" in (expected[0] or b"") + (expected[1] or b""), expected  # the script ran and said how it went
+    assert got == expected
 
 
 def test_an_unrelated_qemu_is_neither_reported_nor_touched() -> None:
