@@ -223,7 +223,7 @@ def _run(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         tty=args.tty,
         # Detached, the command's stdio is /dev/null and the log, whatever ours was.
-        closed_stdio=0 if args.detach else _closed_stdio,
+        closed_stdio=0 if args.detach else args.closed_stdio,
         home=args.home.resolve() if args.home else None,
         verbose=args.verbose,
         confinement=confinement,
@@ -430,9 +430,6 @@ def _audit(args: argparse.Namespace) -> int:
     return 0
 
 
-_closed_stdio = 0  # set by main: the fds the launcher found closed
-
-
 def _reserve_stdio() -> int:
     """Put /dev/null on a closed fd 0, 1 or 2, so that no socket of ours lands there; which were closed (bit 1 << fd)."""
     closed = 0
@@ -467,8 +464,7 @@ def _print_error(exc: SandboxError, verbose: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    global _closed_stdio
-    _closed_stdio = _reserve_stdio()
+    closed_stdio = _reserve_stdio()
     for sig in UNWINDING:
         signal.signal(sig, _interrupt)
     verbose = 0
@@ -476,6 +472,7 @@ def main(argv: list[str] | None = None) -> int:
         words = sys.argv[1:] if argv is None else argv
         args = build_parser(words[0] if words and not words[0].startswith("-") else None).parse_args(argv)
         verbose = getattr(args, "verbose", 0)
+        args.closed_stdio = closed_stdio
         _setup_logging(verbose)
         handler = {
             "run": _run, "bench": _bench, "prepare": _prepare, "audit": _audit, "list": _list, "info": _info,
