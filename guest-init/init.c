@@ -1597,7 +1597,7 @@ static void exec_start(uint32_t id, char *p, uint32_t len)
 		die("out of memory starting an exec");
 	int argc = 0, envc = 0;
 	const char *cwd = s->cwd;
-	int tty = 0, rows = 0, cols = 0;
+	int tty = 0, rows = 0, cols = 0, closed = 0;
 	/* Given entries before the command's own: getenv finds the first. */
 	for (char *q = p; q < p + len; q += strlen(q) + 1) {
 		if (*q == 'A')
@@ -1612,6 +1612,8 @@ static void exec_start(uint32_t id, char *p, uint32_t len)
 			rows = atoi(q + 1);
 		else if (*q == 'W')
 			cols = atoi(q + 1);
+		else if (*q == 'F')
+			closed = atoi(q + 1);
 	}
 	for (int i = 0; i < s->envc; i++)
 		envp[envc++] = s->envp[i];
@@ -1654,6 +1656,9 @@ static void exec_start(uint32_t id, char *p, uint32_t len)
 		dup2(in[0], 0);
 		dup2(out[1], 1);
 		dup2(err[1], 2);
+		for (int i = 0; i < 3; i++) /* as the client's were (`sandbox exec ... >&-`) */
+			if (closed & (1 << i))
+				close(i);
 		for (int i = 0; i < s->nrlims; i++)
 			setrlimit(s->rlims[i].resource, &s->rlims[i].lim);
 		if (setgroups((size_t)s->ngroups, s->groups) || setgid(s->gid) || setuid(s->uid)) {

@@ -91,7 +91,9 @@
 /* `sandbox exec` frames on PORT_EXEC, same header as X11's (type, id, len):
  * host -> guest: EXEC_START (payload: NUL-terminated records "A<arg>",
  *   "E<NAME=value>" added to the main command's environment, "C<cwd>",
- *   "T1" a terminal for all three streams, "R<rows>", "W<cols>" its size),
+ *   "T1" a terminal for all three streams, "R<rows>", "W<cols>" its size,
+ *   "F<mask>" bit 1 << fd: the client's fd 0, 1 or 2 was closed, so is the
+ *   process's),
  *   EXEC_STDIN (data), EXEC_STDIN_EOF, EXEC_SIGNAL (payload: decimal signo);
  * guest -> host: EXEC_STDOUT, EXEC_STDERR (data), EXEC_EXIT (payload:
  *   decimal status, 128+N for signal N; sent after all of its output). */

@@ -342,7 +342,7 @@ def _exec(args: argparse.Namespace) -> int:
         if not sep or not key:
             raise UsageError(f"-e {item}: expected NAME=VALUE")
         env[key] = value
-    return lifecycle.exec_command(args.name, list(_command(args)), env, args.workdir, args.tty)
+    return lifecycle.exec_command(args.name, list(_command(args)), env, args.workdir, args.tty, args.closed_stdio)
 
 
 def _attach(args: argparse.Namespace) -> int:

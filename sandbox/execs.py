@@ -42,7 +42,7 @@ def frame(kind: bytes, pid: int, payload: bytes = b"") -> bytes:
     return HEADER.pack(kind, pid, len(payload)) + payload
 
 
-def start_payload(argv: list[str], env: dict[str, str], cwd: str | None, tty: tuple[int, int] | None = None) -> bytes:
+def start_payload(argv: list[str], env: dict[str, str], cwd: str | None, tty: tuple[int, int] | None = None, closed: int = 0) -> bytes:
     """The EXEC_START records (NUL-terminated, one letter each)."""
     def rec(key: str, value: str) -> bytes:
         raw = value.encode("utf-8", "surrogateescape")
@@ -54,6 +54,8 @@ def start_payload(argv: list[str], env: dict[str, str], cwd: str | None, tty: tu
     out += rec("C", cwd) if cwd else b""
     if tty is not None:
         out += rec("T", "1") + rec("R", str(tty[0])) + rec("W", str(tty[1]))
+    if closed:
+        out += rec("F", str(closed))  # the client's closed stdio fds: closed for the process too
     return out
 
 
@@ -140,7 +142,7 @@ class ExecBridge:
                 raise ValueError("a request needs stdin, stdout and stderr")
             tty = request.get("tty")
             payload = start_payload(list(request["argv"]), dict(request.get("env", {})), request.get("cwd"),
-                                    (int(tty[0]), int(tty[1])) if tty else None)  # fmt: skip
+                                    (int(tty[0]), int(tty[1])) if tty else None, int(request.get("closed", 0)))  # fmt: skip
         except (OSError, ValueError, KeyError, TypeError) as exc:
             log.warning("exec: bad request: %s", exc)
             for fd in locals().get("fds", []):

@@ -296,8 +296,11 @@ def send_key(name: str, codeset: str, hold_ms: int, keys: list[str]) -> None:
 EXEC_CONNECT_WAIT = 30.0  # s: a cold boot after a failed restore, under TCG
 
 
-def exec_command(name: str, argv: list[str], env: dict[str, str], cwd: str | None, tty: bool = False) -> int:
-    """Run `argv` in a running sandbox beside its command, with our stdin, stdout and stderr; its exit status."""
+def exec_command(name: str, argv: list[str], env: dict[str, str], cwd: str | None, tty: bool = False, closed: int = 0) -> int:
+    """Run `argv` in a running sandbox beside its command, with our stdin, stdout and stderr; its exit status.
+
+    `closed` (bit 1 << fd): our fds that were closed, so are the process's.
+    """
     import json
     import socket
 
@@ -333,7 +336,7 @@ def exec_command(name: str, argv: list[str], env: dict[str, str], cwd: str | Non
             size = (term.lines, term.columns)
         except OSError:
             size = (0, 0)
-    request = json.dumps({"argv": argv, "env": env, "cwd": cwd, "tty": size}).encode() + b"\n"
+    request = json.dumps({"argv": argv, "env": env, "cwd": cwd, "tty": size, "closed": closed}).encode() + b"\n"
     socket.send_fds(sock, [request], [0, 1, 2])
     saved = None
     if tty and os.isatty(0):

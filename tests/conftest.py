@@ -47,6 +47,27 @@ def run_tracked(argv: list[str], input: bytes | None = None, timeout: float = 12
     return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
 
+# For each stdio fd, a script whose output shows how it met that fd closed.
+CLOSED_FD_SCRIPTS = {
+    0: "cat; echo rc=$?",
+    1: "echo to-stdout; echo rc=$? >&2",
+    2: "echo to-stderr >&2; echo rc=$?",
+}
+
+
+def run_with_fd_closed(argv: list[str], fd: int, timeout: float = 120) -> tuple[bytes | None, bytes | None, int]:
+    """(stdout, stderr, status) of `argv` started with `fd` closed (the other two piped; stdin /dev/null), tracked."""
+    streams: dict[str, Any] = {"stdin": subprocess.DEVNULL, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+    streams[("stdin", "stdout", "stderr")[fd]] = subprocess.DEVNULL
+    proc = popen(argv, **streams, preexec_fn=lambda: os.close(fd))
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        proc.kill()
+        proc.wait()
+    return out, err, proc.returncode
+
+
 def run_sandbox(
     *args: str,
     input: bytes | None = None,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import read_pty, SANDBOX, STARTED, popen, run_tracked
+from conftest import CLOSED_FD_SCRIPTS, read_pty, SANDBOX, STARTED, popen, run_tracked, run_with_fd_closed
 
 pytestmark = [pytest.mark.vm]
 
@@ -265,6 +265,9 @@ def test_exec_runs_beside_the_command(names: list[str], tmp_path: Path) -> None:
     assert listed()[name]["state"] == "running"  # the sandbox's own command goes on
     bad = sb("exec", "no-such-sandbox-here", "--", "true")
     assert bad.returncode == 125 and b"no sandbox named" in bad.stderr
+    for fd, script in CLOSED_FD_SCRIPTS.items():  # `sandbox exec ... >&-` as `sandbox run ... >&-`
+        argv = ["sh", "-c", script]
+        assert run_with_fd_closed([*SANDBOX, "exec", name, "--", *argv], fd) == run_with_fd_closed(argv, fd, timeout=30), fd
 
 
 def test_exec_with_a_terminal(names: list[str]) -> None:

@@ -81,6 +81,14 @@ def test_closed_fd_record_only_when_a_fd_was_closed() -> None:
     assert ("F", "5") in records
 
 
+def test_exec_start_records() -> None:
+    from sandbox import execs
+
+    payload = execs.start_payload(["sh", "-c", "a b"], {"K": "v"}, "/w", (24, 80), closed=0b010)
+    assert payload.split(b"\0")[:-1] == [b"Ash", b"A-c", b"Aa b", b"EK=v", b"C/w", b"T1", b"R24", b"W80", b"F2"]
+    assert b"F" not in execs.start_payload(["true"], {}, None)
+
+
 def test_rlimit_and_mount_records() -> None:
     steps = (
         protocol.MountStep(protocol.MOP_OVERLAY, "/home/a:b, c"),

@@ -19,7 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import read_pty, SANDBOX, STARTED, VISIBLE_BASE, Nobody, clean_up, popen, run_sandbox, run_tracked, stderr_lines
+from conftest import (
+    CLOSED_FD_SCRIPTS, read_pty, SANDBOX, STARTED, VISIBLE_BASE, Nobody, clean_up, popen, run_sandbox, run_tracked,
+    run_with_fd_closed, stderr_lines,
+)
 
 pytestmark = [pytest.mark.vm]
 
@@ -319,30 +322,14 @@ def test_a_closed_reader_ends_the_command_by_sigpipe() -> None:
     assert proc.wait(120) == 128 + signal.SIGPIPE
 
 
-CLOSED_FD_SCRIPTS = {
-    0: "cat; echo rc=$?",
-    1: "echo to-stdout; echo rc=$? >&2",
-    2: "echo to-stderr >&2; echo rc=$?",
-}
-
-
 @pytest.mark.parametrize("fd", sorted(CLOSED_FD_SCRIPTS))
 def test_a_closed_stdio_fd_is_closed_for_the_command(fd: int) -> None:
     # `cmd <&-`, `cmd >&-`, `cmd 2>&-`: the command itself meets EBADF, as it
     # does run directly (not an empty stdin or a sink that swallows output).
     argv = ["sh", "-c", CLOSED_FD_SCRIPTS[fd]]
-    streams = {"stdin": subprocess.DEVNULL, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
-    streams[("stdin", "stdout", "stderr")[fd]] = subprocess.DEVNULL
-    direct = subprocess.Popen(argv, **streams, preexec_fn=lambda: os.close(fd))  # type: ignore[call-overload]
-    expected = (*direct.communicate(timeout=30), direct.returncode)
-    proc = popen([*SANDBOX, "run", "--", *argv], **streams, preexec_fn=lambda: os.close(fd))
-    try:
-        got = (*proc.communicate(timeout=120), proc.returncode)
-    finally:
-        proc.kill()
-        proc.wait()
+    expected = run_with_fd_closed(argv, fd, timeout=30)
     assert b"rc=" in (expected[0] or b"") + (expected[1] or b""), expected  # the script ran and said how it went
-    assert got == expected
+    assert run_with_fd_closed([*SANDBOX, "run", "--", *argv], fd) == expected
 
 
 def test_an_unrelated_qemu_is_neither_reported_nor_touched() -> None:
