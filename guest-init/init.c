@@ -1139,6 +1139,15 @@ static void child_fail(int errpipe, int stage, int code)
 	_exit(code);
 }
 
+/* `cmd >&-` on the host (or for `sandbox exec`): the process finds that
+ * fd closed (EBADF), not a pipe to nowhere.  `mask`: bit 1 << fd. */
+static void close_stdio(int mask)
+{
+	for (int i = 0; i < 3; i++)
+		if (mask & (1 << i))
+			close(i);
+}
+
 static void child_exec(const struct spec *s, int fds[3], int pty_slave, int errpipe)
 {
 	sigset_t none;
@@ -1153,11 +1162,7 @@ static void child_exec(const struct spec *s, int fds[3], int pty_slave, int errp
 	for (int i = 0; i < 3; i++)
 		if (dup2(fds[i], i) < 0)
 			_exit(125);
-	/* `cmd >&-` on the host: the command finds that fd closed (EBADF),
-	 * not a pipe to nowhere. */
-	for (int i = 0; i < 3; i++)
-		if (s->closed & (1 << i))
-			close(i);
+	close_stdio(s->closed);
 	/* The host's limits, the stack's first: it sets how much argv and
 	 * environment execve takes, and the host's execve took all of it. */
 	for (int i = 0; i < s->nrlims; i++)
@@ -1656,9 +1661,7 @@ static void exec_start(uint32_t id, char *p, uint32_t len)
 		dup2(in[0], 0);
 		dup2(out[1], 1);
 		dup2(err[1], 2);
-		for (int i = 0; i < 3; i++) /* as the client's were (`sandbox exec ... >&-`) */
-			if (closed & (1 << i))
-				close(i);
+		close_stdio(closed);
 		for (int i = 0; i < s->nrlims; i++)
 			setrlimit(s->rlims[i].resource, &s->rlims[i].lim);
 		if (setgroups((size_t)s->ngroups, s->groups) || setgid(s->gid) || setuid(s->uid)) {
@@ -1805,8 +1808,8 @@ static void exec_finish_done(void)
 static char ctl_in[4096];
 static size_t ctl_in_len;
 
-/* Messages from the host while the command runs. Returns 1 on "A". */
-/* The complete control lines in ctl_in; returns 1 once the host acked. */
+/* The complete control lines in ctl_in (messages from the host while the
+ * command runs); returns 1 once the host acked ("A"). */
 static int ctl_lines(struct child *c, struct pump *pumps)
 {
 	ctl_in[ctl_in_len] = 0;
@@ -1843,6 +1846,7 @@ static int ctl_lines(struct child *c, struct pump *pumps)
 	return acked;
 }
 
+/* Read what the control port has, then handle its complete lines. */
 static int handle_ctl(struct child *c, struct pump *pumps)
 {
 	ssize_t n = read(ctl_fd, ctl_in + ctl_in_len, sizeof ctl_in - ctl_in_len - 1);

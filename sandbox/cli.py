@@ -173,6 +173,7 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
             add(sub)
     return parser
 
+
 def _command(args: argparse.Namespace) -> tuple[str, ...]:
     cmd = list(args.command)
     if cmd and cmd[0] == "--":
