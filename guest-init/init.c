@@ -374,21 +374,37 @@ static long meminfo_kb(const char *key)
 /* Before a template is taken: fill the free memory with zeros (the kernel
  * clears every page it hands out) and give it back, so that the pages the
  * boot used and freed hold no stale data and the host stores them as holes:
- * a smaller template, copied faster into every run. */
+ * a smaller template, copied faster into every run.
+ *
+ * A child does it, marked the OOM killer's first choice: MemFree counts
+ * pages no ordinary allocation may take (the DMA zones' reserves and the
+ * watermarks grow with the guest's memory), and PID 1 itself running out
+ * panicked the guest ("System is deadlocked on memory") from --memory 768M
+ * up.  The margin keeps the OOM killer out of it; if it still comes, it
+ * ends the child, whose pages are zeroed all the same. */
 static void zero_free_memory(void)
 {
 	enum { CHUNK = 16 << 20 };
-	long spare_kb = 16 << 10; /* left alone: PID 1 must never meet the OOM killer */
-	long pages = (meminfo_kb("MemFree:") - spare_kb) / (CHUNK >> 10);
-	void *chunks[1024];
-	int n = 0;
-	for (; n < pages && n < 1024; n++) {
-		chunks[n] = mmap(NULL, CHUNK, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
-		if (chunks[n] == MAP_FAILED)
-			break;
+	pid_t pid = fork();
+	if (pid < 0)
+		return;
+	if (pid > 0) {
+		while (waitpid(pid, NULL, 0) < 0 && errno == EINTR)
+			;
+		return;
 	}
-	while (n-- > 0)
-		munmap(chunks[n], CHUNK);
+	int fd = open("/proc/self/oom_score_adj", O_WRONLY | O_CLOEXEC);
+	if (fd >= 0) {
+		write_all(fd, "1000", 4);
+		close(fd);
+	}
+	long total_kb = meminfo_kb("MemTotal:");
+	long spare_kb = (16 << 10) + total_kb / 16;
+	long chunks = (meminfo_kb("MemFree:") - spare_kb) / (CHUNK >> 10);
+	for (long n = 0; n < chunks; n++)
+		if (mmap(NULL, CHUNK, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0) == MAP_FAILED)
+			break;
+	_exit(0);
 }
 
 static void read_spec(struct spec *s)

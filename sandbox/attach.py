@@ -10,7 +10,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import registry
+from . import registry, sizes
 from .errors import UsageError
 
 
@@ -52,13 +52,6 @@ def _opts(value: str) -> tuple[str, dict[str, str]]:
     return first, {k: v if sep else "on" for k, sep, v in pairs}
 
 
-def _size_mb(text: str) -> int:
-    text = text.strip()
-    unit = text[-1].upper() if text and text[-1].isalpha() else "M"
-    number = float(text[:-1] if text[-1:].isalpha() else text)
-    return int(number * {"K": 1 / 1024, "M": 1, "G": 1024, "T": 1024 * 1024}.get(unit, 1))
-
-
 def describe(argv: list[str]) -> Described:
     """The machine a QEMU argv asks for (a pure function of the argv)."""
     args: list[tuple[str, str]] = []
@@ -90,7 +83,7 @@ def describe(argv: list[str]) -> Described:
         elif opt == "enable-kvm":
             d["accel"] = "kvm"
         elif opt == "m":
-            d["memory_mb"] = _size_mb(first or kv.get("size", "128"))
+            d["memory_mb"] = sizes.parse_mb(first or kv.get("size", "128")) or 0
         elif opt == "smp":
             d["cpus"] = int(first or kv.get("cpus", "1"))
         elif opt == "kernel":

@@ -183,8 +183,14 @@ def plan(
     unhide: Sequence[str] = (),
     kind: Callable[[str], str | None] = host_kind,
     resolve: Callable[[str], str] = os.path.realpath,
+    homes: Sequence[str] = (),
 ) -> Plan:
-    """The mount steps for a guest whose user has `home` and starts in `cwd` (real paths)."""
+    """The mount steps for a guest whose user has `home` and starts in `cwd` (real paths).
+
+    `homes` are every other home directory on the host (real paths, see
+    `host_homes`): their secrets are hidden too, wherever the guest sees
+    them, on the root or in a share.
+    """
     has_home = home.startswith("/") and home != "/"
     private_set = {_guest_path(p, f"--private {p}") for p in private}
     base: list[MountStep] = []
@@ -229,7 +235,30 @@ def plan(
             return os.path.normpath(os.path.join(str(share.host), rel))
         return None
 
-    hidden = _hidden_paths(home if has_home else None, hide, unhide)
+    def views_of(host: str) -> list[str]:
+        """Every guest path that shows host path `host`: the root's own, and each share's."""
+        found = [host] if source_of(host) == host else []
+        for _, share in exported:
+            top = str(share.host)
+            if under(host, top):
+                guest = os.path.normpath(os.path.join(share.guest, os.path.relpath(host, top)))
+                if source_of(guest) == host and guest not in found:
+                    found.append(guest)
+        return found
+
+    own = home if has_home else None
+    lifted = _unhidden_paths(own, unhide)
+    candidates = _hidden_paths(own, hide)
+    for other in sorted(set(homes)):
+        if other.startswith("/") and other != "/":
+            for rel in DEFAULT_HIDDEN:
+                for guest in views_of(os.path.join(other, rel)):
+                    if guest not in candidates:
+                        candidates.append(guest)
+    for path in sorted(lifted):
+        if path not in candidates:
+            raise UsageError(f"--unhide {path}: not a hidden path (hidden by default: {', '.join(DEFAULT_HIDDEN)}, in any home)")
+    hidden = [p for p in candidates if p not in lifted]
     for path in hidden:
         if under(cwd, path):
             raise UsageError(f"the working directory {cwd} is hidden in the sandbox (--unhide {path} shows it)")
@@ -261,24 +290,51 @@ def plan(
     return Plan(tuple(steps), tuple(exported))
 
 
-def _hidden_paths(home: str | None, hide: Sequence[str], unhide: Sequence[str]) -> list[str]:
-    def absolute(p: str, what: str) -> str | None:
-        if p.startswith("~/") or p == "~":
-            p = p[2:] if len(p) > 1 else ""
-            if home is None:
-                return None
-            return os.path.normpath(os.path.join(home, p))
-        if p.startswith("/"):
-            return _guest_path(p, what)
-        if home is None:
-            return None
-        return os.path.normpath(os.path.join(home, p))
+def _absolute(p: str, home: str | None, what: str) -> str | None:
+    """A hidden path as the user writes it (relative: in the home) as a guest path; None without a home."""
+    if p.startswith("~/") or p == "~":
+        p = p[2:] if len(p) > 1 else ""
+    elif p.startswith("/"):
+        return _guest_path(p, what)
+    if home is None:
+        return None
+    return os.path.normpath(os.path.join(home, p))
 
-    wanted = [absolute(p, "hidden path") for p in DEFAULT_HIDDEN]
-    wanted += [absolute(p, f"--hide {p}") for p in hide]
-    lifted = {absolute(p, f"--unhide {p}") for p in unhide}
+
+def _hidden_paths(home: str | None, hide: Sequence[str]) -> list[str]:
+    """The user's own home's secrets and every --hide, as guest paths."""
+    wanted = [_absolute(p, home, "hidden path") for p in DEFAULT_HIDDEN]
+    wanted += [_absolute(p, home, f"--hide {p}") for p in hide]
     out: list[str] = []
     for p in wanted:
-        if p is not None and p not in lifted and p not in out:
+        if p is not None and p not in out:
             out.append(p)
     return out
+
+
+def _unhidden_paths(home: str | None, unhide: Sequence[str]) -> set[str]:
+    out = set()
+    for p in unhide:
+        path = _absolute(p, home, f"--unhide {p}")
+        if path is None:
+            raise UsageError(f"--unhide {p}: a path relative to the home, and this run has no home (give an absolute path)")
+        out.add(path)
+    return out
+
+
+def host_homes() -> list[str]:
+    """Every home directory of the passwd database, and /root, as real paths (those that exist)."""
+    import pwd
+
+    found = {"/root"}
+    try:
+        found.update(pw.pw_dir for pw in pwd.getpwall())
+    except OSError:
+        pass
+    homes = []
+    for path in sorted(found):
+        if path.startswith("/") and os.path.normpath(path) != "/" and os.path.isdir(path):
+            real = os.path.realpath(path)
+            if real != "/" and real not in homes:
+                homes.append(real)
+    return homes

@@ -12,21 +12,21 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import sizes
 
-def size_mb(text: str) -> int:
-    m = re.fullmatch(r"(\d+)\s*([kKmMgG]?)i?[bB]?", text.strip())
-    if not m:
+
+def size_mb(text: str, minimum: int = 64) -> int:
+    """A size option's value in MiB (512M, 2G, 1.5G; a bare number is MiB), at least `minimum`."""
+    mb = sizes.parse_mb(text)
+    if mb is None:
         raise argparse.ArgumentTypeError(f"bad size {text!r} (e.g. 512M, 2G)")
-    value, unit = int(m.group(1)), m.group(2).upper()
-    mb = {"K": value // 1024, "": value, "M": value, "G": value * 1024}[unit]
-    if mb < 64:
-        raise argparse.ArgumentTypeError(f"{text!r} is too small (64M at least)")
+    if mb < minimum:
+        raise argparse.ArgumentTypeError(f"{text!r} is too small ({minimum}M at least)")
     return mb
 
 
@@ -48,7 +48,9 @@ def host_memory_mb() -> int | None:
 
 
 def guest_memory(text: str) -> int:
-    mb = size_mb(text)
+    mb = sizes.parse_mb(text)
+    if mb is None:
+        raise argparse.ArgumentTypeError(f"bad size {text!r} (e.g. 512M, 2G)")
     if mb < MIN_GUEST_MB:
         raise argparse.ArgumentTypeError(f"{text!r} is too small: the guest kernel needs {MIN_GUEST_MB}M at least")
     total = host_memory_mb()

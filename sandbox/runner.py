@@ -229,6 +229,7 @@ def mount_plan(opts: RunOptions, home: str, cwd: str) -> mounts.Plan:
         private=opts.private,
         hide=opts.hide,
         unhide=opts.unhide,
+        homes=mounts.host_homes(),
     )
 
 
@@ -334,9 +335,10 @@ WARM_PROGRESS_TIMEOUT = 8.0
 class WarmStartFailed(SandboxError):
     """The restored guest ended or stalled before the command started."""
 
-    def __init__(self, message: str, template_broken: bool) -> None:
+    def __init__(self, message: str, template_broken: bool, stalled: bool = False) -> None:
         super().__init__(message)
         self.template_broken = template_broken
+        self.stalled = stalled  # no progress (perhaps a busy host), rather than a guest that failed
 
 
 def boot_once(
@@ -406,11 +408,15 @@ def boot_once(
         if host_oom:
             # The limit is the user's: a cold boot would meet it too, and the template is fine.
             raise MachineError(diagnostics.host_oom(opts.memory_mb, confinement.limits.memory_mb))  # type: ignore[union-attr]
-        if warm is not None and not outcome.started and outcome.end in (End.STALL, End.DIED) and not _killed(outcome.machine_status):
+        if (warm is not None or builder is not None) and not outcome.started and outcome.end in (End.STALL, End.DIED) and not _killed(outcome.machine_status):
             # Nothing of the command ran and no input was read: boot cold instead.
             why = outcome.fatal or ("it made no progress" if outcome.end is End.STALL else "the guest stopped")
-            log.info("restore log tail:\n%s", guest.failure("").log_tail)
-            raise WarmStartFailed(f"the restored guest failed before the command started ({why})", outcome.fatal is None)
+            if outcome.end is End.DIED and outcome.fatal is None:
+                panic = _panic_line(rundir / "console.log")
+                why = f"guest kernel panic: {panic}" if panic else why
+            log.info("%s log tail:\n%s", "restore" if warm is not None else "template build", guest.failure("").log_tail)
+            what = "the restored guest" if warm is not None else "the guest building the warm-start template"
+            raise WarmStartFailed(f"{what} failed before the command started ({why})", outcome.fatal is None, outcome.end is End.STALL)
         if outcome.end is End.STALL:
             failure = guest.failure("")
             raise BootStallError(f"guest boot made no progress for {boot_timeout:g} s (attempt {attempt})", failure.argv, failure.log_tail)
@@ -500,19 +506,29 @@ def _boot(
                 warm.ram.close()
                 os.close(warm.state_fd)
     builder = template.Builder.try_start(store, opts.memory_mb << 20, prep.qemu.version) if store is not None else None
-    timeline.start = "cold" if builder is None else "cold, building the template"
-    try:
-        for attempt in range(1, opts.boot_retries + 2):
-            try:
-                return boot_once(opts, boot, rundir, timeline, attempt, cspec, timeout_at, builder=builder, net_wired=net_wired)
-            except BootStallError as exc:
-                if attempt > opts.boot_retries:
-                    raise
-                log.warning("%s; retrying", exc)
-                timeline.new_boot()
-    finally:
-        if builder is not None:
+    if builder is not None:
+        timeline.start = "cold, building the template"
+        try:
+            return boot_once(opts, boot, rundir, timeline, 1, cspec, timeout_at, builder=builder, net_wired=net_wired)
+        except (WarmStartFailed, BootStallError) as exc:
+            # Whatever broke the build, this run still gets its plain cold
+            # boot: nothing of the command ran and no input was read.
+            log.warning("%s; booting cold without a template", exc)
+            if isinstance(exc, WarmStartFailed) and not exc.stalled:
+                assert store is not None
+                store.mark_failed(str(exc))
+            timeline.new_boot()
+        finally:
             builder.close()
+    timeline.start = "cold"
+    for attempt in range(1, opts.boot_retries + 2):
+        try:
+            return boot_once(opts, boot, rundir, timeline, attempt, cspec, timeout_at, net_wired=net_wired)
+        except BootStallError as exc:
+            if attempt > opts.boot_retries:
+                raise
+            log.warning("%s; retrying", exc)
+            timeline.new_boot()
     raise SandboxError("unreachable")  # pragma: no cover
 
 

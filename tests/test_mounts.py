@@ -148,3 +148,50 @@ def test_a_secret_that_is_a_symlink_is_hidden_where_it_points() -> None:
     plan = mounts.plan("/home/u", "/home/u", kind=kinds({"/home/u/dotfiles/netrc": "file"}),
                        resolve=lambda p: links.get(p, p))  # fmt: skip
     assert [(m.op, m.path) for m in plan.steps if m.op in (H, F)] == [(F, "/home/u/dotfiles/netrc")]
+
+
+def test_every_homes_secrets_are_hidden_on_the_root() -> None:
+    existing = {"/home/alice/.ssh": "dir", "/root/.netrc": "file", "/home/bob/.aws": "dir", "/srv/svc/.kube": "dir"}
+    plan = mounts.plan("/root", "/root", kind=kinds(existing), homes=["/home/alice", "/home/bob", "/root", "/srv/svc"])
+    hidden = [(op, p) for op, p in ops(plan) if op in (H, F)]
+    assert sorted(hidden) == sorted([(H, "/home/alice/.ssh"), (F, "/root/.netrc"), (H, "/home/bob/.aws"), (H, "/srv/svc/.kube")])
+
+
+def test_a_shared_home_has_its_secrets_hidden_at_the_guest_path_too(tmp_path: Path) -> None:
+    existing = {"/root/.ssh": "dir", "/root/.netrc": "file", "/home/alice/.ssh": "dir"}
+    shares = [mounts.Share(Path("/root"), "/mnt/h", "ro"), mounts.Share(Path("/"), "/hostroot", "ro")]
+    plan = mounts.plan("/home/u", "/home/u", shares=shares, kind=kinds(existing), homes=["/root", "/home/alice"])
+    hidden = {p for op, p in ops(plan) if op in (H, F)}
+    assert hidden == {
+        "/root/.ssh", "/root/.netrc", "/home/alice/.ssh",  # on the root
+        "/mnt/h/.ssh", "/mnt/h/.netrc",  # /root shared at /mnt/h
+        "/hostroot/root/.ssh", "/hostroot/root/.netrc", "/hostroot/home/alice/.ssh",  # / shared at /hostroot
+    }  # fmt: skip
+
+
+def test_a_deeper_mount_shadows_a_shares_secret() -> None:
+    # /mnt/h/.ssh is a tmpfs of the user's own: the share's .ssh is not there to hide.
+    shares = [mounts.Share(Path("/root"), "/mnt/h", "ro")]
+    plan = mounts.plan("/home/u", "/home/u", shares=shares, tmpfs=[("/mnt/h/.ssh", "")], kind=kinds({"/root/.ssh": "dir"}), homes=["/root"])
+    assert (H, "/mnt/h/.ssh") not in ops(plan) and (H, "/root/.ssh") in ops(plan)
+
+
+def test_unhide_shows_one_home_or_view_on_purpose() -> None:
+    existing = {"/root/.ssh": "dir", "/home/alice/.ssh": "dir"}
+    shares = [mounts.Share(Path("/root"), "/mnt/h", "ro")]
+    plan = mounts.plan("/home/u", "/home/u", shares=shares, kind=kinds(existing), homes=["/root", "/home/alice"],
+                       unhide=["/home/alice/.ssh", "/mnt/h/.ssh"])  # fmt: skip
+    hidden = {p for op, p in ops(plan) if op in (H, F)}
+    assert hidden == {"/root/.ssh"}
+
+
+@pytest.mark.parametrize("path", [".bashrc", "/etc", "/home/u/.sshx"])
+def test_unhide_of_a_path_that_is_not_hidden_is_refused(path: str) -> None:
+    with pytest.raises(UsageError, match=r"--unhide .*: not a hidden path"):
+        mounts.plan("/home/u", "/home/u", kind=kinds({}), unhide=[path])
+
+
+def test_host_homes_are_real_existing_directories_with_root() -> None:
+    homes = mounts.host_homes()
+    assert "/root" in homes
+    assert all(h.startswith("/") and h != "/" and Path(h).is_dir() and str(Path(h).resolve()) == h for h in homes)

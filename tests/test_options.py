@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields
 
-from sandbox import options
+import pytest
+
+from sandbox import options, sizes
 from sandbox.confinement.walls import ConfinementOptions
 from sandbox.runner import RunOptions
 
@@ -30,3 +32,22 @@ def test_every_option_fills_a_field_of_its_target() -> None:
     assert {o.target for o in options.VM} <= run_fields
     assert {o.target for o in options.CONFINEMENT} == {f.name for f in fields(ConfinementOptions)}
     ConfinementOptions(**options.values(parse(options.CONFINEMENT, []), options.CONFINEMENT))
+
+
+@pytest.mark.parametrize("text, mb", [("512M", 512), ("2G", 2048), ("1.5G", 1536), ("4096K", 4), ("768", 768), ("1GiB", 1024), ("64mb", 64)])
+def test_sizes_are_read_one_way(text: str, mb: int) -> None:
+    assert sizes.parse_mb(text) == mb
+    assert options.size_mb(text, minimum=1) == mb
+
+
+@pytest.mark.parametrize("text", ["50M", "64M", "95M"])
+def test_guest_memory_below_the_minimum_gets_one_message(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match=rf"'{text}' is too small: the guest kernel needs 96M at least"):
+        options.guest_memory(text)
+
+
+def test_bad_sizes_are_named() -> None:
+    for text in ("lots", "1.2.3G", "-5M", "5X"):
+        assert sizes.parse_bytes(text) is None
+        with pytest.raises(argparse.ArgumentTypeError, match="bad size"):
+            options.guest_memory(text)

@@ -100,6 +100,28 @@ def test_copies_keep_holes_and_skip_zero_pages(tmp_path: Path) -> None:
         os.close(fd)
 
 
+def test_punching_frees_the_zero_pages_of_the_source_and_keeps_its_data() -> None:
+    # A memfd, as the guest RAM of a template build is: written all over
+    # (the guest zeroed its free memory), a few pages with data.
+    size = 256 * template.PAGE
+    fd = os.memfd_create("punch-test", os.MFD_CLOEXEC)
+    dst = os.memfd_create("punch-dst", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(dst, size)
+        os.pwrite(fd, bytes(size), 0)
+        data = {3: b"x" * template.PAGE, 200: b"y" + bytes(template.PAGE - 1)}
+        for nr, page in data.items():
+            os.pwrite(fd, page, nr * template.PAGE)
+        before = os.fstat(fd).st_blocks
+        assert template.copy_nonzero_pages(fd, dst, size, punch=True) == 2 * template.PAGE
+        assert os.fstat(fd).st_blocks * 512 == 2 * template.PAGE < before * 512
+        assert os.pread(fd, size, 0) == os.pread(dst, size, 0)  # the same bytes, zero pages as holes
+        assert os.pread(fd, template.PAGE, 200 * template.PAGE) == data[200]
+    finally:
+        os.close(fd)
+        os.close(dst)
+
+
 def _fake_template(store: template.Store, memory: int, **manifest: object) -> None:
     tmp = store.root / "tmp-fake"
     tmp.mkdir()

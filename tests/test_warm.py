@@ -198,3 +198,65 @@ def test_a_host_memory_limit_met_while_warm_is_named_and_keeps_the_template(cach
     assert cache.template() == template  # the limit was the user's; the template is fine
     proc, t = cache.run("true")
     assert proc.returncode == 0 and t["start"] == "warm"
+
+
+def _drop_templates_but(cache: Cache, keep: Path) -> None:
+    """Later tests expect the module's one template: remove what a test built for other options."""
+    for found in cache.templates:
+        if found != keep:
+            shutil.rmtree(found)
+
+
+@pytest.mark.parametrize("memory", ["768M", "2G"])
+def test_every_memory_size_runs_built_warm_and_cold(cache: Cache, memory: str) -> None:
+    keep = cache.template()
+    try:
+        starts = []
+        for opts in ((), (), ("--cold",)):
+            proc, t = cache.run("sh", "-c", "echo ran; exit 4", opts=("--memory", memory, *opts), timeout=240)
+            assert (proc.returncode, proc.stdout) == (4, b"ran\n"), proc.stderr
+            assert _other_lines(proc.stderr) == "", proc.stderr
+            starts.append(t["start"])
+        assert starts == ["cold, building the template", "warm", "cold"]
+    finally:
+        _drop_templates_but(cache, keep)
+
+
+def test_a_template_building_run_gives_its_zeroed_memory_back(cache: Cache) -> None:
+    keep = cache.template()
+    name = f"zeroed-{os.getpid()}"
+    try:
+        proc = run_tracked([*SANDBOX, "run", "--name", name, "-d", "--memory", "1G", "--", "sh", "-c", "echo up; sleep 60"], env=cache.env)
+        assert proc.returncode == 0, proc.stderr
+        deadline = time.monotonic() + 120
+        log = b""
+        while b"up" not in log and time.monotonic() < deadline:
+            log = run_tracked([*SANDBOX, "logs", name], env=cache.env).stdout
+            time.sleep(0.5)
+        info = json.loads(run_tracked([*SANDBOX, "info", name, "--json"], env=cache.env).stdout)
+        assert info["start"] == "cold, building the template"
+        # The guest zeroed ~1 GiB before the template was taken; QEMU keeps
+        # only what the guest really holds (about 100 MiB), not all of it.
+        assert info["rss_mib"] < 300, info
+    finally:
+        run_tracked([*SANDBOX, "rm", "-f", name], env=cache.env)
+        _drop_templates_but(cache, keep)
+
+
+def test_a_failing_template_build_is_a_cold_run_and_is_not_retried(cache: Cache) -> None:
+    keep = cache.template()
+    # The zeroing before the template meets the OOM killer, and this makes it a panic.
+    opts = ("--memory", "256M", "--kernel-append", "sysctl.vm.panic_on_oom=2 sysctl.vm.min_free_kbytes=131072")
+    try:
+        proc, t = cache.run("sh", "-c", "cat; exit 3", opts=opts, input=b"input kept")
+        assert (proc.returncode, proc.stdout) == (3, b"input kept"), proc.stderr
+        assert t["start"] == "cold"
+        assert "the guest building the warm-start template failed before the command started (guest kernel panic" in proc.stderr.decode()
+        proc, t = cache.run("true", opts=opts)
+        assert (proc.returncode, t["start"], _other_lines(proc.stderr)) == (0, "cold", "")
+        root = cache.base / "sandbox" / "templates"
+        failed = [p.name.removesuffix(".failed") for p in root.glob("*.failed")]
+        assert len(failed) == 1 and not (root / failed[0]).exists()
+        assert not (root / f"{failed[0]}.lock").exists()  # no lock left for a template that never was
+    finally:
+        _drop_templates_but(cache, keep)

@@ -1,26 +1,32 @@
-"""Idmapped mounts and the user namespace that lets an unprivileged QEMU serve a tree as its owner.
+"""Idmapped mounts and the user namespace that lets an unprivileged QEMU serve read-write shares as root would.
 
-Started as root, QEMU runs as `nobody` (q).  For a read-write share owned
-by o, QEMU must write there as o without the user's files ever changing
-owner.  Two pieces do that, both with the same id map, which swaps o and q
-and leaves every other id as it is:
+Started as root with a read-write share, QEMU must act on the share as
+root acts on the host (keep setuid bits on a write, chown and chgrp, write
+another user's file) without ever being root on the host.  Two pieces do
+that, both with the same id map, which shifts ids 0..65535 to a range of
+host ids that no file or process uses (2**31 and up, one slot of 65536 per
+live sandbox, reserved host-wide):
 
-- an idmapped mount of the share (and of the read-only root, so that both
-  agree): on it, o's files are q's to QEMU, and what QEMU creates lands
-  on disk as o's;
-- QEMU joins a user namespace with that map, so that what it stats and
-  reports over 9p shows the real owners again (o's files as o's).
+- QEMU runs as uid 0 of a user namespace with that map.  Its capabilities
+  there (chown, DAC override and read-search, fowner, fsetid; nothing
+  else) count only for inodes whose owner and group map into it;
+- an idmapped mount of each share (and of the read-only root, so that both
+  agree) shifts the files' real owners into the range: on it, a file of
+  uid k is QEMU's namespace's uid k, so it shows its real owner over 9p
+  and QEMU's capabilities apply to it, and what QEMU creates or chowns as
+  uid k lands on disk as k.
 
-QEMU's uid inside is o, which is 0 for a root-owned tree: it then keeps no
-capability but CAP_DAC_READ_SEARCH, and SECBIT_NOROOT stops exec from
-giving any back.
+Every other file on the host is owned by an id outside the namespace's
+range: for QEMU it belongs to `nobody`, and its capabilities mean nothing
+there.  Files owned by ids above 65535 are outside the range on the
+idmapped mounts too (they show as `nobody`'s, as on an NFS export with
+root squashing).
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
-from dataclasses import dataclass
 
 from ..errors import ConfinementError
 
@@ -54,13 +60,22 @@ def _check(ret: int, what: str) -> int:
     return ret
 
 
-def swap_map(a: int, b: int) -> str:
-    """An id map (uid_map/gid_map text) that swaps `a` and `b` and keeps all else."""
-    lo, hi = sorted((a, b))
-    if lo == hi:
-        return f"0 0 {MAX_ID}\n"
-    lines = [(0, 0, lo), (lo, hi, 1), (lo + 1, lo + 1, hi - lo - 1), (hi, lo, 1), (hi + 1, hi + 1, MAX_ID - hi - 1)]
-    return "".join(f"{inside} {outside} {count}\n" for inside, outside, count in lines if count > 0)
+# Host ids for QEMU's user namespaces: above every id in ordinary use
+# (systemd's container and foreign ranges end below 2**31).
+ID_BASE = 1 << 31
+ID_COUNT = 1 << 16
+ID_SLOTS = (1 << 15) - 1
+
+
+def shifted_map(base: int, count: int = ID_COUNT) -> str:
+    """An id map (uid_map/gid_map text): ids 0..count-1 inside are base.. outside."""
+    return f"0 {base} {count}\n"
+
+
+def slot_base(slot: int) -> int:
+    if not 0 <= slot < ID_SLOTS:
+        raise ValueError(f"bad id slot {slot}")
+    return ID_BASE + slot * ID_COUNT
 
 
 def make_userns(uid_map: str, gid_map: str) -> int:
@@ -124,14 +139,3 @@ def attach(mount_fd: int, target: str) -> None:
 
 def join_userns(fd: int) -> None:
     _check(_libc.setns(fd, CLONE_NEWUSER), "setns(user)")
-
-
-@dataclass(frozen=True)
-class Owner:
-    uid: int
-    gid: int
-
-    @classmethod
-    def of(cls, path: str) -> Owner:
-        st = os.stat(path)
-        return cls(st.st_uid, st.st_gid)

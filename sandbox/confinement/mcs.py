@@ -1,21 +1,17 @@
 """sVirt MCS labels: a unique category pair per live sandbox, reserved host-wide.
 
-A reservation is a file named for the pair, held open with an exclusive
-flock for the sandbox's lifetime.  The kernel drops the lock when its holder
-dies, however it dies, so a crashed launcher's pair is reclaimed by the next
-allocation that tries it: no pid files to check, no cleanup daemon.
+Each pair is a host-wide reservation (reservations.py): a crashed
+launcher's pair is reclaimed by the next allocation that tries it.
 """
 
 from __future__ import annotations
 
-import errno
-import fcntl
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfinementError
+from . import reservations
 
 CATEGORIES = 1024  # c0..c1023, as libvirt uses
 
@@ -59,60 +55,32 @@ class Reservation:
     """A held category pair; `release()` (or process death) frees it."""
 
     pair: tuple[int, int]
-    path: Path
-    fd: int
+    held: reservations.Reservation
 
     def release(self) -> None:
-        if self.fd < 0:
-            return
-        try:
-            os.unlink(self.path)  # before unlocking: a waiter re-checks the inode
-        except OSError:
-            pass
-        os.close(self.fd)
-        self.fd = -1
+        self.held.release()
 
 
-def _try_reserve(directory: Path, pair: tuple[int, int]) -> Reservation | None:
-    path = directory / f"c{pair[0]},c{pair[1]}"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        os.close(fd)
-        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-            return None
-        raise
-    # The holder we raced with may have unlinked the file after we opened it:
-    # our lock is then on a dead inode, and the pair is not ours.
-    try:
-        same = os.stat(path).st_ino == os.fstat(fd).st_ino
-    except FileNotFoundError:
-        same = False
-    if not same:
-        os.close(fd)
-        return None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
-    return Reservation(pair, path, fd)
+def _name(pair: tuple[int, int]) -> str:
+    return f"c{pair[0]},c{pair[1]}"
 
 
 def reserve(directory: Path, rng: random.Random | None = None, categories: int = CATEGORIES, attempts: int = 10000) -> Reservation:
     """Reserve a random unused pair (A < B) of categories in [0, categories)."""
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    rng = rng or random.SystemRandom()
-    for _ in range(attempts):
-        a, b = sorted(rng.sample(range(categories), 2))
-        found = _try_reserve(directory, (a, b))
-        if found is not None:
-            return found
-    raise ConfinementError(f"no free MCS category pair in {directory} after {attempts} tries")
+
+    def draw(r: random.Random) -> str:
+        a, b = sorted(r.sample(range(categories), 2))
+        return _name((a, b))
+
+    held = reservations.reserve_random(directory, draw, "MCS category pair", attempts, rng)
+    a, b = (int(c.lstrip("c")) for c in held.name.split(","))
+    return Reservation((a, b), held)
 
 
 def reserve_static(directory: Path, pair: tuple[int, int]) -> Reservation:
     """Reserve a given pair; fails if a live sandbox holds it."""
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    found = _try_reserve(directory, tuple(sorted(pair)))  # type: ignore[arg-type]
-    if found is None:
+    lo, hi = sorted(pair)
+    held = reservations.try_reserve(directory, _name((lo, hi)))
+    if held is None:
         raise ConfinementError(f"MCS pair c{pair[0]},c{pair[1]} is in use by another sandbox")
-    return found
+    return Reservation((lo, hi), held)

@@ -12,6 +12,7 @@ import ctypes
 import logging
 import os
 import pwd
+import random
 import re
 import time
 from collections.abc import Iterator
@@ -22,7 +23,7 @@ from pathlib import Path
 from .. import mounts, runtime
 from ..errors import ConfinementError, UsageError
 from ..process import FORWARDED, ignore, set_name, set_parent_death_signal
-from . import audit, cgroups, idmap, libselinux, mcs
+from . import audit, cgroups, idmap, libselinux, mcs, reservations
 
 log = logging.getLogger(__name__)
 
@@ -79,21 +80,27 @@ PR_SET_SECUREBITS = 28
 # a uid change keeps the capabilities we chose to keep.
 SECURE_NOROOT_NOFIXUP = 0x1 | 0x2 | 0x4 | 0x8
 PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE = 47, 2
-CAP_DAC_READ_SEARCH = 2
+CAP_CHOWN, CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER, CAP_FSETID = 0, 1, 2, 3, 4
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 SYS_CAPSET = 126  # x86-64
 
+# QEMU as `nobody` on the host: a sandbox started by root runs its command
+# as root, which reads every file; QEMU serves those reads over 9p.  This
+# lets it read and search everything and nothing more: no writes, no
+# ownership, and the root it exports is read-only.
+READ_ONLY_CAPS = (CAP_DAC_READ_SEARCH,)
+# QEMU as root of its own user namespace, for read-write shares (idmap.py):
+# what root's writes on the host rely on (write any file, keep setuid bits
+# on a write, chown, chmod and utimes of others' files).  They count only
+# for the idmapped shares and root, whose files map into its namespace.
+SHARE_CAPS = (CAP_CHOWN, CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER, CAP_FSETID)
 
-def keep_read_search() -> None:
-    """After the switch to QEMU's uid, keep only CAP_DAC_READ_SEARCH, across exec.
+
+def keep_capabilities(caps: tuple[int, ...]) -> None:
+    """After the switch to QEMU's uid, keep only `caps`, across exec (bounding set too).
 
     Needs SECURE_NOROOT_NOFIXUP set before the uid change, so that the change
     keeps the capabilities this then narrows down.
-
-    A sandbox started by root runs its command as root, which reads every
-    file on the host; QEMU, as `nobody`, serves those reads over 9p.  This
-    capability lets it read and search everything and nothing more: no
-    writes, no ownership, and the root it exports is read-only.
     """
 
     class Header(ctypes.Structure):
@@ -105,15 +112,18 @@ def keep_read_search() -> None:
     # The bounding set too, so that nothing QEMU execs could ever regain more.
     last_cap = int(Path("/proc/sys/kernel/cap_last_cap").read_text())
     for cap in range(last_cap + 1):
-        if cap != CAP_DAC_READ_SEARCH and _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+        if cap not in caps and _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
             raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
-    bit = 1 << CAP_DAC_READ_SEARCH
-    data = (Data * 2)(Data(bit, bit, bit), Data(0, 0, 0))
+    bits = 0
+    for cap in caps:
+        bits |= 1 << cap  # all below 32
+    data = (Data * 2)(Data(bits, bits, bits), Data(0, 0, 0))
     hdr = Header(_LINUX_CAPABILITY_VERSION_3, 0)
     if _libc.syscall(SYS_CAPSET, ctypes.byref(hdr), data) != 0:
         raise OSError(ctypes.get_errno(), "capset")
-    if _libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, CAP_DAC_READ_SEARCH, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_CAP_AMBIENT)")
+    for cap in caps:
+        if _libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, cap, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAP_AMBIENT)")
 
 
 @dataclass
@@ -144,7 +154,8 @@ class Confinement:
     # (detached mount fd, mount point relative to the runtime dir).
     _views: dict[str, tuple[int, str]] = field(default_factory=dict)
     _userns: int | None = None
-    _inside: idmap.Owner | None = None  # QEMU's uid/gid inside its user namespace
+    _ids: reservations.Reservation | None = None  # the host id range of QEMU's user namespace
+    _host_id: int | None = None  # QEMU's uid and gid on the host in that namespace
 
     # ---- before QEMU ---------------------------------------------------
 
@@ -169,25 +180,27 @@ class Confinement:
         if self.show_label:
             log.warning("label %s", self.process_label or "none (SELinux is not in use)")
         self._cgroup = cgroups.create(f"sandbox-{os.getpid()}-{rundir.name}", self.limits, strict=self.strict_limits)
-        if self.user is not None:
-            os.chown(rundir, self.user.uid, self.user.gid)
+        if self.qemu_ids is not None:
+            os.chown(rundir, *self.qemu_ids)
         if self.file_label:
             self._stack.enter_context(libselinux.relabelled(rundir, self.file_label))
             for path in writable:
                 self._stack.enter_context(libselinux.relabelled(path, self.file_label))
 
     def _idmap_views(self, rundir: Path, shares: list[mounts.Share]) -> None:
-        """Let QEMU (as `nobody`) write read-write shares as their owner, without a chown."""
+        """Let QEMU act on read-write shares as root acts on the host, from a user namespace of its own (idmap.py)."""
         assert self.user is not None
-        owners = {idmap.Owner.of(str(s.host)) for s in shares if s.writable}
-        if len(owners) > 1:
-            raise ConfinementError(
-                "read-write shares with different owners cannot be served by one QEMU; share all but one copy-on-write"
-            )
-        owner = owners.pop()
-        self._userns = idmap.make_userns(idmap.swap_map(owner.uid, self.user.uid), idmap.swap_map(owner.gid, self.user.gid))
+
+        def draw(rng: random.Random) -> str:
+            return f"ids-{rng.randrange(idmap.ID_SLOTS)}"
+
+        self._ids = reservations.reserve_random(runtime.runtime_base() / "ids", draw, "id range for QEMU's user namespace")
+        self._stack.callback(self._ids.release)
+        base = idmap.slot_base(int(self._ids.name.removeprefix("ids-")))
+        id_map = idmap.shifted_map(base)
+        self._userns = idmap.make_userns(id_map, id_map)
         self._stack.callback(os.close, self._userns)
-        self._inside = owner
+        self._host_id = base
         trees = [("/", False)] + [(str(s.host), s.writable) for s in shares]
         for i, (path, writable) in enumerate(trees):
             if path in self._views:
@@ -196,13 +209,20 @@ class Confinement:
                 fd = idmap.idmapped_clone(path, self._userns, readonly=not writable)
             except OSError as exc:
                 raise ConfinementError(
-                    f"cannot share {path} with QEMU as {self.user.name}: its filesystem has no idmapped mounts "
+                    f"cannot share {path} read-write with QEMU as an unprivileged user: its filesystem has no idmapped mounts "
                     f"({os.strerror(exc.errno or 0)}); --qemu-user root runs QEMU as root instead"
                 ) from None
             self._stack.callback(os.close, fd)
             name = f"view{i}"
             (rundir / name).mkdir(mode=0o700)
             self._views[path] = (fd, name)
+
+    @property
+    def qemu_ids(self) -> tuple[int, int] | None:
+        """QEMU's uid and gid on the host (None: the launcher's own)."""
+        if self._host_id is not None:
+            return self._host_id, self._host_id
+        return (self.user.uid, self.user.gid) if self.user is not None else None
 
     def export_path(self, host: Path) -> Path:
         """The path QEMU exports for host directory `host` (relative to its cwd when idmapped)."""
@@ -239,9 +259,10 @@ class Confinement:
             if self._hidden and os.path.isdir(self._hidden):
                 _mount("tmpfs", self._hidden, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=4k,mode=755")
         if self.user is not None:
-            # In QEMU's user namespace (read-write shares) its ids are the
-            # tree owner's there; either way they are nobody's on the host.
-            uid, gid = (self._inside.uid, self._inside.gid) if self._inside is not None else (self.user.uid, self.user.gid)
+            # In its own user namespace (read-write shares) QEMU is root
+            # there and a reserved unprivileged id on the host; otherwise
+            # it is `nobody` (--qemu-user) on the host.
+            uid, gid = (0, 0) if self._userns is not None else (self.user.uid, self.user.gid)
             if self._userns is not None:
                 idmap.join_userns(self._userns)
             if _libc.prctl(PR_SET_SECUREBITS, SECURE_NOROOT_NOFIXUP, 0, 0, 0) != 0:
@@ -249,7 +270,7 @@ class Confinement:
             os.setgroups([])
             os.setgid(gid)
             os.setuid(uid)
-            keep_read_search()
+            keep_capabilities(SHARE_CAPS if self._userns is not None else READ_ONLY_CAPS)
         # Credential changes clear the parent-death signal: set it again.
         parent = os.getppid()
         set_parent_death_signal()
@@ -290,7 +311,7 @@ class Confinement:
             uid=os.getuid(),
             label=self.process_label,
             qemu_pid=self.qemu_pid,
-            qemu_uid=self.user.uid if self.user else os.getuid(),
+            qemu_uid=self.qemu_ids[0] if self.qemu_ids else os.getuid(),
             run=rundir.name,
             command=audit.summarize_argv(self.argv),
             shares=["/ (read-only)", *self.shares],

@@ -20,6 +20,7 @@ or another QEMU is never used: the run boots cold and rebuilds it.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import hashlib
@@ -125,25 +126,57 @@ PAGE = 4096
 _ZERO_PAGE = bytes(PAGE)
 
 
-def copy_nonzero_pages(src: int, dst: int, size: int) -> int:
-    """Copy the pages of `src` that are not all zeros into `dst` (already `size` long); returns bytes copied."""
+_libc = ctypes.CDLL(None, use_errno=True)
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """Free a range of a file's pages (reads give zeros again); os has no fallocate modes."""
+    if _libc.fallocate(fd, FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, ctypes.c_long(offset), ctypes.c_long(length)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"fallocate(PUNCH_HOLE): {os.strerror(err)}")
+
+
+def copy_nonzero_pages(src: int, dst: int, size: int, punch: bool = False) -> int:
+    """Copy the pages of `src` that are not all zeros into `dst` (already `size` long); returns bytes copied.
+
+    With `punch`, the zero pages of `src` are freed as they are found:
+    `src` is the guest RAM of a paused guest that zeroed its free memory,
+    and once it runs on, QEMU need not keep those pages resident.
+    """
     copied = 0
     chunk = 1 << 20
     zero_chunk = bytes(chunk)
+    zeros_from = -1  # start of the current run of zero pages (punch)
+
+    def zero_run_ends(at: int) -> None:
+        nonlocal zeros_from
+        if punch and zeros_from >= 0 and at > zeros_from:
+            punch_hole(src, zeros_from, at - zeros_from)
+        zeros_from = -1
+
     for start, length in data_extents(src, size):
+        zero_run_ends(start)
         pos = start
         while pos < start + length:
             data = os.pread(src, min(chunk, start + length - pos), pos)
             if not data:
                 break
-            if data != zero_chunk[: len(data)]:
+            if data == zero_chunk[: len(data)]:
+                if zeros_from < 0:
+                    zeros_from = pos
+            else:
                 view = memoryview(data)
                 for off in range(0, len(data), PAGE):
                     page = view[off : off + PAGE]
                     if page != _ZERO_PAGE[: len(page)]:
+                        zero_run_ends(pos + off)
                         os.pwrite(dst, page, pos + off)
                         copied += len(page)
+                    elif zeros_from < 0:
+                        zeros_from = pos + off
             pos += len(data)
+        zero_run_ends(pos)
     return copied
 
 
@@ -218,6 +251,20 @@ class Store:
             return
         shutil.rmtree(trash, ignore_errors=True)
 
+    FAILED_RETRY_S = 86400.0  # a build that failed is not tried again for a day (its inputs are in the key)
+
+    def mark_failed(self, reason: str) -> None:
+        """Remember that building this template failed, so that the next runs do not pay for it again."""
+        log.info("template %s could not be built (%s); not retried for a day", self.key, reason)
+        with contextlib.suppress(OSError):
+            (self.root / f"{self.key}.failed").write_text(reason + "\n")
+
+    def failed_recently(self) -> bool:
+        try:
+            return time.time() - (self.root / f"{self.key}.failed").stat().st_mtime < self.FAILED_RETRY_S
+        except OSError:
+            return False
+
     def try_lock(self) -> int | None:
         """The build lock's descriptor, for the one launcher that may build; None while another holds it."""
         fd = os.open(self.root / f"{self.key}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -246,7 +293,9 @@ class Builder:
 
     @classmethod
     def try_start(cls, store: Store, memory_bytes: int, qemu_version: str) -> Builder | None:
-        """A builder if this launcher may build the template now (none exists, nobody else builds it)."""
+        """A builder if this launcher may build the template now (none exists, nobody else builds it, no recent failure)."""
+        if store.failed_recently():
+            return None
         try:
             lock = store.try_lock()
         except OSError as exc:
@@ -264,6 +313,10 @@ class Builder:
             raise
 
     def close(self) -> None:
+        if self.lock_fd >= 0 and self.built is None and not self.store.path.exists():
+            # A build that failed leaves no lock for a template that never was.
+            with contextlib.suppress(OSError):
+                (self.store.root / f"{self.store.key}.lock").unlink()
         for name in ("ram_fd", "lock_fd"):
             fd = getattr(self, name)
             if fd >= 0:
@@ -311,7 +364,7 @@ class Builder:
         ram = os.open(tmp / "ram", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             os.ftruncate(ram, self.memory_bytes)
-            data = copy_nonzero_pages(self.ram_fd, ram, self.memory_bytes)
+            data = copy_nonzero_pages(self.ram_fd, ram, self.memory_bytes, punch=True)
         finally:
             os.close(ram)
         manifest = Manifest(
@@ -482,7 +535,7 @@ class RestoreRam:
             self.fd = -1
 
 
-SIDE_FILES = (".lock", ".lock-ram", ".holders")
+SIDE_FILES = (".lock", ".lock-ram", ".holders", ".failed")
 
 
 def prune(in_use: str | None) -> list[Path]:
