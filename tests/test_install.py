@@ -1,0 +1,120 @@
+"""Installing as a user would: the wheel `pip install .` builds holds the whole package, and runs from a fresh venv.
+
+CI installs the checkout editable, which imports straight from the tree and
+so never sees a package or data file the wheel leaves out.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import tomllib
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, run_tracked
+
+# What a build reads besides the package sources: none of it ships.
+NOT_SOURCES = shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__", ".mypy_cache", ".pytest_cache")
+
+
+def package_dirs() -> dict[str, str]:
+    """Package name -> its source directory, as pyproject.toml maps them."""
+    with open(REPO / "pyproject.toml", "rb") as f:
+        mapping: dict[str, str] = tomllib.load(f)["tool"]["setuptools"]["package-dir"]
+    return mapping
+
+
+def source_files(directory: str) -> list[str]:
+    """The files under `directory` (relative to it) that belong to the tree: tracked or not ignored."""
+    proc = subprocess.run(
+        ["git", "-C", str(REPO), "ls-files", "--cached", "--others", "--exclude-standard", "--", directory],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if proc.returncode == 0:
+        files = proc.stdout.splitlines()
+    else:  # not a git checkout (e.g. an unpacked sdist): what is there, without bytecode
+        root = REPO / directory
+        files = [str(p.relative_to(REPO)) for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+    return [str(Path(f).relative_to(directory)) for f in files if (REPO / f).is_file()]
+
+
+def expected_in_wheel() -> set[str]:
+    """Every file of every package directory, at the path it must have inside the wheel."""
+    mapping = package_dirs()
+    expected = set()
+    for name, directory in mapping.items():
+        # A directory mapped on its own (guest-init/ inside sandbox/, were it there) is counted once, as itself.
+        nested = [d for d in mapping.values() if d != directory and Path(d).is_relative_to(directory)]
+        for rel in source_files(directory):
+            if not any((Path(directory) / rel).is_relative_to(d) for d in nested):
+                expected.add(f"{name.replace('.', '/')}/{rel}")
+    return expected
+
+
+@pytest.fixture(scope="module")
+def workdir() -> Iterator[Path]:
+    """A temporary directory outside the checkout, removed afterwards."""
+    path = Path(tempfile.mkdtemp(prefix="sandbox-wheel-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def wheel(workdir: Path) -> Path:
+    """The wheel `pip wheel .` builds, from a copy of the tree (the build writes build/ and *.egg-info into it)."""
+    src = workdir / "src"
+    shutil.copytree(REPO, src, ignore=NOT_SOURCES, symlinks=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(workdir / "dist"), str(src)],
+        cwd=workdir, capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    (found,) = (workdir / "dist").glob("sandbox-*.whl")
+    return found
+
+
+def test_the_wheel_holds_every_package_and_file_of_the_tree(wheel: Path) -> None:
+    names = set(zipfile.ZipFile(wheel).namelist())
+    expected = expected_in_wheel()
+    source_packages = {str(Path(f).parent) for f in expected if f.endswith("/__init__.py")}
+    wheel_packages = {str(Path(f).parent) for f in names if f.endswith("/__init__.py")}
+    # sandbox/libvirt was once missing: every `sandbox run` died importing it.
+    assert {"sandbox/libvirt", "sandbox/guest_init"} <= source_packages
+    assert source_packages - wheel_packages == set()
+    assert sorted(expected - names) == []
+
+
+@pytest.mark.vm
+def test_the_installed_wheel_runs_a_sandbox(wheel: Path, workdir: Path) -> None:
+    venv = workdir / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    # This pip installs into the new venv: the wheel and its dependencies, from PyPI.
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "-q", str(wheel)],
+        cwd=workdir, capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    # As a user's shell would have it: no path into the checkout, a cwd outside it.
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+    where = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", "import sandbox.guestinit as g; print(g._source_dir())"],
+        cwd=workdir, env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert where.returncode == 0, where.stderr
+    assert Path(where.stdout.strip()).is_relative_to(venv), where.stdout
+
+    sandbox = str(venv / "bin" / "sandbox")
+    ok = run_tracked([sandbox, "run", "--", "sh", "-c", "echo hi"], cwd=workdir, env=env)
+    assert (ok.returncode, ok.stdout) == (0, b"hi\n"), ok.stderr
+    failed = run_tracked([sandbox, "run", "--", "sh", "-c", "echo oops >&2; exit 7"], cwd=workdir, env=env)
+    assert failed.returncode == 7, failed.stderr
+    assert b"oops\n" in failed.stderr
