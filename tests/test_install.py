@@ -6,7 +6,10 @@ so never sees a package or data file the wheel leaves out.
 
 from __future__ import annotations
 
+import ast
+import importlib.metadata
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -56,6 +59,37 @@ def expected_in_wheel() -> set[str]:
             if not any((Path(directory) / rel).is_relative_to(d) for d in nested):
                 expected.add(f"{name.replace('.', '/')}/{rel}")
     return expected
+
+
+def _normalized(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def third_party_imports() -> set[str]:
+    """Top-level names of the modules the package imports that are neither its own nor the standard library's."""
+    found: set[str] = set()
+    for path in (REPO / "sandbox").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                found.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                found.add(node.module.split(".")[0])
+    return found - set(sys.stdlib_module_names) - {"sandbox", "__future__"}
+
+
+def test_every_module_the_package_imports_is_declared() -> None:
+    with open(REPO / "pyproject.toml", "rb") as f:
+        project = tomllib.load(f)["project"]
+    requirements = [*project["dependencies"], *(r for extra in project["optional-dependencies"].values() for r in extra)]
+    declared = {_normalized(re.split(r"[ \[<>=!~;]", r, maxsplit=1)[0]) for r in requirements}
+    providers = importlib.metadata.packages_distributions()
+    # A module not installed here is assumed to come from the distribution of its own name.
+    undeclared = {
+        module for module in third_party_imports()
+        if not {_normalized(d) for d in providers.get(module, [module])} & declared
+    }  # fmt: skip
+    assert {"psutil", "Xlib"} <= third_party_imports()
+    assert undeclared == set()
 
 
 @pytest.fixture(scope="module")
