@@ -89,6 +89,7 @@ def _verb_parsers() -> dict[str, Callable[[Any], None]]:
         ls = sub.add_parser("list", help="running sandboxes (--all: exited ones too)")
         ls.add_argument("-a", "--all", action="store_true", help="exited sandboxes too")
         ls.add_argument("--json", action="store_true", help="as JSON, with more fields")
+        ls.add_argument("-q", "--quiet", action="store_true", help="only the names, one a line (quick: shell completion uses it)")
 
     def _add_info(sub: Any) -> None:
         info = sub.add_parser("info", help="one sandbox in detail")
@@ -281,6 +282,10 @@ def _finish_run(args: argparse.Namespace, result: Any) -> int:
 def _list(args: argparse.Namespace) -> int:
     from . import lifecycle
 
+    if args.quiet:
+        for name in lifecycle.names(args.all):
+            print(name)
+        return 0
     data = lifecycle.rows(args.all)
     print(json.dumps(data, indent=2) if args.json else lifecycle.format_rows(data))
     return 0
