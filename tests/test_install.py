@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, run_tracked
+from sandbox import __version__
 
 # What a build reads besides the package sources: none of it ships.
 NOT_SOURCES = shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__", ".mypy_cache", ".pytest_cache")
@@ -152,3 +153,71 @@ def test_the_installed_wheel_runs_a_sandbox(wheel: Path, workdir: Path) -> None:
     failed = run_tracked([sandbox, "run", "--", "sh", "-c", "echo oops >&2; exit 7"], cwd=workdir, env=env)
     assert failed.returncode == 7, failed.stderr
     assert b"oops\n" in failed.stderr
+
+
+def _login_path(key: str) -> str:
+    """Debian's PATH for root (ENV_SUPATH) or a user (ENV_PATH), from /etc/login.defs."""
+    for line in Path("/etc/login.defs").read_text().splitlines():
+        fields = line.split()
+        if len(fields) == 2 and fields[0] == key:
+            return fields[1].removeprefix("PATH=")
+    pytest.fail(f"no {key} in /etc/login.defs")
+
+
+def test_setup_makes_sandbox_and_man_sandbox_ours(tmp_path: Path) -> None:
+    # setup.sh's own line, staged under DESTDIR instead of writing /usr/local.
+    lines = [line for line in (REPO / "setup.sh").read_text().splitlines() if "sandbox.install" in line and not line.startswith("#")]
+    assert len(lines) == 1, lines
+    proc = subprocess.run(["sh", "-c", lines[0]], cwd=REPO, env=dict(os.environ, DESTDIR=str(tmp_path)),
+                          capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    local = tmp_path / "usr" / "local"
+    assert (local / "bin" / "sandbox").resolve() == (REPO / ".venv" / "bin" / "sandbox").resolve()
+
+    # policycoreutils (setup.sh installs it) has /usr/bin/sandbox and sandbox(8): ours come first.
+    for key in ("ENV_SUPATH", "ENV_PATH"):
+        path = _login_path(key)
+        assert "/usr/local/bin" in path.split(":")
+        found = subprocess.run(["sh", "-c", "command -v sandbox && sandbox --version"], env={"PATH": path.replace("/usr/local/bin", str(local / "bin"))},
+                               capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+        assert found.stdout == f"{local}/bin/sandbox\nsandbox {__version__}\n", (key, found.stderr)
+    man = subprocess.run(["man", "-w", "sandbox"], env=dict(os.environ, MANPATH=f"{local}/share/man:/usr/share/man"),
+                         capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    assert man.stdout.strip() == f"{local}/share/man/man1/sandbox.1", man.stderr
+    assert "/usr/local/share/man" in subprocess.run(["manpath"], capture_output=True, text=True, check=True).stdout.strip().split(":")
+
+    # bash-completion (setup.sh installs it) loads ours on the first <Tab> after `sandbox`.
+    loader = Path("/usr/share/bash-completion/bash_completion")
+    assert loader.exists(), "bash-completion is not installed (./setup.sh installs it)"
+    loaded = subprocess.run(["bash", "--norc", "--noprofile", "-c", f"source {loader}; __load_completion sandbox && complete -p sandbox"],
+                            env=dict(os.environ, XDG_DATA_DIRS=f"{local}/share:/usr/share"),
+                            capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    assert loaded.stdout.strip() == "complete -F _sandbox sandbox", loaded.stderr
+
+    # Again: it replaces its own link and files (setup.sh runs again on every update).
+    again = subprocess.run(["sh", "-c", lines[0]], cwd=REPO, env=dict(os.environ, DESTDIR=str(tmp_path)),
+                           capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    assert again.returncode == 0, again.stderr
+
+
+def test_install_refuses_to_replace_a_file_it_did_not_put_there(tmp_path: Path) -> None:
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "sandbox").write_text("#!/bin/sh\n")
+    proc = subprocess.run([sys.executable, "-m", "sandbox.install", "--prefix", str(tmp_path)], capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 125
+    assert proc.stderr == f"sandbox: {tmp_path}/bin/sandbox exists and is not a link (another installation?): remove it, or choose another --prefix\n"
+    assert (tmp_path / "bin" / "sandbox").read_text() == "#!/bin/sh\n"
+
+
+def test_install_says_when_another_sandbox_comes_first_on_path(tmp_path: Path) -> None:
+    # As with a PATH that has /usr/bin (SELinux's sandbox) before the prefix.
+    other = tmp_path / "other" / "sandbox"
+    other.parent.mkdir()
+    other.write_text("#!/bin/sh\n")
+    other.chmod(0o755)
+    prefix = tmp_path / "prefix"
+    env = dict(os.environ, PATH=f"{other.parent}:{prefix / 'bin'}")
+    proc = subprocess.run([sys.executable, "-m", "sandbox.install", "--prefix", str(prefix)], env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == f"note: `sandbox` on this PATH is {other}: put {prefix / 'bin'} first"
+    assert (prefix / "bin" / "sandbox").resolve() == (Path(sys.executable).parent / "sandbox").resolve()
