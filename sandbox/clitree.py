@@ -30,14 +30,6 @@ class Option:
     path: bool  # its value names a file or directory
     is_help: bool  # -h/--help, which every verb has
 
-    @property
-    def label(self) -> str:
-        """How --help would show it: `-t, --time S`."""
-        flags = ", ".join(self.flags)
-        if self.value is None:
-            return flags
-        return f"{flags}[={self.value}]" if self.optional_value else f"{flags} {self.value}"
-
 
 @dataclass(frozen=True)
 class Argument:
@@ -62,7 +54,11 @@ class Argument:
         if self.remainder:
             return self.name
         name = self.name.upper()
-        return {None: name, "?": f"[{name}]", "+": f"{name}...", "*": f"[{name}...]"}.get(self.nargs, name)  # type: ignore[arg-type]
+        if self.nargs == "?":
+            return f"[{name}]"
+        if self.nargs == "+":
+            return f"{name}..."
+        return f"[{name}...]" if self.nargs == "*" else name
 
 
 @dataclass(frozen=True)
