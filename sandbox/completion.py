@@ -91,8 +91,8 @@ _sandbox() {
         w=${COMP_WORDS[i]}
         if [[ -n $value_of ]]; then
             value_of=""
-        elif [[ $w == "=" ]]; then
-            i=$((i + 1))  # A=B, split by bash: one word with the one before
+        elif [[ $w == "=" || $w == ":" ]]; then
+            i=$((i + 1))  # A=B or HOST:GUEST, split by bash: one word with the ones around it
         elif [[ $w == "--" && " $args " == *" command "* ]]; then
             command_at=$((i + 1))
             break

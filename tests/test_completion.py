@@ -60,8 +60,9 @@ def test_run_options_and_their_choices(complete: Complete) -> None:
     run = sub_parsers(build_parser())["run"]
     assert set(complete("run", "-")) == flags(run)
     assert complete("run", "--ti") == ["--timeout", "--timings"]
-    # Options before the cursor are skipped, with their values.
+    # Options before the cursor are skipped, with their values (bash splits HOST:GUEST and A=B).
     assert set(complete("run", "--timeout", "5", "--share", "/tmp", "--")) == {f for f in flags(run) if f.startswith("--")}
+    assert complete("run", "--share", "/tmp", ":", "/x", ":", "ro", "--net", "nat", "=", "n1", "--ti") == ["--timeout", "--timings"]
     assert complete("run", "--accel", "") == ["auto", "kvm", "tcg"]
     assert complete("run", "--x11", "xpra", "--security", "s") == ["selinux"]
     # --timings=json: bash splits it at '='.
