@@ -10,7 +10,8 @@ if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
         xvfb xserver-xephyr x11-apps x11-utils xdotool xauth imagemagick \
         selinux-policy-default selinux-utils policycoreutils semodule-utils checkpolicy selinux-policy-dev make \
         passt dnsmasq-base nftables iproute2 radvd iperf3 \
-        libvirt-daemon-system libvirt-dev pkg-config python3-dev
+        libvirt-daemon-system libvirt-dev pkg-config python3-dev \
+        man-db bash-completion
     # --x11=xpra: with its recommends (codecs, PIL), as tested; its client
     # paints through cairo, which Debian's package does not pull in.
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q xpra python3-gi-cairo
@@ -25,3 +26,8 @@ python3 -m venv .venv
 # Bytecode now: an environment with PYTHONDONTWRITEBYTECODE (as here) would
 # otherwise compile the launcher's modules on every run (~70 ms).
 .venv/bin/python -m compileall -q sandbox
+# `sandbox` and `man sandbox` are this tool's, not SELinux's (policycoreutils'
+# /usr/bin/sandbox and sandbox(8)): /usr/local/bin comes first on Debian's
+# PATH, and man reads section 1 before 8.  Links .venv/bin/sandbox, writes
+# the man page and the bash completion, generated from the parser.
+if [ "$(id -u)" -eq 0 ]; then .venv/bin/python -m sandbox.install --prefix /usr/local; fi

@@ -48,8 +48,9 @@ def _verb_parsers() -> dict[str, Callable[[Any], None]]:
         _add_vm_options(run)
         run.add_argument("--timeout", type=options.positive, metavar="S", help="kill the VM after S seconds (exit 124)")
         tty = run.add_mutually_exclusive_group()
-        tty.add_argument("-t", "--tty", dest="tty", action="store_const", const=True, default=None)
-        tty.add_argument("-T", "--no-tty", dest="tty", action="store_const", const=False)
+        tty.add_argument("-t", "--tty", dest="tty", action="store_const", const=True, default=None,
+                         help="give the command a terminal (default: when stdin is one)")
+        tty.add_argument("-T", "--no-tty", dest="tty", action="store_const", const=False, help="no terminal, even when stdin is one")
         fs = run.add_argument_group("files (default: the host's files, copy-on-write under /home, $HOME, /tmp and the cwd)")
         fs.add_argument("--share", action="append", default=[], metavar="HOST[:GUEST][:ro|rw|cow]",
                         help="show a host directory in the guest (default mode cow; \\: escapes a colon)")
@@ -61,7 +62,7 @@ def _verb_parsers() -> dict[str, Callable[[Any], None]]:
         fs.add_argument("--home", type=Path, metavar="DIR", help="share DIR read-write as the home directory")
         run.add_argument("--timings", nargs="?", const="text", choices=("text", "json"), help="print the phase breakdown")
         run.add_argument("--x11", nargs="?", const="xephyr", choices=("xephyr", "xpra"), help="show X11 apps in a nested server")
-        run.add_argument("--x11-size", default="1024x768", metavar="WxH")
+        run.add_argument("--x11-size", default="1024x768", metavar="WxH", help="the nested display's size (default 1024x768)")
         life = run.add_argument_group("naming (see sandbox list)")
         life.add_argument("--name", metavar="NAME", help="name the sandbox (default: a generated one)")
         life.add_argument("-d", "--detach", action="store_true", help="run in the background: stdin /dev/null, output to `sandbox logs`")
@@ -72,8 +73,8 @@ def _verb_parsers() -> dict[str, Callable[[Any], None]]:
     def _add_bench(sub: Any) -> None:
         bench = sub.add_parser("bench", help="time many sandboxes, phase by phase")
         _add_vm_options(bench)
-        bench.add_argument("--runs", type=int, default=10)
-        bench.add_argument("--warmup", type=int, default=1)
+        bench.add_argument("--runs", type=int, default=10, metavar="N", help="timed runs (default 10)")
+        bench.add_argument("--warmup", type=int, default=1, metavar="N", help="untimed runs first (default 1)")
         bench.add_argument("--json", type=Path, metavar="FILE", help="save the results as JSON")
         bench.add_argument("--plot", type=Path, metavar="FILE.png", help="draw a stacked bar chart (needs matplotlib)")
         bench.add_argument("--no-confine", action="store_true", help="measure without the confinement walls")
@@ -86,18 +87,19 @@ def _verb_parsers() -> dict[str, Callable[[Any], None]]:
 
     def _add_list(sub: Any) -> None:
         ls = sub.add_parser("list", help="running sandboxes (--all: exited ones too)")
-        ls.add_argument("-a", "--all", action="store_true")
-        ls.add_argument("--json", action="store_true")
+        ls.add_argument("-a", "--all", action="store_true", help="exited sandboxes too")
+        ls.add_argument("--json", action="store_true", help="as JSON, with more fields")
+        ls.add_argument("-q", "--quiet", action="store_true", help="only the names, one a line (quick: shell completion uses it)")
 
     def _add_info(sub: Any) -> None:
         info = sub.add_parser("info", help="one sandbox in detail")
         info.add_argument("name")
-        info.add_argument("--json", action="store_true")
+        info.add_argument("--json", action="store_true", help="as JSON")
 
     def _add_logs(sub: Any) -> None:
         logs = sub.add_parser("logs", help="a detached sandbox's output")
         logs.add_argument("name")
-        logs.add_argument("-f", "--follow", action="store_true")
+        logs.add_argument("-f", "--follow", action="store_true", help="keep printing while the sandbox runs")
 
     def _add_wait(sub: Any) -> None:
         wait = sub.add_parser("wait", help="wait for a sandbox to end; exit with its status")
@@ -136,7 +138,7 @@ def _verb_parsers() -> dict[str, Callable[[Any], None]]:
     def _add_rm(sub: Any) -> None:
         rm = sub.add_parser("rm", help="forget an exited sandbox (-f: kill a running one first)")
         rm.add_argument("name", nargs="+")
-        rm.add_argument("-f", "--force", action="store_true")
+        rm.add_argument("-f", "--force", action="store_true", help="kill a running sandbox first")
 
     def _add_net(sub: Any) -> None:
         net = sub.add_parser("net", help="virtual networks for --net nat=NAME (root)")
@@ -147,10 +149,10 @@ def _verb_parsers() -> dict[str, Callable[[Any], None]]:
         create.add_argument("--ipv6", metavar="PREFIX/64", help="a /64, routed when global (default: a generated ULA /64)")
         create.add_argument("--nat66", action="store_true", help="NAT the IPv6 prefix too (for a ULA prefix that is not routed)")
         nls = nsub.add_parser("list", help="the networks")
-        nls.add_argument("--json", action="store_true")
+        nls.add_argument("--json", action="store_true", help="as JSON")
         ninfo = nsub.add_parser("info", help="one network and its sandboxes")
         ninfo.add_argument("name")
-        ninfo.add_argument("--json", action="store_true")
+        ninfo.add_argument("--json", action="store_true", help="as JSON")
         ndestroy = nsub.add_parser("destroy", help="take a network down and forget it (refused while in use)")
         ndestroy.add_argument("name")
 
@@ -280,6 +282,10 @@ def _finish_run(args: argparse.Namespace, result: Any) -> int:
 def _list(args: argparse.Namespace) -> int:
     from . import lifecycle
 
+    if args.quiet:
+        for name in lifecycle.names(args.all):
+            print(name)
+        return 0
     data = lifecycle.rows(args.all)
     print(json.dumps(data, indent=2) if args.json else lifecycle.format_rows(data))
     return 0

@@ -119,6 +119,11 @@ def rows(include_exited: bool) -> list[dict[str, Any]]:
     return [d for e in registry.entries() if (d := describe(e))["state"] == "running" or include_exited]
 
 
+def names(include_exited: bool) -> list[str]:
+    """What `sandbox list -q` prints: the names alone, without reading each QEMU's figures."""
+    return [e.name for e in registry.entries() if include_exited or e.running()]
+
+
 def _uptime(seconds: float) -> str:
     s = int(seconds)
     return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"

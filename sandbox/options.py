@@ -114,9 +114,10 @@ VM: tuple[Option, ...] = (
     Option(("--kernel",), "kernel", {"type": Path, "help": "kernel image (default: newest /boot/vmlinuz-* with 9p)"}),
     Option(("--accel",), "accel", {"choices": ("auto", "kvm", "tcg"), "help": "default: SANDBOX_ACCEL, the config file, or auto"}),
     Option(("--qemu",), "qemu", {"help": "QEMU binary (default: qemu-system-x86_64)"}),
-    Option(("--machine",), "machine", {"choices": ("auto", "microvm", "q35"), "default": "auto"}),
+    Option(("--machine",), "machine", {"choices": ("auto", "microvm", "q35"), "default": "auto",
+                                       "help": "QEMU machine type (default auto: microvm when this QEMU has it)"}),
     Option(("--memory",), "memory_mb", {"type": guest_memory, "default": 512, "metavar": "SIZE", "help": "guest RAM (default 512M)"}),
-    Option(("--cpus",), "cpus", {"type": cpus, "default": 1}),
+    Option(("--cpus",), "cpus", {"type": cpus, "default": 1, "metavar": "N", "help": "guest vCPUs (default 1, at most the host's CPUs)"}),
     Option(("--cpu-model",), "cpu_model", {"metavar": "MODEL", "help": "QEMU -cpu (default: host under KVM, x86-64-v2 under TCG)"}),
     Option(("--tb-size",), "tb_size_mb", {"type": int, "default": 24, "metavar": "MB", "help": "TCG translation cache size (default 24)"}),
     Option(("--boot-timeout",), "boot_timeout", {"type": positive, "metavar": "S", "help": "give up on a boot that stalls this long"}),
@@ -134,7 +135,8 @@ VM: tuple[Option, ...] = (
 )  # fmt: skip
 
 CONFINEMENT: tuple[Option, ...] = (
-    Option(("--security",), "security", {"choices": ("auto", "selinux", "none"), "default": "auto"}),
+    Option(("--security",), "security", {"choices": ("auto", "selinux", "none"), "default": "auto",
+                                         "help": "SELinux confinement for QEMU (default auto: when SELinux is enabled)"}),
     Option(("--label",), "label", {"metavar": "static:LABEL", "help": "a fixed SELinux label for QEMU"}),
     Option(("--show-label",), "show_label", {"action": "store_true", "help": "print the label in use to stderr"}),
     Option(("--qemu-user",), "qemu_user", {"metavar": "USER", "help": "run QEMU as this user when started as root (default: nobody)"}),

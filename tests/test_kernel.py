@@ -1,3 +1,4 @@
+import struct
 from pathlib import Path
 
 import pytest
@@ -86,6 +87,18 @@ def test_real_bzimage_header_version_and_pvh_extraction() -> None:
     elf = kernel.extract_vmlinux(k.image.read_bytes())
     assert elf[:4] == b"\x7fELF"
     assert kernel.has_pvh_note(elf)  # Debian's kernel has CONFIG_PVH=y
+
+
+def test_zstd_payload_is_extracted() -> None:
+    # Ubuntu's and Fedora's kernels are zstd-compressed; the build appends the ELF's size after the frame.
+    import zstandard
+
+    elf = b"\x7fELF" + bytes(range(256)) * 64
+    payload = zstandard.ZstdCompressor().compress(elf) + len(elf).to_bytes(4, "little")
+    image = bytearray(5 * 512)  # setup_sects 0 means 4, plus the boot sector
+    image[0x202:0x206] = b"HdrS"
+    struct.pack_into("<II", image, 0x248, 0, len(payload))
+    assert kernel.extract_vmlinux(bytes(image) + payload) == elf
 
 
 def test_extract_refuses_non_bzimage() -> None:

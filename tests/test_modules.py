@@ -88,3 +88,14 @@ def test_real_module_signature_is_stripped() -> None:
     shentsize, shnum = struct.unpack_from("<HH", stripped, 0x3A)
     assert shoff + shentsize * shnum == len(stripped)
 
+
+
+def test_zstd_compressed_modules_are_decompressed(tmp_path: Path) -> None:
+    # Ubuntu's and Arch's kernels ship their modules as .ko.zst.
+    import zstandard
+
+    (tmp_path / "kernel").mkdir()
+    (tmp_path / "kernel/x.ko.zst").write_bytes(zstandard.ZstdCompressor().compress(b"\x7fELFmodule"))
+    (tmp_path / "modules.dep").write_text("kernel/x.ko.zst:\n")
+    [mod] = modules.resolve_in(tmp_path, ["x"])
+    assert modules.read_module(tmp_path, mod) == b"\x7fELFmodule"

@@ -154,7 +154,7 @@ def test_upstream_connects_back_and_guests_reach_each_other(lab: netlab.Lab, rou
               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(lab))  # fmt: skip
     try:
         assert a.stdout is not None and a.stdin is not None
-        lines = []
+        lines: list[str] = []
         while not lines or lines[-1] != "ready":
             line = a.stdout.readline().decode()
             assert line, a.stderr.read().decode() if a.stderr else ""
