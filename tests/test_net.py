@@ -14,6 +14,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -95,6 +96,43 @@ def test_net_user_reaches_the_upstream_over_ipv4_and_ipv6(lab: netlab.Lab, nobod
         env=nobody.env(), cwd="/", timeout=240,
     )  # fmt: skip
     assert ok(proc).strip() == str(lab.host6)
+
+
+HOST_SERVICE_PORT = 8081
+
+
+@pytest.fixture(scope="module")
+def host_service(lab: netlab.Lab) -> int:
+    """A server on every address of the lab's host (0.0.0.0 and ::), as a database or dev server would listen."""
+    lab.daemon(lab.host, sys.executable, "-c", netlab.HTTP_SERVER, str(HOST_SERVICE_PORT))
+    lab.wait_for(lambda: f":{HOST_SERVICE_PORT}" in lab.sh(lab.host, "ss", "-ltn").stdout, "the host's service")
+    return HOST_SERVICE_PORT
+
+
+def _reach(port: int, *targets: str) -> str:
+    """A guest script: for each target, 'TARGET ok' when it answered, 'TARGET no' otherwise."""
+    return "; ".join(f'if {WGET} http://{t}:{port}/ >/dev/null 2>&1; then echo "{t} ok"; else echo "{t} no"; fi' for t in targets)
+
+
+@pytest.mark.parametrize("who", ["root", "nobody"])
+def test_net_user_walls_off_every_address_of_the_host(lab: netlab.Lab, host_service: int, nobody: Nobody, who: str) -> None:
+    host_targets = [netlab.HOST4, f"[{lab.host6}]", f"[::ffff:{netlab.HOST4}]", "10.0.2.2", "0.0.0.0"]
+    script = _reach(host_service, *host_targets) + "; " + _reach(netlab.HTTP_PORT, netlab.UPSTREAM4, f"[{netlab.UPSTREAM6}]")
+    prefix = [] if who == "root" else nobody.prefix
+    proc = run_tracked(lab.ns(lab.host, *prefix, *SANDBOX, "run", "--net", "user", "--", "sh", "-c", script),
+                       env=_env(lab) if who == "root" else nobody.env(), cwd="/", timeout=240)  # fmt: skip
+    lines = ok(proc).splitlines()
+    assert lines == [f"{t} no" for t in host_targets] + [f"{netlab.UPSTREAM4} ok", f"[{netlab.UPSTREAM6}] ok"]
+    # One line says what was refused, and how to allow it.
+    notice = [ln for ln in proc.stderr.decode().splitlines() if "--net user:" in ln]
+    assert len(notice) == 1 and f"{netlab.HOST4}:{host_service}" in notice[0] and "--net user,host" in notice[0], proc.stderr
+
+
+def test_net_user_host_opens_the_host_on_purpose(lab: netlab.Lab, host_service: int) -> None:
+    # 10.0.2.2 is then the host's loopback, as slirp's gateway is.
+    targets = [netlab.HOST4, f"[{lab.host6}]", "10.0.2.2"]
+    out = ok(sandbox_in(lab, lab.host, "run", "--net", "user,host", "--", "sh", "-c", _reach(host_service, *targets)))
+    assert out.splitlines() == [f"{t} ok" for t in targets]
 
 
 def test_passt_goes_with_a_killed_launcher(lab: netlab.Lab) -> None:
@@ -242,7 +280,7 @@ def test_net_bridge_takes_the_lans_ra_prefix_and_dhcp(lab: netlab.Lab) -> None:
     [
         (("run", "--net", "nat=nope", "--", "true"), "no network nope (sandbox net create nope"),
         (("run", "--net", "bridge=nosuchbr", "--", "true"), "this host has no bridge nosuchbr"),
-        (("run", "--net", "wifi", "--", "true"), "--net wifi: not one of none, user, nat[=NAME], bridge=BRIDGE"),
+        (("run", "--net", "wifi", "--", "true"), "--net wifi: not one of none, user, user,host, nat[=NAME], bridge=BRIDGE"),
         (("run", "--net", "user", "--mac", "01:00:5e:00:00:01", "--", "true"), "a multicast address cannot be a guest's"),
         (("net", "create", "clash", "--ipv6", str(netlab.HOST_PREFIX)), "overlaps 2001:db8:1::/64 on h0"),
         (("net", "create", "clash", "--ipv4", "198.51.100.0/25"), "--ipv4 198.51.100.0/25 overlaps 198.51.100.0/24 on h0"),

@@ -27,9 +27,12 @@ class NetRequest:
     mode: str = "none"
     name: str = ""  # nat: the network; bridge: the host's bridge
     mac: str | None = None
+    host: bool = False  # user,host: the host's own services are reachable too
 
     @property
     def label(self) -> str:
+        if self.host:
+            return f"{self.mode},host"
         return f"{self.mode}={self.name}" if self.name else self.mode
 
     @property
@@ -39,10 +42,11 @@ class NetRequest:
 
 
 def parse(value: str, mac: str | None = None) -> NetRequest:
-    """--net's value: none, user, nat, nat=NAME or bridge=BRIDGE."""
-    mode, _, name = value.partition("=")
+    """--net's value: none, user, user,host, nat, nat=NAME or bridge=BRIDGE."""
+    host = value == "user,host"
+    mode, _, name = ("user", "", "") if host else value.partition("=")
     if mode not in MODES:
-        raise UsageError(f"--net {value}: not one of none, user, nat[=NAME], bridge=BRIDGE")
+        raise UsageError(f"--net {value}: not one of none, user, user,host, nat[=NAME], bridge=BRIDGE")
     if mode in ("none", "user") and name:
         raise UsageError(f"--net {value}: {mode} takes no name")
     if mode == "bridge" and not re.fullmatch(r"[A-Za-z0-9_.-]{1,15}", name):
@@ -55,7 +59,7 @@ def parse(value: str, mac: str | None = None) -> NetRequest:
         if mode == "none":
             raise UsageError("--mac needs a network (--net user, nat or bridge)")
         mac = addresses.parse_mac(mac)
-    return NetRequest(mode, name, mac)
+    return NetRequest(mode, name, mac, host)
 
 
 @dataclass(frozen=True)
@@ -115,7 +119,7 @@ def attach(req: NetRequest, rundir: Path) -> Iterator[Attachment | None]:
     elif req.mode == "user":
         from . import passt
 
-        with passt.start(rundir) as p:
+        with passt.start(rundir, host=req.host) as p:
             dns = (passt.DNS,) if p.ipv4 else ()
             ipv4 = f"{passt.GUEST_IPV4}/{passt.PREFIX_LEN}" if p.ipv4 else None
             yield Attachment(

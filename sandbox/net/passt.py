@@ -10,14 +10,17 @@ closes: with QEMU, or with a launcher killed before QEMU ran.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import socket
-import subprocess
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import process
 from ..process import set_parent_death_signal
+from . import wall
 from .links import NetworkError, has_default_route
 
 # What the guest sees (QEMU's slirp numbers, which users know).
@@ -30,9 +33,15 @@ DNS = "10.0.2.3"  # passt forwards queries sent here to the host's resolver
 MTU = 65520
 
 
-def argv(passt: str, fd: int, ipv4: bool, ipv6: bool) -> list[str]:
-    """passt in the foreground on descriptor `fd`, for one guest, forwarding no ports."""
-    args = [passt, "--foreground", "--quiet", "--one-off", "--fd", str(fd), "--no-map-gw", "-t", "none", "-u", "none"]
+def argv(passt: str, fd: int, ipv4: bool, ipv6: bool, host: bool = False) -> list[str]:
+    """passt in the foreground on descriptor `fd`, for one guest, forwarding no ports.
+
+    `host` (--net user,host): the gateway address reaches the host's own
+    loopback, as slirp's 10.0.2.2 does; otherwise it is nothing.
+    """
+    args = [passt, "--foreground", "--quiet", "--one-off", "--fd", str(fd), "-t", "none", "-u", "none"]
+    if not host:
+        args.append("--no-map-gw")
     if ipv4:
         args += ["--address", GUEST_IPV4, "--netmask", str(PREFIX_LEN), "--gateway", GATEWAY, "--dns-forward", DNS]
     else:
@@ -50,8 +59,8 @@ class Passt:
 
 
 @contextlib.contextmanager
-def start(rundir: Path) -> Iterator[Passt]:
-    """A running passt and the socket QEMU talks to it through."""
+def start(rundir: Path, host: bool = False) -> Iterator[Passt]:
+    """A running passt and the socket QEMU talks to it through; walled off from the host unless `host`."""
     ipv4, ipv6 = has_default_route(2), has_default_route(10)
     if not ipv4 and not ipv6:
         raise NetworkError("--net user: this host has no default route (neither IPv4 nor IPv6)")
@@ -62,25 +71,52 @@ def start(rundir: Path) -> Iterator[Passt]:
     with contextlib.ExitStack() as stack:
         stack.callback(theirs.close)
         stack.callback(ours.close)
-        log = open(rundir / "passt.log", "wb")
-        stack.callback(log.close)
-        proc = subprocess.Popen(
-            argv(binary, ours.fileno(), ipv4, ipv6),
-            pass_fds=(ours.fileno(),),
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-            preexec_fn=set_parent_death_signal,
-        )
+        child_fds: list[int] = []
+        setup: Callable[[], None] | None = None
+        taken: list[int | BaseException] = []
+        taker = None
+        if not host:
+            report_r, report_w = os.pipe2(os.O_CLOEXEC)
+            ack_r, ack_w = os.pipe2(os.O_CLOEXEC)
+            child_fds = [report_w, ack_r]
+            for fd in (report_r, ack_w):
+                stack.callback(os.close, fd)
+            own_userns = os.geteuid() != 0
 
-        def end() -> None:
-            proc.terminate()
-            try:
-                proc.wait(2)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            def setup() -> None:
+                wall.child_setup(report_w, ack_r, own_userns)
+                set_parent_death_signal()  # a new user namespace clears it
 
-        stack.callback(end)
+            def take() -> None:
+                try:
+                    taken.append(wall.take_listener(report_r, ack_w))
+                except BaseException as exc:  # noqa: BLE001 - handed to the starting thread
+                    taken.append(exc)
+
+            # Popen waits for the exec, and the child waits for us to have
+            # taken its listener: the taking happens in a thread.
+            taker = threading.Thread(target=take, name="sandbox-netwall-take", daemon=True)
+            taker.start()
+        try:
+            proc = process.spawn(argv(binary, ours.fileno(), ipv4, ipv6, host), rundir / "passt.log", (ours.fileno(),), preexec=setup)
+        finally:
+            for fd in child_fds:
+                os.close(fd)
+        stack.callback(lambda: process.stop(proc, timeout=2.0))
+        if taker is not None:
+            taker.join(10)
+            got = taken[0] if taken else NetworkError("--net user: passt's network wall was never set up")
+            if isinstance(got, BaseException):
+                raise NetworkError(f"--net user: cannot wall passt off from the host ({got})")
+            resolvers = wall.host_resolvers(_read("/etc/resolv.conf"))
+            stack.callback(wall.Wall(got, resolvers).close)
         ours.close()
         yield Passt(theirs.fileno(), ipv4, ipv6)
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read(1 << 16)
+    except OSError:
+        return ""
