@@ -279,7 +279,7 @@ def send_key(name: str, codeset: str, hold_ms: int, keys: list[str]) -> None:
     from . import keycodes
 
     linux = keycodes.parse_keys(codeset, keys)
-    qnums = [keycodes.to_set("qnum", code) for code in linux]
+    qnums = [keycodes.code_in("qnum", code) for code in linux]
     entry = registry.find(name)
     r = entry.record()
     if entry.state() != "running":
@@ -290,6 +290,9 @@ def send_key(name: str, codeset: str, hold_ms: int, keys: list[str]) -> None:
     if not r.keyboard:
         raise UsageError(f"sandbox {entry.name!r} has no keyboard (run it with --keyboard, or --x11)")
     with _monitor(_monitor_path(entry)) as qmp:
+        for code, q in zip(linux, qnums):
+            if q is None:
+                raise UsageError(f"{keycodes.key_name(code)} has no QEMU key number")
         qmp.execute("send-key", 5.0, {"keys": [{"type": "number", "data": q} for q in qnums], "hold-time": hold_ms})
 
 
