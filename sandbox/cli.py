@@ -326,11 +326,11 @@ def _kill(args: argparse.Namespace) -> int:
 
 
 def _send_key(args: argparse.Namespace) -> int:
-    from . import lifecycle
+    from . import sendkey
 
     if args.holdtime < 0:
         raise UsageError(f"--holdtime {args.holdtime}: must not be negative")
-    lifecycle.send_key(args.name, args.codeset, args.holdtime, args.keys)
+    sendkey.send_key(args.name, args.codeset, args.holdtime, args.keys)
     return 0
 
 
