@@ -118,9 +118,9 @@ def _verb_parsers() -> dict[str, Callable[[Any], None]]:
         key = sub.add_parser("send-key", help="press keys in a sandbox's keyboard (as virsh send-key)")
         key.add_argument("name")
         key.add_argument("--codeset", default="linux", metavar="SET",
-                         help="linux (default), xt, xt_kbd, atset1, atset2, atset3, usb, win32, osx, qnum")  # fmt: skip
+                         help="as virsh: linux (default), xt, atset1, atset2, atset3, os_x, xt_kbd, win32, usb, qnum (or rfb)")  # fmt: skip
         key.add_argument("--holdtime", type=int, default=100, metavar="MS", help="release after MS (default 100)")
-        key.add_argument("keys", nargs="+", metavar="KEY", help="codes (decimal or 0x) or names (linux, win32, osx)")
+        key.add_argument("keys", nargs="+", metavar="KEY", help="codes (decimal or 0x) or names (linux, win32, os_x)")
 
     def _add_exec(sub: Any) -> None:
         ex = sub.add_parser("exec", help="run another command in a running sandbox (as its user, in its environment)")
@@ -332,11 +332,11 @@ def _kill(args: argparse.Namespace) -> int:
 
 
 def _send_key(args: argparse.Namespace) -> int:
-    from . import lifecycle
+    from . import sendkey
 
     if args.holdtime < 0:
         raise UsageError(f"--holdtime {args.holdtime}: must not be negative")
-    lifecycle.send_key(args.name, args.codeset, args.holdtime, args.keys)
+    sendkey.send_key(args.name, args.codeset, args.holdtime, args.keys)
     return 0
 
 

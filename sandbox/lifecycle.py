@@ -180,7 +180,7 @@ def _signal_launcher(entry: registry.Entry, signo: int) -> None:
 
 
 @contextlib.contextmanager
-def _monitor(path: str) -> Iterator[Any]:
+def open_monitor(path: str) -> Iterator[Any]:
     """A QMP session on a sandbox's monitor socket."""
     import socket
 
@@ -201,7 +201,8 @@ def _monitor(path: str) -> Iterator[Any]:
         sock.close()
 
 
-def _monitor_path(entry: registry.Entry) -> str:
+def monitor_path(entry: registry.Entry) -> str:
+    """Where a sandbox's QMP socket is (an attached QEMU's own)."""
     r = entry.record()
     return r.monitor if r.attached else str(entry.path / "monitor.sock")
 
@@ -217,10 +218,10 @@ def stop(entry: registry.Entry, grace: float = STOP_GRACE) -> int | None:
     if entry.record().attached:
         if entry.state() != "running":
             raise UsageError(f"sandbox {entry.name!r} is not running")
-        with _monitor(_monitor_path(entry)) as qmp:
+        with open_monitor(monitor_path(entry)) as qmp:
             qmp.execute("system_powerdown", 5.0)
         if entry.wait(grace) is None and entry.running():
-            with contextlib.suppress(Exception), _monitor(_monitor_path(entry)) as qmp:
+            with contextlib.suppress(Exception), open_monitor(monitor_path(entry)) as qmp:
                 qmp.execute("quit", 5.0)
             entry.wait(30)
         return None
@@ -277,25 +278,6 @@ def remove(entry: registry.Entry, force: bool) -> None:
             raise UsageError(f"sandbox {entry.name!r} is running (sandbox stop it, or rm -f)")
         kill(entry)
     entry.remove()
-
-
-def send_key(name: str, codeset: str, hold_ms: int, keys: list[str]) -> None:
-    """Press `keys` together and release them after `hold_ms`, through the sandbox's monitor (as virsh send-key)."""
-    from . import keycodes
-
-    linux = keycodes.parse_keys(codeset, keys)
-    qnums = [keycodes.to_set("qnum", code) for code in linux]
-    entry = registry.find(name)
-    r = entry.record()
-    if entry.state() != "running":
-        raise UsageError(f"sandbox {entry.name!r} is not running")
-    if r.x11_display is not None:
-        _xtest_keys(r.x11_display, r.x11_auth, linux, hold_ms)
-        return
-    if not r.keyboard:
-        raise UsageError(f"sandbox {entry.name!r} has no keyboard (run it with --keyboard, or --x11)")
-    with _monitor(_monitor_path(entry)) as qmp:
-        qmp.execute("send-key", 5.0, {"keys": [{"type": "number", "data": q} for q in qnums], "hold-time": hold_ms})
 
 
 EXEC_CONNECT_WAIT = 30.0  # s: a cold boot after a failed restore, under TCG
@@ -378,28 +360,3 @@ def exec_command(name: str, argv: list[str], env: dict[str, str], cwd: str | Non
         sock.close()
     status = int(reply.split()[1])
     return status if 0 <= status <= 255 else 125
-
-
-def _xtest_keys(display: int, auth: str, linux: list[int], hold_ms: int) -> None:
-    """Keys into an --x11 sandbox's nested X server, as XTEST fake input (X keycode = Linux code + 8)."""
-    from Xlib import X, error
-    from Xlib import display as xdisplay
-    from Xlib.ext import xtest
-
-    os.environ["XAUTHORITY"] = auth
-    try:
-        d = xdisplay.Display(f":{display}")
-    except (error.DisplayError, OSError) as exc:
-        raise UsageError(f"the sandbox's nested X server does not answer ({exc})") from None
-    try:
-        if not d.has_extension("XTEST"):
-            raise UsageError("the sandbox's nested X server has no XTEST extension")
-        for code in linux:
-            xtest.fake_input(d, X.KeyPress, code + 8)
-        d.sync()
-        time.sleep(hold_ms / 1000)
-        for code in reversed(linux):
-            xtest.fake_input(d, X.KeyRelease, code + 8)
-        d.sync()
-    finally:
-        d.close()

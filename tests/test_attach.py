@@ -75,7 +75,8 @@ def test_attached_qemu_is_listed_tainted_described_and_stopped(hand_qemu: tuple[
     assert info["Memory"].strip() == "256 MiB" and info["vCPUs"].strip() == "1" and info["Machine"].strip() == "microvm"
     assert info["Shares"].strip() == f"{share} (read-only)" and info["Disks"].strip() == str(share / "disk.img")
     assert info["Monitor"].strip() == str(share / "qmp.sock")
-    assert sb("send-key", name, "--codeset", "win32", "VK_RETURN").returncode == 0
+    no_keyboard = sb("send-key", name, "--codeset", "win32", "VK_RETURN")  # -nodefaults microvm: keys would go nowhere
+    assert no_keyboard.returncode == 125 and no_keyboard.stderr == f"sandbox: sandbox {name!r} has no keyboard device: QEMU would drop the keys\n".encode()
     no_exec = sb("exec", name, "--", "true")
     assert no_exec.returncode == 125 and b"was attached, not started here: exec needs the sandbox's own guest init" in no_exec.stderr
     refused = sb("attach", str(proc.pid))
@@ -105,3 +106,36 @@ def test_attach_refuses_what_it_cannot_steer(tmp_path: Path) -> None:
     finally:
         no_monitor.kill()
         no_monitor.wait()
+
+
+@pytest.mark.parametrize(
+    "args, keys, message",
+    [
+        (["-machine", "microvm", "-S", "-device", "virtio-keyboard-device"], ["KEY_A"], "'s guest is stopped (QEMU state 'prelaunch'): QEMU drops keys until it runs"),
+        (["-machine", "microvm", "-device", "virtio-keyboard-device"], ["KEY_A"], "'s virtio keyboard has no guest driver (yet): QEMU would drop the keys"),
+        (["-machine", "q35"], ["KEY_A", "KEY_MENU"], "cannot send KEY_MENU (Linux 139) to sandbox {name!r}: its PS/2 keyboard (/machine/unattached/device[11]/ps2kbd) has no AT set 2 code for it"),
+        (["-machine", "q35"], ["KEY_A", "KEY_F24"], "cannot send KEY_F24 (Linux 194) to sandbox {name!r}: QEMU 7.2."),
+        (["-machine", "q35"], ["KEY_A", "KEY_LEFTCTRL"], None),
+    ],
+)  # fmt: skip
+def test_send_key_to_an_attached_qemu_checks_its_keyboard(tmp_path: Path, args: list[str], keys: list[str], message: str | None) -> None:
+    # No guest: a QEMU paused, or running firmware with nothing to boot.
+    name = f"hand-{os.getpid()}-{time.monotonic_ns() % 100000}"
+    sock = tmp_path / "qmp.sock"
+    proc = subprocess.Popen(["qemu-system-x86_64", "-name", f"guest={name}", "-nodefaults", "-display", "none", "-m", "128", *args,
+                             "-qmp", f"unix:{sock},server=on,wait=off"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sb("attach", str(proc.pid)).returncode == 0
+        sent = sb("send-key", name, *keys)
+        if message is None:
+            assert sent.returncode == 0 and sent.stderr == b""
+        else:
+            err = sent.stderr.decode()
+            assert sent.returncode == 125 and err.count("\n") == 1 and message.format(name=name) in err, err
+    finally:
+        proc.kill()
+        proc.wait()
+        run_tracked([*SANDBOX, "rm", "-f", name], timeout=30)
