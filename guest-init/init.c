@@ -46,7 +46,7 @@
 
 #define NEWROOT "/newroot"
 #define MAX_GROUPS 256
-#define BUFSZ (256 * 1024)
+#define BUFSZ MUX_MAX_PAYLOAD
 
 extern char **environ;
 

@@ -86,7 +86,9 @@
  * guest for --x11 (its clients dial out) and by the host for --x11=xpra
  * (the host's xpra client dials in). */
 #define XPRA_DIR "/tmp/.sandbox-xpra" /* the xpra server's socket and ready FIFO */
-#define X11_HDR 9
+#define MUX_HDR 9 /* the header of a frame on a multiplexed port (X11, exec) */
+#define X11_HDR MUX_HDR
+#define MUX_MAX_PAYLOAD 262144 /* no frame is larger, either way (the init's BUFSZ) */
 
 /* `sandbox exec` frames on PORT_EXEC, same header as X11's (type, id, len):
  * host -> guest: EXEC_START (payload: NUL-terminated records "A<arg>",

@@ -48,6 +48,10 @@ class MachineError(SandboxError):
         self.log_tail = log_tail
 
 
+class GuestProtocolError(SandboxError):
+    """The guest broke the host/guest protocol (a hostile or broken guest): the run ends."""
+
+
 class BootStallError(MachineError):
     """The guest made no progress within the boot bound."""
 

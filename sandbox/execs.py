@@ -17,29 +17,29 @@ import os
 import select
 import selectors
 import socket
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .streams import recv_some, send_some, watch_writable
+from . import protocol
+from .errors import GuestProtocolError
+from .mux import MuxPort, encode
+from .streams import recv_some
 
 log = logging.getLogger(__name__)
 
-HEADER = struct.Struct("<cII")
 CHUNK = 64 * 1024
 REQUEST_MAX = 1 << 20
-START, STDIN, STDIN_EOF, SIGNAL = b"S", b"I", b"i", b"K"
-STDOUT, STDERR, EXIT = b"O", b"R", b"X"
+# A client's output not yet read: past this the port is not read either
+# (the guest waits), so a reader that never reads costs a bounded amount.
+PENDING_MAX = 4 << 20
+START, STDIN, STDIN_EOF, SIGNAL = protocol.EXEC_START, protocol.EXEC_STDIN, protocol.EXEC_STDIN_EOF, protocol.EXEC_SIGNAL
+STDOUT, STDERR, EXIT = protocol.EXEC_STDOUT, protocol.EXEC_STDERR, protocol.EXEC_EXIT
 
 
 def _writable(fd: int) -> bool:
     p = select.poll()
     p.register(fd, select.POLLOUT)
     return bool(p.poll(0))
-
-
-def frame(kind: bytes, pid: int, payload: bytes = b"") -> bytes:
-    return HEADER.pack(kind, pid, len(payload)) + payload
 
 
 def start_payload(argv: list[str], env: dict[str, str], cwd: str | None, tty: tuple[int, int] | None = None, closed: int = 0) -> bytes:
@@ -64,6 +64,7 @@ class Session:
     client: socket.socket
     fds: list[int]  # the client's stdin, stdout, stderr (ours to close)
     stdin_open: bool = True
+    stdin_file: bool = False  # a regular file (not pollable): read as the guest takes it
     status: int | None = None  # the process ended; told to the client once its output is written
     pending: dict[int, bytearray] = field(default_factory=lambda: {1: bytearray(), 2: bytearray()})
 
@@ -82,20 +83,19 @@ class ExecBridge:
         self.listener.listen(16)
         self.listener.setblocking(False)
         self.sel: selectors.BaseSelector | None = None
-        self.port: socket.socket | None = None
-        self.to_guest = bytearray()
-        self.from_guest = bytearray()
+        self.port = MuxPort("exec", (STDOUT, STDERR, EXIT), self._from_guest, self._congestion)
         self.sessions: dict[int, Session] = {}
         self.next_id = 1
 
     def attach(self, sel: selectors.BaseSelector, port: socket.socket) -> None:
-        self.sel, self.port = sel, port
+        self.sel = sel
         sel.register(self.listener, selectors.EVENT_READ, ("exec-listen", 0))
-        sel.register(port, selectors.EVENT_READ, ("exec-port", 0))
+        self.port.attach(sel, port)
 
     def close(self) -> None:
         for sid in list(self.sessions):
             self._end(sid, None)
+        self.port.close()
         self.listener.close()
         try:
             self.path.unlink()
@@ -107,10 +107,7 @@ class ExecBridge:
         if kind == "exec-listen":
             self._accept()
         elif kind == "exec-port":
-            if mask & selectors.EVENT_WRITE:
-                self._flush()
-            if mask & selectors.EVENT_READ:
-                self._from_guest_port()
+            self.port.on_event(mask)
         elif kind == "exec-stdin" and sid in self.sessions:
             self._stdin(sid)
         elif kind == "exec-client" and sid in self.sessions:
@@ -156,11 +153,15 @@ class ExecBridge:
         log.debug("exec: session %d: %s, fds %s", sid, request["argv"], list(fds))
         assert self.sel is not None
         self.sel.register(client, selectors.EVENT_READ, ("exec-client", sid))
-        self._send(frame(START, sid, payload))
+        self.port.send(START, sid, payload)
         try:
             self.sel.register(fds[0], selectors.EVENT_READ, ("exec-stdin", sid))
-        except (ValueError, PermissionError, OSError):  # e.g. a regular file on stdin: read it all now
-            self._stdin_all(sid)
+        except (ValueError, PermissionError, OSError):  # a regular file on stdin: read as the port drains
+            self.sessions[sid].stdin_file = True
+            self._feed_files()
+            return
+        if self.port.congested:
+            self.sel.unregister(fds[0])
 
     def _client(self, sid: int) -> None:
         s = self.sessions[sid]
@@ -168,12 +169,12 @@ class ExecBridge:
         if data is None:
             return
         if not data:  # the client is gone: so is its process
-            self._send(frame(SIGNAL, sid, b"9"))
+            self.port.send(SIGNAL, sid, b"9")
             self._end(sid, None)
             return
         for line in data.decode(errors="replace").splitlines():
             if line.startswith("K ") and line[2:].isdigit():
-                self._send(frame(SIGNAL, sid, line[2:].encode()))
+                self.port.send(SIGNAL, sid, line[2:].encode())
 
     def _stdin(self, sid: int) -> None:
         s = self.sessions[sid]
@@ -182,20 +183,27 @@ class ExecBridge:
         except OSError:
             data = b""
         if data:
-            self._send(frame(STDIN, sid, data))
+            self.port.send(STDIN, sid, data)
             return
         log.debug("exec: session %d: stdin EOF", sid)
         assert self.sel is not None
         self.sel.unregister(s.fds[0])
         s.stdin_open = False
-        self._send(frame(STDIN_EOF, sid))
+        self.port.send(STDIN_EOF, sid)
 
-    def _stdin_all(self, sid: int) -> None:
-        s = self.sessions[sid]
-        while data := os.read(s.fds[0], CHUNK):
-            self._send(frame(STDIN, sid, data))
-        s.stdin_open = False
-        self._send(frame(STDIN_EOF, sid))
+    def _feed_files(self) -> None:
+        """Regular files on stdin, a chunk at a time while the guest keeps up (never all at once)."""
+        for sid, s in list(self.sessions.items()):
+            while s.stdin_file and s.stdin_open and not self.port.congested:
+                try:
+                    data = os.read(s.fds[0], CHUNK)
+                except OSError:
+                    data = b""
+                if data:
+                    self.port.send(STDIN, sid, data)
+                else:
+                    s.stdin_open = False
+                    self.port.send(STDIN_EOF, sid)
 
     def _write_out(self, sid: int, n: int) -> None:
         """Output for the client's stdout (1) or stderr (2), one pipe buffer's worth once it is writable.
@@ -228,6 +236,7 @@ class ExecBridge:
                 buf.clear()
         elif not buf and registered:
             self.sel.unregister(s.fds[n])
+        self.port.hold(sid, len(s.pending[1]) + len(s.pending[2]) > PENDING_MAX)
         if s.status is not None and not s.pending[1] and not s.pending[2]:
             self._end(sid, s.status)
 
@@ -235,6 +244,7 @@ class ExecBridge:
         s = self.sessions.pop(sid, None)
         if s is None:
             return
+        self.port.hold(sid, False)
         assert self.sel is not None
         watched: list[socket.socket | int] = [s.client, s.fds[1], s.fds[2]]
         if s.stdin_open:
@@ -256,37 +266,35 @@ class ExecBridge:
 
     # ---- the guest's port --------------------------------------------------
 
-    def _send(self, data: bytes) -> None:
-        self.to_guest += data
-        self._flush()
-
-    def _flush(self) -> None:
-        assert self.port is not None and self.sel is not None
-        send_some(self.port, self.to_guest)
-        watch_writable(self.sel, self.port, ("exec-port", 0), bool(self.to_guest))
-
-    def _from_guest_port(self) -> None:
-        assert self.port is not None
-        data = recv_some(self.port, 256 * 1024)
-        if not data:
-            return
-        self.from_guest += data
-        while len(self.from_guest) >= HEADER.size:
-            kind, sid, length = HEADER.unpack_from(self.from_guest)
-            if len(self.from_guest) < HEADER.size + length:
-                break
-            payload = bytes(self.from_guest[HEADER.size : HEADER.size + length])
-            del self.from_guest[: HEADER.size + length]
-            s = self.sessions.get(sid)
-            log.debug("exec: frame %r for %d, %d bytes%s", kind, sid, length, "" if s else " (no session)")
-            if s is None:
+    def _congestion(self, congested: bool) -> None:
+        """The guest is not taking stdin as fast as clients send it: pause their stdin until it does."""
+        assert self.sel is not None
+        if not congested:
+            self._feed_files()
+        for sid, s in self.sessions.items():
+            if not s.stdin_open or s.stdin_file:
                 continue
-            if kind in (STDOUT, STDERR):
-                n = 1 if kind == STDOUT else 2
-                s.pending[n] += payload
-                self._write_out(sid, n)
-            elif kind == EXIT:
-                s.status = int(payload or b"125")
-                if not s.pending[1] and not s.pending[2]:
-                    self._end(sid, s.status)
-                # else: once _write_out has written the rest
+            try:
+                if congested:
+                    self.sel.unregister(s.fds[0])
+                else:
+                    self.sel.register(s.fds[0], selectors.EVENT_READ, ("exec-stdin", sid))
+            except (KeyError, ValueError, OSError):
+                pass  # a regular file (read whole already), or not registered
+
+    def _from_guest(self, kind: bytes, sid: int, payload: bytes) -> None:
+        s = self.sessions.get(sid)
+        log.debug("exec: frame %r for %d, %d bytes%s", kind, sid, len(payload), "" if s else " (no session)")
+        if s is None:
+            return
+        if kind in (STDOUT, STDERR):
+            n = 1 if kind == STDOUT else 2
+            s.pending[n] += payload
+            self._write_out(sid, n)
+        elif kind == EXIT:
+            if not payload.isdigit() or int(payload) > 255:
+                raise GuestProtocolError(f"the guest sent an exec status {payload[:20]!r}")
+            s.status = int(payload)
+            if not s.pending[1] and not s.pending[2]:
+                self._end(sid, s.status)
+            # else: once _write_out has written the rest

@@ -324,7 +324,26 @@ def exec_command(name: str, argv: list[str], env: dict[str, str], cwd: str | Non
         except OSError:
             size = (0, 0)
     request = json.dumps({"argv": argv, "env": env, "cwd": cwd, "tty": size, "closed": closed}).encode() + b"\n"
+
+    held: list[int] | None = []  # signals that came before the request went (None: it went)
+
+    def forward(signo: int, _frame: object) -> None:
+        if held is not None:
+            held.append(signo)
+            return
+        try:
+            sock.sendall(b"K %d\n" % signo)
+        except OSError:
+            pass
+
+    # Before the request: the process may run (and print) at once, and a
+    # signal that comes then is for it too.
+    old = {s: signal.signal(s, forward) for s in FORWARDED}
     socket.send_fds(sock, [request], [0, 1, 2])
+    early = held or []
+    held = None
+    for signo in early:
+        forward(signo, None)
     saved = None
     if tty and os.isatty(0):
         import termios
@@ -333,13 +352,6 @@ def exec_command(name: str, argv: list[str], env: dict[str, str], cwd: str | Non
         saved = termios.tcgetattr(0)
         ttymod.setraw(0)  # keys go to the guest's terminal as typed
 
-    def forward(signo: int, _frame: object) -> None:
-        try:
-            sock.sendall(b"K %d\n" % signo)
-        except OSError:
-            pass
-
-    old = {s: signal.signal(s, forward) for s in FORWARDED}
     try:
         reply = b""
         while not reply.endswith(b"\n"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 
 PORT_CONTROL = 1
@@ -21,6 +22,15 @@ PORT_NAMES = {
 }
 
 ROOT_TAG = "root"  # the 9p mount tag of the host's root
+
+# Multiplexed ports (X11, exec; sandbox/mux.py): type, id (LE), length (LE), payload.
+MUX_HEADER = struct.Struct("<cII")
+MUX_HDR = MUX_HEADER.size
+MUX_MAX_PAYLOAD = 256 * 1024  # the guest's buffer (BUFSZ): no frame is larger either way
+X11_OPEN, X11_DATA, X11_CLOSE, X11_READY = b"O", b"D", b"C", b"R"
+EXEC_START, EXEC_STDIN, EXEC_STDIN_EOF, EXEC_SIGNAL = b"S", b"I", b"i", b"K"
+EXEC_STDOUT, EXEC_STDERR, EXEC_EXIT = b"O", b"R", b"X"
+MAX_EXEC = 16  # processes the guest serves at once
 
 TTY_STDIN, TTY_STDOUT, TTY_STDERR = 1, 2, 4
 

@@ -19,14 +19,38 @@ def send_some(sock: socket.socket, pending: bytearray) -> bool:
     return True
 
 
-def watch_writable(sel: selectors.BaseSelector, sock: socket.socket, data: object, writable: bool) -> None:
-    """Read interest always; write interest only while bytes wait to go out."""
-    events = selectors.EVENT_READ | (selectors.EVENT_WRITE if writable else 0)
+def watch(sel: selectors.BaseSelector, sock: socket.socket, data: object, read: bool, write: bool) -> None:
+    """Watch `sock` for reading and/or writing, or not at all (then it is unregistered)."""
+    events = (selectors.EVENT_READ if read else 0) | (selectors.EVENT_WRITE if write else 0)
     try:
-        if sel.get_key(sock).events != events:
-            sel.modify(sock, events, data)
+        key = sel.get_key(sock)
+    except KeyError:
+        if events:
+            try:
+                sel.register(sock, events, data)
+            except ValueError:
+                pass  # closed meanwhile
+        return
+    except ValueError:
+        return  # closed meanwhile
+    if not events:
+        sel.unregister(sock)
+    elif key.events != events:
+        sel.modify(sock, events, data)
+
+
+def watch_writable(sel: selectors.BaseSelector, sock: socket.socket, data: object, writable: bool) -> None:
+    """Read interest always; write interest only while bytes wait to go out (nothing for an unregistered socket: EOF)."""
+    try:
+        sel.get_key(sock)
     except (KeyError, ValueError):
-        pass  # unregistered (EOF) or closed meanwhile
+        return
+    watch(sel, sock, data, True, writable)
+
+
+def watch_readable(sel: selectors.BaseSelector, sock: socket.socket, data: object, readable: bool, writable: bool) -> None:
+    """Read interest while `readable` (a paused source is not read), write interest while bytes wait."""
+    watch(sel, sock, data, readable, writable)
 
 
 def recv_some(sock: socket.socket, limit: int) -> bytes | None:

@@ -25,15 +25,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import process
-from .errors import SandboxError, ToolMissingError, UsageError
-from .streams import recv_some, send_some, watch_writable
+from . import process, protocol
+from .errors import GuestProtocolError, SandboxError, ToolMissingError, UsageError
+from .mux import MuxPort
+from .streams import recv_some, send_some, watch_readable
 
 log = logging.getLogger(__name__)
 
-OPEN, DATA, CLOSE, READY = b"O", b"D", b"C", b"R"
-HEADER = struct.Struct("<cII")
-MAX_FRAME = 256 * 1024
+OPEN, DATA, CLOSE, READY = protocol.X11_OPEN, protocol.X11_DATA, protocol.X11_CLOSE, protocol.X11_READY
+MAX_FRAME = protocol.MUX_MAX_PAYLOAD
+MAX_CONNS = 256  # X11 connections one guest may hold open to its nested server
+OUT_MAX = 4 << 20  # bytes for the nested server not yet taken: past this the port is not read
 GUEST_DISPLAY = 0
 COOKIE_NAME = b"MIT-MAGIC-COOKIE-1"
 FAMILY_LOCAL = 256
@@ -71,10 +73,6 @@ def rewrite_setup(message: bytes, cookie: bytes) -> bytes:
     return head + COOKIE_NAME + b"\0" * _pad(len(COOKIE_NAME)) + cookie + b"\0" * _pad(len(cookie))
 
 
-def frame(kind: bytes, conn: int, payload: bytes = b"") -> bytes:
-    return HEADER.pack(kind, conn, len(payload)) + payload
-
-
 @dataclass
 class _Conn:
     sock: socket.socket
@@ -95,11 +93,9 @@ class X11Session:
         self.cookie = secrets.token_bytes(16)
         self.proc: subprocess.Popen[bytes] | None = None
         self.dir: Path | None = None
-        self.port: socket.socket | None = None
+        self.port = MuxPort("x11", (OPEN, DATA, CLOSE, READY), self._from_guest, self._congestion)
         self.sel: selectors.BaseSelector | None = None
         self.conns: dict[int, _Conn] = {}
-        self.to_guest = bytearray()
-        self.from_guest = bytearray()
         self.pidfd = -1
         self.on_display_gone: Callable[[], None] | None = None
 
@@ -204,6 +200,7 @@ class X11Session:
         for conn in list(self.conns.values()):
             conn.sock.close()
         self.conns.clear()
+        self.port.close()
         if self.proc is not None:
             process.stop(self.proc, timeout=5)
         if self.pidfd >= 0:
@@ -217,19 +214,14 @@ class X11Session:
 
     def attach(self, sel: selectors.BaseSelector, port: socket.socket) -> None:
         self.sel = sel
-        self.port = port
-        port.setblocking(False)
-        sel.register(port, selectors.EVENT_READ, ("x11-port", 0))
+        self.port.attach(sel, port)
         if self.pidfd >= 0:
             sel.register(self.pidfd, selectors.EVENT_READ, ("x11-server", 0))
 
     def on_event(self, key: selectors.SelectorKey, mask: int) -> None:
         kind, conn_id = key.data
         if kind == "x11-port":
-            if mask & selectors.EVENT_WRITE:
-                self._flush_port()
-            if mask & selectors.EVENT_READ:
-                self._from_guest()
+            self.port.on_event(mask)
         elif kind == "x11-conn":
             conn = self.conns.get(conn_id)
             if conn is None:
@@ -247,38 +239,26 @@ class X11Session:
             if self.on_display_gone is not None:
                 self.on_display_gone()
 
-    def _send_guest(self, data: bytes) -> None:
-        self.to_guest += data
-        self._flush_port()
+    def _congestion(self, congested: bool) -> None:
+        """The guest is not taking the server's bytes as fast as they come: stop reading the server meanwhile."""
+        assert self.sel is not None
+        for cid, conn in self.conns.items():
+            watch_readable(self.sel, conn.sock, ("x11-conn", cid), not congested, bool(conn.out))
 
-    def _flush_port(self) -> None:
-        assert self.port is not None and self.sel is not None
-        send_some(self.port, self.to_guest)
-        watch_writable(self.sel, self.port, ("x11-port", 0), bool(self.to_guest))
-
-    def _from_guest(self) -> None:
-        assert self.port is not None and self.sel is not None
-        data = recv_some(self.port, MAX_FRAME)
-        if data is None:
-            return
-        if not data:
-            self.sel.unregister(self.port)
-            return
-        self.from_guest += data
-        while len(self.from_guest) >= HEADER.size:
-            kind, cid, length = HEADER.unpack_from(self.from_guest)
-            if len(self.from_guest) < HEADER.size + length:
-                break
-            payload = bytes(self.from_guest[HEADER.size : HEADER.size + length])
-            del self.from_guest[: HEADER.size + length]
-            if kind == READY:
-                self._on_ready()
-            elif kind == OPEN:
+    def _from_guest(self, kind: bytes, cid: int, payload: bytes) -> None:
+        if kind == READY:
+            self._on_ready()
+        elif kind == OPEN:
+            if cid in self.conns:
+                raise GuestProtocolError(f"the guest opened X11 connection {cid} twice")
+            if len(self.conns) >= MAX_CONNS:
+                self.port.send(CLOSE, cid)  # as a full server would refuse it
+            else:
                 self._open(cid)
-            elif kind == DATA and cid in self.conns:
-                self._to_server(cid, self.conns[cid], payload)
-            elif kind == CLOSE and cid in self.conns:
-                self._drop(cid, tell_guest=False)
+        elif kind == DATA and cid in self.conns:
+            self._to_server(cid, self.conns[cid], payload)
+        elif kind == CLOSE and cid in self.conns:
+            self._drop(cid, tell_guest=False)
 
     def guest_argv(self, argv: tuple[str, ...]) -> tuple[str, ...]:
         """The command as the guest runs it."""
@@ -295,11 +275,11 @@ class X11Session:
         except OSError as exc:
             log.warning("cannot reach the nested X server: %s", exc)
             sock.close()
-            self._send_guest(frame(CLOSE, cid))
+            self.port.send(CLOSE, cid)
             return
         sock.setblocking(False)
         self.conns[cid] = _Conn(sock)
-        self.sel.register(sock, selectors.EVENT_READ, ("x11-conn", cid))
+        watch_readable(self.sel, sock, ("x11-conn", cid), not self.port.congested, False)
 
     def _to_server(self, cid: int, conn: _Conn, payload: bytes) -> None:
         if not conn.authorized:
@@ -318,7 +298,8 @@ class X11Session:
         if not send_some(conn.sock, conn.out):
             self._drop(cid, tell_guest=True)
             return
-        watch_writable(self.sel, conn.sock, ("x11-conn", cid), bool(conn.out))
+        watch_readable(self.sel, conn.sock, ("x11-conn", cid), not self.port.congested, bool(conn.out))
+        self.port.hold(cid, len(conn.out) > OUT_MAX)
 
     def _from_server(self, cid: int, conn: _Conn) -> None:
         data = recv_some(conn.sock, MAX_FRAME)
@@ -327,12 +308,13 @@ class X11Session:
         if not data:
             self._drop(cid, tell_guest=True)
             return
-        self._send_guest(frame(DATA, cid, data))
+        self.port.send(DATA, cid, data)
 
     def _drop(self, cid: int, tell_guest: bool) -> None:
         conn = self.conns.pop(cid, None)
         if conn is None:
             return
+        self.port.hold(cid, False)
         assert self.sel is not None
         try:
             self.sel.unregister(conn.sock)
@@ -340,7 +322,7 @@ class X11Session:
             pass
         conn.sock.close()
         if tell_guest:
-            self._send_guest(frame(CLOSE, cid))
+            self.port.send(CLOSE, cid)
 
 
 # The guest side of --x11=xpra, run as the user in place of the command: an
@@ -439,11 +421,11 @@ class XpraSession(X11Session):
         self.next_id += 1
         sock.setblocking(False)
         self.conns[cid] = _Conn(sock, authorized=True)
-        self.sel.register(sock, selectors.EVENT_READ, ("x11-conn", cid))
-        self._send_guest(frame(OPEN, cid))
+        watch_readable(self.sel, sock, ("x11-conn", cid), not self.port.congested, False)
+        self.port.send(OPEN, cid)
 
     def _open(self, cid: int) -> None:
-        self._send_guest(frame(CLOSE, cid))  # the guest opens nothing in this mode
+        self.port.send(CLOSE, cid)  # the guest opens nothing in this mode
 
     def close(self) -> None:
         if self.listener is not None:

@@ -223,3 +223,15 @@ def test_without_its_supervisor_the_wall_fails_closed(filtered: Filtered, listen
     filtered.close_wall()
     assert filtered.ask(f"tcp4 127.0.0.1 {listener}") == errno.ENOSYS
     assert filtered.ask("sendto 198.51.100.77") == errno.ENOSYS
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1", "127.3.4.5", "::1", "198.51.100.77", "2001:db8::77", "255.255.255.255", "224.0.0.1"])
+def test_the_routing_question_agrees_with_ip_route_get(address: str) -> None:
+    proc = subprocess.run(["ip", "route", "get", address], capture_output=True, text=True, check=False)
+    words = proc.stdout.split()
+    own = bool(words) and words[0] in ("local", "broadcast", "multicast", "anycast")
+    routes = wall.Routes()
+    try:
+        assert routes.hosts_own(wall.Destination(ipaddress.ip_address(address), 80)) == own, proc.stdout
+    finally:
+        routes.close()

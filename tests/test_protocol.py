@@ -108,12 +108,14 @@ def _c_defines() -> dict[str, str]:
 
 def test_constants_match_the_guest_header() -> None:
     defines = _c_defines()
-    names = [n for n in dir(protocol) if re.fullmatch(r"(PORT|TTY|EXEC_STAGE|MOP)_[A-Z0-9_]+|ROOT_TAG", n) and n != "PORT_NAMES"]
-    assert len(names) >= 21
+    names = [n for n in dir(protocol) if re.fullmatch(r"(PORT|TTY|EXEC|MOP|X11|MUX)_[A-Z0-9_]+|ROOT_TAG|MAX_EXEC", n) and n not in ("PORT_NAMES", "MUX_HEADER")]
+    assert len(names) >= 36
     for name in names:
         value = getattr(protocol, name)
         c_value = defines[name]
-        if isinstance(value, str):
+        if isinstance(value, bytes):
+            assert c_value == f"'{value.decode()}'", name
+        elif isinstance(value, str):
             assert c_value in (f"'{value}'", f'"{value}"'), name
         else:
             assert int(c_value) == value, name

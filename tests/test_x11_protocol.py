@@ -2,7 +2,7 @@
 
 import struct
 
-from sandbox import x11
+from sandbox import mux, x11
 
 
 def client_setup(order: bytes, name: bytes, data: bytes) -> bytes:
@@ -31,8 +31,8 @@ def test_guest_supplied_credentials_are_replaced() -> None:
 
 
 def test_frames_and_xauth_records() -> None:
-    assert x11.frame(x11.DATA, 7, b"abc") == b"D" + struct.pack("<II", 7, 3) + b"abc"
-    assert len(x11.frame(x11.CLOSE, 1)) == 9
+    assert mux.encode(x11.DATA, 7, b"abc") == b"D" + struct.pack("<II", 7, 3) + b"abc"
+    assert len(mux.encode(x11.CLOSE, 1)) == 9
     rec = x11.xauth_entry(3, b"c" * 16, b"host")
     assert rec == struct.pack(">H", 256) + b"\0\x04host" + b"\0\x013" + b"\0\x12MIT-MAGIC-COOKIE-1" + b"\0\x10" + b"c" * 16
 
