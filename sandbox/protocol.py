@@ -197,29 +197,65 @@ class LogLine:
 GuestMessage = Stamp | ExecFailed | Finished | LogLine | LookedUp | OomKilled | Fatal
 
 
+# The init's phase stamps (guest-init/init.c): any other name is not ours.
+GUEST_PHASES = frozenset(
+    {"init_start", "tsc", "modules_loaded", "root_mounted", "ready", "spec_read", "net_ready", "command_exec", "command_exit", "poweroff"}
+)
+MAX_LINE = 4096  # a control line from the guest is never longer (the init's are at most 1 KiB)
+MAX_TEXT = 400  # characters of a guest's message shown to the user
+_EXEC_STAGES = frozenset({EXEC_STAGE_CREDS, EXEC_STAGE_CWD, EXEC_STAGE_EXEC, EXEC_STAGE_RLIMIT})
+_U64 = 1 << 64
+
+
+def printable(text: str, limit: int = MAX_TEXT) -> str:
+    """A guest's text made safe for the user's terminal: control characters escaped (as ps does), length bounded."""
+    out = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" if ord(c) < 0x100 else "?" for c in text[: limit + 1])
+    return out[:limit] + ("..." if len(text) > limit or len(out) > limit else "")
+
+
+def _number(text: str, low: int = 0, high: int = _U64) -> int:
+    if not (0 < len(text) <= 20 and (text.isdigit() or (text[0] == "-" and text[1:].isdigit()))):
+        raise ValueError(f"not a number: {text[:24]!r}")
+    value = int(text)
+    if not low <= value < high:
+        raise ValueError(f"out of range: {value}")
+    return value
+
+
 def parse_line(line: bytes) -> tuple[int, GuestMessage] | None:
-    """(guest send time in ns, message) for one control line, or None if malformed."""
+    """(guest send time in ns, message) for one control line, or None if malformed.
+
+    The guest is untrusted: every number is range-checked, phase names
+    must be the init's, and text is made printable and bounded.
+    """
     try:
+        if len(line) > MAX_LINE:
+            return None
         text = line.decode("utf-8", "replace").rstrip("\n")
         sent, kind, rest = (text.split(" ", 2) + ["", ""])[:3]
-        when = int(sent)
+        when = _number(sent)
         if kind == "T":
             phase, ns = rest.split(" ")
-            return when, Stamp(phase, int(ns))
+            if phase not in GUEST_PHASES:
+                return None
+            return when, Stamp(phase, _number(ns))
         if kind == "X":
             code, err, stage = rest.split(" ")
-            return when, ExecFailed(int(code), int(err), int(stage))
+            exec_stage = _number(stage)
+            if exec_stage not in _EXEC_STAGES:
+                return None
+            return when, ExecFailed(_number(code, 126, 128), _number(err, 0, 4096), exec_stage)
         if kind == "N":
-            return when, LookedUp(rest)
+            return when, LookedUp(printable(rest, 255))
         if kind == "O":
-            return when, OomKilled(int(rest))
+            return when, OomKilled(_number(rest, 0, 1 << 31))
         if kind == "E":
-            return when, Fatal(rest)
+            return when, Fatal(printable(rest))
         if kind == "S":
             status, out, err = rest.split(" ")
-            return when, Finished(int(status), int(out), int(err))
+            return when, Finished(_number(status, 0, 256), _number(out, 0, 1 << 63), _number(err, 0, 1 << 63))
         if kind == "L":
-            return when, LogLine(rest)
+            return when, LogLine(printable(rest))
     except ValueError:
         return None
     return None

@@ -20,6 +20,7 @@ from types import FrameType
 from typing import Any, BinaryIO, Protocol
 
 from . import protocol
+from .errors import GuestProtocolError
 from .backend import Guest
 from .process import FORWARDED
 from .streams import recv_some, send_some, watch_writable
@@ -30,6 +31,8 @@ log = logging.getLogger(__name__)
 CHUNK = 256 * 1024
 ESCALATE_AFTER = 5.0  # s after a forwarded signal before the VM is killed
 SHUTDOWN_GRACE = 3.0  # s for the guest to power off after our ack
+DRAIN_TIMEOUT = 10.0  # s without output after the status, for output the guest said it wrote
+CONSOLE_LOG_MAX = 8 << 20  # bytes of console kept on disk: a guest cannot fill the disk through it
 MAX_WAIT = 3600.0  # s: poll() takes an int of ms; a far deadline is waited for in steps
 
 
@@ -178,6 +181,7 @@ class Relay:
         self.stdin_open = True
         self.stdin_registered = False
         self.console_log: BinaryIO | None = None
+        self.console_logged = 0
         self.qemu_peak_rss_kb: int | None = None
 
     # ---- set-up and tear-down ------------------------------------------
@@ -303,6 +307,8 @@ class Relay:
         now = monotonic_boottime()
         self.ctl_in += data
         *lines, self.ctl_in = self.ctl_in.split(b"\n")
+        if len(self.ctl_in) > protocol.MAX_LINE:
+            raise GuestProtocolError(f"the guest sent a control line of more than {protocol.MAX_LINE} bytes")
         for line in lines:
             parsed = protocol.parse_line(line)
             if parsed is None:
@@ -356,6 +362,7 @@ class Relay:
             self.state = State.FINISHED
             for name in ("progress", "timeout", "escalate"):
                 self.deadlines.clear(name)
+            self.deadlines.set("drain", DRAIN_TIMEOUT)
             self.qemu_peak_rss_kb = self.guest.peak_rss_kb()
             self._maybe_ack()
         elif isinstance(msg, protocol.LogLine):
@@ -368,6 +375,7 @@ class Relay:
             return
         if self.received["stdout"] >= f.out_bytes and self.received["stderr"] >= f.err_bytes:
             self.acked = True
+            self.deadlines.clear("drain")
             self._send_ctl(protocol.ACK)
             self.deadlines.set("shutdown", SHUTDOWN_GRACE)
 
@@ -387,6 +395,8 @@ class Relay:
         if data is None:
             return
         self.received[stream] += len(data)
+        if self.finished is not None and not self.acked:
+            self.deadlines.set("drain", DRAIN_TIMEOUT)  # still coming
         if not self.broken[stream]:
             fd = self.io.stdout if stream == "stdout" else self.io.stderr
             try:
@@ -411,7 +421,12 @@ class Relay:
         if data is None:
             return
         assert self.console_log is not None
-        self.console_log.write(data)
+        room = CONSOLE_LOG_MAX - self.console_logged
+        if room > 0:
+            self.console_log.write(data[:room])
+            if len(data) >= room:
+                self.console_log.write(b"\n[sandbox: console log truncated here]\n")
+        self.console_logged += len(data)
         if self.verbose:
             self._write_stderr(data.replace(b"\n", b"\r\n") if self.tty & protocol.TTY_STDIN else data)
 
@@ -549,6 +564,13 @@ class Relay:
         elif self.deadlines.expired("escalate"):
             log.warning("the guest did not end after the signal; killing the VM")
             self._kill(End.SIGNAL, self.pending_signal)
+        elif self.deadlines.expired("drain"):
+            f = self.finished
+            assert f is not None
+            raise GuestProtocolError(
+                f"the guest reported {f.out_bytes} and {f.err_bytes} bytes of output, and sent "
+                f"{self.received['stdout']} and {self.received['stderr']} (nothing more for {DRAIN_TIMEOUT:g} s)"
+            )
         elif self.deadlines.expired("shutdown"):
             log.debug("guest did not power off in %.1f s; stopping QEMU", SHUTDOWN_GRACE)
             self.guest.stop(soft_timeout=0.5)

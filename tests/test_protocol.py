@@ -1,6 +1,8 @@
 import re
 from pathlib import Path
 
+import pytest
+
 from sandbox import protocol
 from sandbox.protocol import CommandSpec
 
@@ -119,3 +121,29 @@ def test_constants_match_the_guest_header() -> None:
             assert c_value in (f"'{value}'", f'"{value}"'), name
         else:
             assert int(c_value) == value, name
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"1 T made_up_phase 5",  # not one of the init's phases
+        b"1 T ready 99999999999999999999999",  # beyond 64 bits
+        b"1 S 256 0 0",  # no status is that large
+        b"1 S -1 0 0",
+        b"1 X 1 2 2",  # exec failures are 126 or 127
+        b"1 X 127 2 9",  # no such stage
+        b"1 O -3",
+        b"x T ready 5",
+        b"1 T ready " + b"9" * 5000,  # too long a line
+        b"1 S 0 1e3 0",
+    ],
+)
+def test_hostile_control_lines_are_refused(line: bytes) -> None:
+    assert protocol.parse_line(line) is None
+
+
+def test_guest_text_is_made_printable_and_short() -> None:
+    sent, msg = protocol.parse_line(b"1 E \x1b]0;pwned\x07bad \xff" + b"x" * 1000)  # type: ignore[misc]
+    assert isinstance(msg, protocol.Fatal)
+    assert "\x1b" not in msg.message and "\x07" not in msg.message and msg.message.startswith("\\x1b]0;pwned\\x07bad")
+    assert len(msg.message) <= protocol.MAX_TEXT + 3
