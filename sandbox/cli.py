@@ -13,7 +13,7 @@ from pathlib import Path
 from collections.abc import Callable, Mapping
 from typing import Any, NoReturn
 
-from . import __version__, options, process
+from . import __version__, options, process, progress
 from .errors import EXIT_LAUNCHER, Interrupted, MachineError, SandboxError, UsageError
 
 log = logging.getLogger("sandbox")
@@ -188,8 +188,18 @@ def _command(args: argparse.Namespace) -> tuple[str, ...]:
     return tuple(cmd)
 
 
+class _LogHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Log lines on stderr, with the progress line out of their way."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with progress.hidden():
+            super().emit(record)
+
+
 def _setup_logging(verbose: int) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    # -v's own lines say what is going on; otherwise a terminal gets the progress line of slow first-time work.
+    progress.use(sys.stderr if not verbose and sys.stderr is not None and sys.stderr.isatty() else None)
+    handler = _LogHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("sandbox: %(message)s"))
     # In tty mode the terminal is raw while we run: lines need their \r.
     handler.terminator = "\r\n" if sys.stdin is not None and sys.stdin.isatty() else "\n"

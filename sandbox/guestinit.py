@@ -8,7 +8,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from . import cache
+from . import cache, progress
 from .errors import InitramfsError, ToolMissingError
 
 log = logging.getLogger(__name__)
@@ -52,14 +52,15 @@ def _built(name: str, what: str, source: Path, flags: list[str], headers: tuple[
     out = cache.cache_dir() / f"{name}-{key}"
     if not out.exists():
         log.info("building %s", out)
-        _compile(what, out, source, flags)
+        with progress.step(f"building {what}"):
+            _compile(what, out, source, flags)
     return out
 
 
 def init_binary() -> Path:
     """The static guest init, built on first use."""
     src = _source_dir()
-    return _built("init", "the guest init", src / "init.c", INIT_CFLAGS, (src / "protocol.h",))
+    return _built("init", "the guest image (its init)", src / "init.c", INIT_CFLAGS, (src / "protocol.h",))
 
 
 def tsc_probe() -> Path:

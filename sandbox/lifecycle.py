@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from . import registry
+from . import progress, registry
 from .errors import SandboxError, UsageError
 
 STOP_GRACE = 10.0
@@ -41,6 +41,9 @@ def detach(entry: registry.Entry, run: Callable[[], int], on_started: list[Calla
     try:
         os.close(ready_r)
         os.setsid()  # no terminal: the user's Ctrl-C and hang-up are not ours
+        # The progress line of a first run's builds stays on the user's
+        # terminal until the caller prints the name, not in the log.
+        progress.use(os.fdopen(os.dup(2), "w") if os.isatty(2) else None)
         null = os.open(os.devnull, os.O_RDONLY)
         log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         os.dup2(null, 0)
@@ -52,6 +55,8 @@ def detach(entry: registry.Entry, run: Callable[[], int], on_started: list[Calla
         entry.update(launcher_pid=os.getpid())
 
         def tell() -> None:
+            progress.clear()
+            progress.use(None)
             os.write(ready_w, b"1")
             os.close(ready_w)
 
