@@ -255,7 +255,8 @@ def _run(args: argparse.Namespace) -> int:
         while ready:
             ready.pop()()
 
-    opts = dataclasses.replace(opts, on_started=started, monitor_socket=entry.path / "monitor.sock", exec_socket=entry.path / "exec.sock")
+    opts = dataclasses.replace(opts, on_started=started, monitor_socket=entry.path / "monitor.sock", exec_socket=entry.path / "exec.sock",
+                               stop_grace=entry.stop_grace, hostname=entry.name)  # fmt: skip
     if opts.keyboard:
         entry.update(keyboard=True)
     if args.detach:
@@ -265,12 +266,12 @@ def _run(args: argparse.Namespace) -> int:
     status = EXIT_LAUNCHER
     try:
         status = _finish_run(args, runner.run(opts))
-        return status
     except SandboxError as exc:
         status = exc.exit_status
         raise
     finally:
-        entry.finish(status)
+        status = entry.finish(status)  # 137 when `sandbox kill` or `stop` ended it
+    return status
 
 
 def _finish_run(args: argparse.Namespace, result: Any) -> int:
@@ -316,9 +317,9 @@ def _logs(args: argparse.Namespace) -> int:
 
 
 def _wait(args: argparse.Namespace) -> int:
-    from . import registry
+    from . import lifecycle, registry
 
-    status = registry.find(args.name).wait()
+    status = lifecycle.wait(registry.find(args.name))
     if status is None:
         raise SandboxError(f"sandbox {args.name!r} ended without a status (its launcher was killed)")
     print(status)
@@ -328,8 +329,10 @@ def _wait(args: argparse.Namespace) -> int:
 def _stop(args: argparse.Namespace) -> int:
     from . import lifecycle, registry
 
-    status = lifecycle.stop(registry.find(args.name), args.time)
-    print(status if status is not None else "stopped")
+    stopped = lifecycle.stop(registry.find(args.name), args.time)
+    if stopped.note is not None:
+        print(f"sandbox: {args.name}: {stopped.note}", file=sys.stderr)
+    print(stopped.status if stopped.status is not None else "stopped")
     return 0
 
 

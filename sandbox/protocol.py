@@ -22,6 +22,8 @@ PORT_NAMES = {
 
 ROOT_TAG = "root"  # the 9p mount tag of the host's root
 
+HOSTNAME_MAX = 64  # Linux's limit, which sandbox names keep within
+
 TTY_STDIN, TTY_STDOUT, TTY_STDERR = 1, 2, 4
 
 # Why the guest could not start the command (ExecFailed.stage).
@@ -95,6 +97,7 @@ class CommandSpec:
     realtime_ns: int = 0  # the host's wall clock when the spec was made (refined by "C")
     net: GuestNet | None = None
     closed: int = 0  # bit 1 << fd: the command's fd 0, 1 or 2 is closed, as the launcher's was
+    hostname: str = ""  # the guest's host name, as containers get their name ("": left as the kernel has it)
 
 
 def _field(key: str, value: str) -> bytes:
@@ -131,6 +134,10 @@ def encode_spec(spec: CommandSpec) -> bytes:
         parts.append(_field("t", str(spec.realtime_ns)))
     if spec.closed:
         parts.append(_field("F", str(spec.closed)))
+    if spec.hostname:
+        if len(spec.hostname.encode()) > HOSTNAME_MAX:
+            raise ValueError(f"host name {spec.hostname!r} is longer than {HOSTNAME_MAX} bytes")
+        parts.append(_field("N", spec.hostname))
     if spec.net is not None:
         parts.append(_field("n", spec.net.encode()))
         parts += [_field("d", d) for d in spec.net.dns]

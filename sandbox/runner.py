@@ -73,6 +73,8 @@ class RunOptions:
     net: str = "none"  # --net: none | user | nat[=NAME] | bridge=BRIDGE (sandbox/net)
     mac: str | None = None
     connect: str | None = None  # --connect URI: libvirtd runs the guest (sandbox/libvirt)
+    stop_grace: Callable[[], float | None] = lambda: None  # what `sandbox stop -t` gives the command, once asked
+    hostname: str = ""  # the guest's (the sandbox's name); "": the kernel's own, "(none)"
 
     def __post_init__(self) -> None:
         if not self.argv:
@@ -255,6 +257,7 @@ def command_spec(opts: RunOptions, tty: int, plan: mounts.Plan, home: str, cwd: 
         entropy=os.urandom(64),
         realtime_ns=time.time_ns(),
         closed=opts.closed_stdio,
+        hostname=opts.hostname,
     )
 
 
@@ -394,6 +397,7 @@ def boot_once(
             timeout_at=timeout_at,
             x11=opts.x11,
             execs=execs,
+            stop_grace=opts.stop_grace,
         )
         outcome = relay.run()
         host_oom = outcome.status is None and confinement is not None and confinement.oom_killed()
