@@ -158,8 +158,6 @@ class Option:
         if self.kw.get("action") is SWITCH:
             raw = not value if self.inverted else value
             return [] if raw == bool(self.default) else [flag if raw else f"--no-{self.key}"]
-        if self.kw.get("action") == "store_true":
-            return [flag] if value != self.inverted else []
         if value is None or value == self.default:
             return []
         return [flag, str(value)]
