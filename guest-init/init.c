@@ -300,6 +300,7 @@ struct spec {
 	const char **dns;      /* name servers for resolv.conf */
 	int ndns;
 	const char *search;
+	const char *hostname;  /* the sandbox's name, or NULL */
 	long long realtime_ns; /* the host's wall clock when it sent the spec */
 	struct rlim *rlims;
 	int nrlims;
@@ -470,6 +471,7 @@ static void read_spec(struct spec *s)
 		case 'n': s->net = v; break;
 		case 'd': s->dns[s->ndns++] = v; break;
 		case 's': s->search = v; break;
+		case 'N': s->hostname = v; break;
 		case 'm':
 			parse_mop(v, &s->mops[s->nmops]);
 			if (s->mops[s->nmops].op == MOP_SHARE_RW)
@@ -480,6 +482,19 @@ static void read_spec(struct spec *s)
 	}
 	if (!s->argc)
 		die("empty command");
+}
+
+/* The sandbox's name, as a container gets its own: prompts, logs and
+ * `hostname` say which sandbox this is (the kernel's is "(none)"). */
+static void set_hostname(const char *name)
+{
+	if (!name)
+		return;
+	size_t len = strlen(name);
+	if (len > HOSTNAME_MAX)
+		die("host name '%s' is longer than %d bytes", name, HOSTNAME_MAX);
+	if (sethostname(name, len) != 0)
+		die("sethostname %s: %s", name, strerror(errno));
 }
 
 /* ---- filesystems ------------------------------------------------------- */
@@ -1993,6 +2008,7 @@ int main(void)
 
 	net_start(&s);
 	setup_root(&s);
+	set_hostname(s.hostname);
 	if (!s.net)
 		dns_setup();
 	if (s.x11) {

@@ -31,6 +31,8 @@
  *     n "<mac> <ipv4/len|dhcp|-> <gateway4|-> <ipv6 0|1|2> <wait_ms> <mtu> <mode>"
  *       the network interface (--net; none: no record, no interface)
  *     d a name server (repeated)    s the DNS search list
+ *     N the guest's host name (the sandbox's name), set before the command
+ *       runs; without it the kernel's "(none)" stays
  * The init stamps "ready" just before it reads the spec (a template is
  * taken there) and "spec_read" just after; the host answers the latter:
  *   "C <realtime_ns>\n"  the host's wall clock, set before the command starts
@@ -56,6 +58,9 @@
 
 /* The 9p mount tag of the host's root; shares are tagged by the host's plan. */
 #define ROOT_TAG "root"
+
+/* The longest host name (an N record); Linux's own limit. */
+#define HOSTNAME_MAX 64
 
 #define TTY_STDIN 1
 #define TTY_STDOUT 2

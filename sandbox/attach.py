@@ -176,13 +176,18 @@ def attach(pid: int, name: str | None) -> registry.Entry:
     started = registry.process_start(pid)
     if started is None:
         raise UsageError(f"no process {pid}")
+    for other in registry.entries():
+        r = other.record()
+        if r.qemu_pid == pid and other.running():
+            how = "attached as" if r.attached else "the QEMU of"
+            raise UsageError(f"QEMU {pid} is already {how} sandbox {other.name!r}")
     record = registry.Record(
-        name=registry.check_name(name or desc.name or f"qemu-{pid}"),
+        name=registry.check_name(name if name is not None else desc.name or f"qemu-{pid}"),
         uuid=str(uuid.uuid4()),
         argv=tuple(argv),
         created=time.time(),
         launcher_pid=pid,
-        detached=True,
+        detached=False,  # not one of ours run in the background: `attached` says what it is
         keep=False,
         user=_user(int(_status(pid).get("Uid", "0").split()[0])),
         qemu_pid=pid,

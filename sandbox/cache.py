@@ -22,6 +22,12 @@ def cache_dir() -> Path:
     return path
 
 
+def state_dir() -> Path:
+    """$XDG_STATE_HOME/sandbox: what is remembered for this user that is not a cache (not created here)."""
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(base) / "sandbox"
+
+
 def file_identity(path: Path) -> str:
     """A short key that changes whenever the file is replaced or rewritten.
 

@@ -10,10 +10,10 @@ import os
 import signal
 import sys
 from pathlib import Path
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NoReturn
 
-from . import __version__, options, process
+from . import __version__, options, process, progress
 from .errors import EXIT_LAUNCHER, Interrupted, MachineError, SandboxError, UsageError
 
 log = logging.getLogger("sandbox")
@@ -29,50 +29,44 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
-def _add_vm_options(p: argparse.ArgumentParser) -> None:
-    options.add(p, options.VM)
+def _add_vm_options(p: argparse.ArgumentParser, defaults: Mapping[str, Any]) -> None:
+    options.add(p, options.VM, defaults)
     p.add_argument("-v", "--verbose", action="count", default=0, help="show QEMU's argv and the console (-vv: full boot log)")
 
 
-def _add_confinement_options(p: argparse.ArgumentParser) -> None:
+def _add_confinement_options(p: argparse.ArgumentParser, defaults: Mapping[str, Any]) -> None:
     g = p.add_argument_group("confinement")
-    options.add(g, options.CONFINEMENT)
+    options.add(g, options.CONFINEMENT, defaults)
     g.add_argument("--no-confine", action="store_true", help="no namespaces, seccomp, uid change or cgroup")
 
 
-def _verb_parsers() -> dict[str, Callable[[Any], None]]:
-    """Each verb's sub-parser, added by its own function (a run builds only its own: argparse costs ~1 ms a verb)."""
+def _verb_parsers(defaults: Mapping[str, Any]) -> dict[str, Callable[[Any], None]]:
+    """Each verb's sub-parser, added by its own function (a run builds only its own: argparse costs ~1 ms a verb).
+
+    `defaults` (key -> value) replace the options' own defaults: the config file's and the environment's.
+    """
 
     def _add_run(sub: Any) -> None:
         run = sub.add_parser("run", help="run one command in a fresh VM")
-        _add_vm_options(run)
-        run.add_argument("--timeout", type=options.positive, metavar="S", help="kill the VM after S seconds (exit 124)")
+        _add_vm_options(run, defaults)
+        options.add(run, options.RUN, defaults)
         tty = run.add_mutually_exclusive_group()
         tty.add_argument("-t", "--tty", dest="tty", action="store_const", const=True, default=None,
                          help="give the command a terminal (default: when stdin is one)")
         tty.add_argument("-T", "--no-tty", dest="tty", action="store_const", const=False, help="no terminal, even when stdin is one")
         fs = run.add_argument_group("files (default: the host's files, copy-on-write under /home, $HOME, /tmp and the cwd)")
-        fs.add_argument("--share", action="append", default=[], metavar="HOST[:GUEST][:ro|rw|cow]",
-                        help="show a host directory in the guest (default mode cow; \\: escapes a colon)")
-        fs.add_argument("--tmpfs", action="append", default=[], metavar="PATH[:SIZE]", help="an empty tmpfs at PATH")
-        fs.add_argument("--private", action="append", default=[], metavar="PATH",
-                        help="an empty private tmpfs instead of the host's files (e.g. /tmp or $HOME)")
-        fs.add_argument("--hide", action="append", default=[], metavar="PATH", help="hide PATH (relative: in the home) too")
-        fs.add_argument("--unhide", action="append", default=[], metavar="PATH", help="show a path hidden by default (e.g. .ssh)")
-        fs.add_argument("--home", type=Path, metavar="DIR", help="share DIR read-write as the home directory")
+        options.add(fs, options.FILES, defaults)
         run.add_argument("--timings", nargs="?", const="text", choices=("text", "json"), help="print the phase breakdown")
-        run.add_argument("--x11", nargs="?", const="xephyr", choices=("xephyr", "xpra"), help="show X11 apps in a nested server")
-        run.add_argument("--x11-size", default="1024x768", metavar="WxH", help="the nested display's size (default 1024x768)")
         life = run.add_argument_group("naming (see sandbox list)")
         life.add_argument("--name", metavar="NAME", help="name the sandbox (default: a generated one)")
         life.add_argument("-d", "--detach", action="store_true", help="run in the background: stdin /dev/null, output to `sandbox logs`")
         life.add_argument("--rm", action="store_true", help="forget a named or detached sandbox when it ends")
-        _add_confinement_options(run)
+        _add_confinement_options(run, defaults)
         run.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
 
     def _add_bench(sub: Any) -> None:
         bench = sub.add_parser("bench", help="time many sandboxes, phase by phase")
-        _add_vm_options(bench)
+        _add_vm_options(bench, defaults)
         bench.add_argument("--runs", type=int, default=10, metavar="N", help="timed runs (default 10)")
         bench.add_argument("--warmup", type=int, default=1, metavar="N", help="untimed runs first (default 1)")
         bench.add_argument("--json", type=Path, metavar="FILE", help="save the results as JSON")
@@ -82,8 +76,8 @@ def _verb_parsers() -> dict[str, Callable[[Any], None]]:
 
     def _add_prepare(sub: Any) -> None:
         prepare = sub.add_parser("prepare", help="build the warm-start template now (otherwise the first run does)")
-        _add_vm_options(prepare)
-        _add_confinement_options(prepare)
+        _add_vm_options(prepare, defaults)
+        _add_confinement_options(prepare, defaults)
 
     def _add_list(sub: Any) -> None:
         ls = sub.add_parser("list", help="running sandboxes (--all: exited ones too)")
@@ -156,20 +150,31 @@ def _verb_parsers() -> dict[str, Callable[[Any], None]]:
         ndestroy = nsub.add_parser("destroy", help="take a network down and forget it (refused while in use)")
         ndestroy.add_argument("name")
 
+    def _add_config(sub: Any) -> None:
+        cfg = sub.add_parser("config", help="the defaults of run's options and where each comes from (config file, environment)")
+        cfg.add_argument("--json", action="store_true", help="as JSON")
+
     def _add_audit(sub: Any) -> None:
         audit = sub.add_parser("audit", help="show the last sandbox start/stop records")
         audit.add_argument("-n", type=int, default=20, help="how many entries")
 
-    return {"run": _add_run, "bench": _add_bench, "prepare": _add_prepare, "list": _add_list, "info": _add_info, "logs": _add_logs, "wait": _add_wait, "stop": _add_stop, "kill": _add_kill, "send-key": _add_send_key, "exec": _add_exec, "attach": _add_attach, "rm": _add_rm, "net": _add_net, "audit": _add_audit}  # fmt: skip
+    return {"run": _add_run, "bench": _add_bench, "prepare": _add_prepare, "list": _add_list, "info": _add_info, "logs": _add_logs, "wait": _add_wait, "stop": _add_stop, "kill": _add_kill, "send-key": _add_send_key, "exec": _add_exec, "attach": _add_attach, "rm": _add_rm, "net": _add_net, "config": _add_config, "audit": _add_audit}  # fmt: skip
 
 
-def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
-    """The command line's parser; with `verb`, only that verb's sub-parser (unknown verbs get them all)."""
+# The verbs whose options take their defaults from the config file and the environment.
+CONFIGURED = ("run", "bench", "prepare")
+
+
+def build_parser(verb: str | None = None, defaults: Mapping[str, Any] | None = None) -> argparse.ArgumentParser:
+    """The command line's parser; with `verb`, only that verb's sub-parser (unknown verbs get them all).
+
+    `defaults` (key -> value): the options' defaults from the config file and the environment.
+    """
     parser = _Parser(prog="sandbox", description="Run a command in a throw-away VM over the host's read-only root.")
     parser.add_argument("--version", action="version", version=f"sandbox {__version__}")
     sub = parser.add_subparsers(dest="verb", required=True, parser_class=_Parser)
 
-    builders = _verb_parsers()
+    builders = _verb_parsers(defaults or {})
     for name, add in builders.items():
         if verb is None or verb not in builders or name == verb:
             add(sub)
@@ -183,8 +188,18 @@ def _command(args: argparse.Namespace) -> tuple[str, ...]:
     return tuple(cmd)
 
 
+class _LogHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Log lines on stderr, with the progress line out of their way."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with progress.hidden():
+            super().emit(record)
+
+
 def _setup_logging(verbose: int) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    # -v's own lines say what is going on; otherwise a terminal gets the progress line of slow first-time work.
+    progress.use(sys.stderr if not verbose and sys.stderr is not None and sys.stderr.isatty() else None)
+    handler = _LogHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("sandbox: %(message)s"))
     # In tty mode the terminal is raw while we run: lines need their \r.
     handler.terminator = "\r\n" if sys.stdin is not None and sys.stdin.isatty() else "\n"
@@ -194,16 +209,10 @@ def _setup_logging(verbose: int) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from . import runner
+    from . import mounts, runner
 
     cmd = _command(args)
-    if args.home is not None and not args.home.is_dir():
-        raise UsageError(f"--home {args.home}: not a directory")
-    from . import mounts
-
-    cwd = runner.working_directory()
-    shares = tuple(mounts.parse_share(text, cwd) for text in args.share)
-    tmpfs = tuple(mounts.parse_tmpfs(text) for text in args.tmpfs)
+    cwd = mounts.working_directory()
     confinement = None
     if not args.no_confine:
         from .confinement import walls
@@ -218,16 +227,16 @@ def _run(args: argparse.Namespace) -> int:
         argv=cmd,
         **options.values(args, options.VM),
         cwd=cwd,
-        shares=shares,
-        tmpfs=tmpfs,
-        private=tuple(os.path.expanduser(p) for p in args.private),
+        shares=tuple(args.share),
+        tmpfs=tuple(args.tmpfs),
+        private=tuple(args.private),
         hide=tuple(args.hide),
         unhide=tuple(args.unhide),
         timeout=args.timeout,
         tty=args.tty,
         # Detached, the command's stdio is /dev/null and the log, whatever ours was.
         closed_stdio=0 if args.detach else args.closed_stdio,
-        home=args.home.resolve() if args.home else None,
+        home=args.home,
         verbose=args.verbose,
         confinement=confinement,
         x11=x11,
@@ -246,7 +255,8 @@ def _run(args: argparse.Namespace) -> int:
         while ready:
             ready.pop()()
 
-    opts = dataclasses.replace(opts, on_started=started, monitor_socket=entry.path / "monitor.sock", exec_socket=entry.path / "exec.sock")
+    opts = dataclasses.replace(opts, on_started=started, monitor_socket=entry.path / "monitor.sock", exec_socket=entry.path / "exec.sock",
+                               stop_grace=entry.stop_grace, hostname=entry.name)  # fmt: skip
     if opts.keyboard:
         entry.update(keyboard=True)
     if args.detach:
@@ -256,12 +266,12 @@ def _run(args: argparse.Namespace) -> int:
     status = EXIT_LAUNCHER
     try:
         status = _finish_run(args, runner.run(opts))
-        return status
     except SandboxError as exc:
         status = exc.exit_status
         raise
     finally:
-        entry.finish(status)
+        status = entry.finish(status)  # 137 when `sandbox kill` or `stop` ended it
+    return status
 
 
 def _finish_run(args: argparse.Namespace, result: Any) -> int:
@@ -307,9 +317,9 @@ def _logs(args: argparse.Namespace) -> int:
 
 
 def _wait(args: argparse.Namespace) -> int:
-    from . import registry
+    from . import lifecycle, registry
 
-    status = registry.find(args.name).wait()
+    status = lifecycle.wait(registry.find(args.name))
     if status is None:
         raise SandboxError(f"sandbox {args.name!r} ended without a status (its launcher was killed)")
     print(status)
@@ -319,8 +329,10 @@ def _wait(args: argparse.Namespace) -> int:
 def _stop(args: argparse.Namespace) -> int:
     from . import lifecycle, registry
 
-    status = lifecycle.stop(registry.find(args.name), args.time)
-    print(status if status is not None else "stopped")
+    stopped = lifecycle.stop(registry.find(args.name), args.time)
+    if stopped.note is not None:
+        print(f"sandbox: {args.name}: {stopped.note}", file=sys.stderr)
+    print(stopped.status if stopped.status is not None else "stopped")
     return 0
 
 
@@ -429,6 +441,14 @@ def _net(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config(args: argparse.Namespace) -> int:
+    from . import config
+
+    d = config.describe()
+    print(json.dumps(d, indent=2) if args.json else config.format_table(d))
+    return 0
+
+
 def _audit(args: argparse.Namespace) -> int:
     from .confinement import audit
 
@@ -477,14 +497,20 @@ def main(argv: list[str] | None = None) -> int:
     verbose = 0
     try:
         words = sys.argv[1:] if argv is None else argv
-        args = build_parser(words[0] if words and not words[0].startswith("-") else None).parse_args(argv)
+        verb = words[0] if words and not words[0].startswith("-") else None
+        defaults = None
+        if verb in CONFIGURED:
+            from . import config
+
+            defaults = config.defaults()
+        args = build_parser(verb, defaults).parse_args(argv)
         verbose = getattr(args, "verbose", 0)
         args.closed_stdio = closed_stdio
         _setup_logging(verbose)
         handler = {
             "run": _run, "bench": _bench, "prepare": _prepare, "audit": _audit, "list": _list, "info": _info,
             "logs": _logs, "wait": _wait, "stop": _stop, "kill": _kill, "rm": _rm, "send-key": _send_key,
-            "attach": _attach, "exec": _exec, "net": _net,
+            "attach": _attach, "exec": _exec, "net": _net, "config": _config,
         }[args.verb]  # fmt: skip
         return handler(args)
     except SandboxError as exc:

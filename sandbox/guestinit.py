@@ -8,7 +8,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from . import cache
+from . import cache, progress
 from .errors import InitramfsError, ToolMissingError
 
 log = logging.getLogger(__name__)
@@ -46,22 +46,23 @@ def _compile(what: str, out: Path, source: Path, flags: list[str]) -> None:
     tmp.replace(out)
 
 
-def _built(name: str, what: str, source: Path, flags: list[str], headers: tuple[Path, ...] = ()) -> Path:
-    """`source` (`what`, for messages) compiled with `flags`, cached by the hash of its text, its headers' and the flags."""
+def _built(name: str, what: str, doing: str, source: Path, flags: list[str], headers: tuple[Path, ...] = ()) -> Path:
+    """`source` (`what`, for messages; `doing`, for the progress line) compiled with `flags`, cached by the hash of its text, its headers' and the flags."""
     key = cache.content_hash(*(f.read_bytes() for f in (source, *headers)), " ".join(flags).encode())
     out = cache.cache_dir() / f"{name}-{key}"
     if not out.exists():
         log.info("building %s", out)
-        _compile(what, out, source, flags)
+        with progress.step(doing):
+            _compile(what, out, source, flags)
     return out
 
 
 def init_binary() -> Path:
     """The static guest init, built on first use."""
     src = _source_dir()
-    return _built("init", "the guest init", src / "init.c", INIT_CFLAGS, (src / "protocol.h",))
+    return _built("init", "the guest init", "building the guest image (its init)", src / "init.c", INIT_CFLAGS, (src / "protocol.h",))
 
 
 def tsc_probe() -> Path:
     """The host TSC-rate probe (a host-side helper, shipped beside this module), built on first use."""
-    return _built("tsc_khz", "the TSC probe", Path(__file__).with_name("tsc_khz.c"), TSC_CFLAGS)
+    return _built("tsc_khz", "the TSC probe", "building the TSC probe", Path(__file__).with_name("tsc_khz.c"), TSC_CFLAGS)

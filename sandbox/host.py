@@ -11,7 +11,7 @@ import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import cache, guestinit
+from . import cache, guestinit, progress
 from .errors import ToolMissingError, UsageError
 
 log = logging.getLogger(__name__)
@@ -68,24 +68,24 @@ def choose_accel(requested: str) -> tuple[str, str | None]:
     if problem:
         return "tcg", (
             f"KVM unavailable ({problem}); using TCG software emulation, which is much slower "
-            "(said once; SANDBOX_ACCEL=tcg or accel = \"tcg\" in ~/.config/sandbox/config.toml chooses it)"
+            "(said once, and with -v; SANDBOX_ACCEL=tcg or accel = \"tcg\" in ~/.config/sandbox/config.toml chooses it)"
         )
     return "kvm", None
 
 
 def show_accel_notice(verbose: int) -> bool:
-    """Whether to print the TCG notice: with -v, on a terminal, or the first time on this machine.
+    """Whether to print the TCG notice: the first time for this user (a marker in the state dir), and with -v.
 
-    Scripts that capture stderr would otherwise find it in every run's output.
+    Said on every run, it would be in every script's captured stderr and
+    between a terminal user's every command and its output.
     """
-    import sys
-
-    if verbose or (sys.stderr is not None and sys.stderr.isatty()):
+    if verbose:
         return True
-    marker = cache.cache_dir() / "accel-notice-shown"
+    marker = cache.state_dir() / "accel-notice-shown"
     if marker.exists():
         return False
     try:
+        marker.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         marker.touch()
     except OSError:
         pass
@@ -125,7 +125,8 @@ def qemu_info(binary: str | None = None) -> QemuInfo:
         return QemuInfo(**json.loads(record.read_text()))
     except (OSError, ValueError, TypeError):
         pass
-    info = _probe(path)
+    with progress.step("probing QEMU"):
+        info = _probe(path)
     cache.write_atomic(record, json.dumps(asdict(info)).encode())
     return info
 
@@ -144,8 +145,9 @@ def tsc_khz() -> int | None:
     except (OSError, ValueError):
         pass
     try:
-        probe = guestinit.tsc_probe()
-        out = subprocess.run([str(probe)], capture_output=True, text=True, check=True, timeout=10).stdout
+        with progress.step("measuring the host's TSC rate"):
+            probe = guestinit.tsc_probe()
+            out = subprocess.run([str(probe)], capture_output=True, text=True, check=True, timeout=10).stdout
         khz = int(out.strip())
     except (subprocess.SubprocessError, OSError, ValueError) as exc:
         log.warning("cannot measure the TSC rate: %s", exc)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from . import cache, modules
+from . import cache, modules, progress
 from .cpio import CpioWriter
 from .kernel import Kernel
 
@@ -54,5 +54,6 @@ def cached(kernel: Kernel, init: Path, wanted: list[str]) -> Path:
     path = cache.cache_dir() / f"initramfs-{kernel.version}-{key}.cpio"
     if not path.exists():
         log.info("building %s", path)
-        cache.write_atomic(path, build(kernel, init, wanted))
+        with progress.step("building the guest image (its initramfs)"):
+            cache.write_atomic(path, build(kernel, init, wanted))
     return path

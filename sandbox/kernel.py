@@ -11,7 +11,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import cache
+from . import cache, progress
 from .errors import KernelError
 
 log = logging.getLogger(__name__)
@@ -268,17 +268,18 @@ def pvh_image(kernel: Kernel) -> Path | None:
         return target
     if negative.exists():
         return None
-    try:
-        elf = extract_vmlinux(kernel.image.read_bytes())
-    except (KernelError, OSError, lzma.LZMAError, EOFError) as exc:
-        log.info("no PVH image for %s: %s", kernel.image, exc)
-        cache.write_atomic(negative, b"")
-        return None
-    if not has_pvh_note(elf):
-        log.info("%s has no PVH entry note; booting the bzImage", kernel.image)
-        cache.write_atomic(negative, b"")
-        return None
-    cache.write_atomic(target, pack_pvh(elf))
+    with progress.step("building the guest image (its kernel)"):
+        try:
+            elf = extract_vmlinux(kernel.image.read_bytes())
+        except (KernelError, OSError, lzma.LZMAError, EOFError) as exc:
+            log.info("no PVH image for %s: %s", kernel.image, exc)
+            cache.write_atomic(negative, b"")
+            return None
+        if not has_pvh_note(elf):
+            log.info("%s has no PVH entry note; booting the bzImage", kernel.image)
+            cache.write_atomic(negative, b"")
+            return None
+        cache.write_atomic(target, pack_pvh(elf))
     return target
 
 

@@ -8,9 +8,10 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
-from . import registry
+from . import progress, registry
 from .errors import SandboxError, UsageError
 
 STOP_GRACE = 10.0
@@ -41,6 +42,9 @@ def detach(entry: registry.Entry, run: Callable[[], int], on_started: list[Calla
     try:
         os.close(ready_r)
         os.setsid()  # no terminal: the user's Ctrl-C and hang-up are not ours
+        # The progress line of a first run's builds stays on the user's
+        # terminal until the caller prints the name, not in the log.
+        progress.use(os.fdopen(os.dup(2), "w") if os.isatty(2) else None)
         null = os.open(os.devnull, os.O_RDONLY)
         log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         os.dup2(null, 0)
@@ -52,13 +56,15 @@ def detach(entry: registry.Entry, run: Callable[[], int], on_started: list[Calla
         entry.update(launcher_pid=os.getpid())
 
         def tell() -> None:
+            progress.clear()
+            progress.use(None)
             os.write(ready_w, b"1")
             os.close(ready_w)
 
         on_started.append(tell)
         status = run()
     finally:
-        entry.finish(status)
+        status = entry.finish(status)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(status if 0 <= status <= 255 else 125)
@@ -102,6 +108,7 @@ def describe(entry: registry.Entry) -> dict[str, Any]:
         "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.created)),
         "uptime_s": round(time.time() - r.created, 1),
         "detached": r.detached,
+        "attached": r.attached,
         "tainted": list(r.taint),
     }
     if r.attached:
@@ -116,12 +123,17 @@ def describe(entry: registry.Entry) -> dict[str, Any]:
 
 
 def rows(include_exited: bool) -> list[dict[str, Any]]:
-    return [d for e in registry.entries() if (d := describe(e))["state"] == "running" or include_exited]
+    return [d for e in registry.entries() if e.listed() and ((d := describe(e))["state"] == "running" or include_exited)]
 
 
 def names(include_exited: bool) -> list[str]:
     """What `sandbox list -q` prints: the names alone, without reading each QEMU's figures."""
-    return [e.name for e in registry.entries() if include_exited or e.running()]
+    return [e.name for e in registry.entries() if e.running() or (include_exited and e.listed())]
+
+
+def printable(text: str) -> str:
+    """`text` with each character a terminal would act on (newline, escape, ...) shown as '?', as ps does."""
+    return "".join(c if c.isprintable() else "?" for c in text)
 
 
 def _uptime(seconds: float) -> str:
@@ -135,7 +147,7 @@ def format_rows(data: list[dict[str, Any]]) -> str:
     lines = [head]
     for d in data:
         state = d["state"] if d["state"] == "running" else f"exited ({d.get('exit_status')})"
-        command = " ".join(d["command"])
+        command = printable(" ".join(d["command"]))
         lines.append((
             d["name"], state, command if len(command) <= 30 else command[:29] + "…",
             _uptime(d["uptime_s"]) if d["state"] == "running" else "-",
@@ -161,7 +173,7 @@ def format_info(d: dict[str, Any]) -> str:
             continue
         value = d[key]
         if isinstance(value, list):
-            value = ", ".join(value) if key != "command" else " ".join(value)
+            value = ", ".join(value) if key != "command" else printable(" ".join(value))
             value = value or ("no" if key == "tainted" else "-")
         if value == "" or value is None:
             value = "-"
@@ -207,10 +219,21 @@ def monitor_path(entry: registry.Entry) -> str:
     return r.monitor if r.attached else str(entry.path / "monitor.sock")
 
 
-def stop(entry: registry.Entry, grace: float = STOP_GRACE) -> int | None:
+@dataclass(frozen=True)
+class Stopped:
+    """How `sandbox stop` ended a sandbox."""
+
+    status: int | None  # its exit status (None for an attached QEMU: it has none of ours)
+    note: str | None = None  # what had to be done when the grace ran out
+
+
+def stop(entry: registry.Entry, grace: float = STOP_GRACE) -> Stopped:
     """Signal the command (SIGTERM, forwarded by the launcher); after `grace` seconds power the VM off.
 
-    An attached QEMU gets an ACPI power-button press, then `quit`.
+    As `docker stop` (SIGKILL after its -t), a command that is still
+    running then ends with status 137, whatever SIGTERM would have made it
+    (a `sandbox kill`'s status), and the note says so.  An attached QEMU
+    gets an ACPI power-button press, then `quit`.
     """
     from .confinement import audit
 
@@ -224,12 +247,25 @@ def stop(entry: registry.Entry, grace: float = STOP_GRACE) -> int | None:
             with contextlib.suppress(Exception), open_monitor(monitor_path(entry)) as qmp:
                 qmp.execute("quit", 5.0)
             entry.wait(30)
-        return None
+            return Stopped(None, f"quit QEMU after {grace:g} s (the guest did not power off on the power button)")
+        return Stopped(None)
+    if entry.state() != "running":
+        raise UsageError(f"sandbox {entry.name!r} is not running")
+    (entry.path / "stop-grace").write_text(f"{grace}\n")  # the launcher waits that long too
     _signal_launcher(entry, signal.SIGTERM)
     status = entry.wait(grace)
     if status is None and entry.running():
+        (entry.path / "killed").touch()
         _signal_launcher(entry, signal.SIGTERM)  # a second signal: the launcher kills the VM
         status = entry.wait(30)
+        return Stopped(status, f"powered off after {grace:g} s (the command did not exit on SIGTERM)")
+    return Stopped(status)
+
+
+def wait(entry: registry.Entry) -> int | None:
+    """Block until the sandbox has ended; its status (an entry not kept may then go: it has been collected)."""
+    status = entry.wait()
+    entry.collect()
     return status
 
 
@@ -254,6 +290,8 @@ def kill(entry: registry.Entry) -> int | None:
 def logs(entry: registry.Entry, follow: bool, out: Any = None) -> None:
     out = out or sys.stdout.buffer
     path = entry.path / "log"
+    if entry.record().attached:
+        raise UsageError(f"sandbox {entry.name!r} is an attached QEMU: it has no log of ours (its output went where its launcher sent it)")
     if not path.exists():
         raise UsageError(f"sandbox {entry.name!r} has no log (only detached sandboxes keep one)")
     with path.open("rb") as f:

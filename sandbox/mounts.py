@@ -112,6 +112,14 @@ def _guest_path(text: str, what: str) -> str:
     return path
 
 
+def working_directory() -> str:
+    """The launcher's cwd, which the guest shows at the same path."""
+    try:
+        return os.getcwd()
+    except OSError as exc:
+        raise UsageError(f"the working directory cannot be shown in the sandbox: {exc.strerror}") from None
+
+
 def parse_share(text: str, cwd: str) -> Share:
     """HOST[:GUEST][:ro|rw|cow] (`\\:` for a colon in a path); HOST relative to `cwd`."""
     what = f"--share {text}"

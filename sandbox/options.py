@@ -1,10 +1,11 @@
 """Options that shape a sandbox, each declared once.
 
 Each entry gives its flags, its argparse keywords and the field it fills in
-RunOptions (or ConfinementOptions); from the table come the parser's
-arguments, the values handed to the runner, and the arguments `sandbox
-bench` forwards to every run.  Adding an option is one entry here plus its
-use.
+RunOptions (or ConfinementOptions); from the tables come the parser's
+arguments, the values handed to the runner, the arguments `sandbox bench`
+forwards to every run, and the settings of the config file (sandbox/config.py),
+which are read by the option's own parser.  Adding an option is one entry
+here plus its use.
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from . import sizes
+from .errors import SandboxError, UsageError
 
 
 def size_mb(text: str, minimum: int = 64) -> int:
@@ -80,6 +83,42 @@ def cpus(text: str) -> int:
     return int(text)
 
 
+def directory(text: str) -> Path:
+    """A host directory (~ expanded, as a shell would have for a flag), resolved."""
+    path = Path(os.path.expanduser(text))
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: not a directory")
+    return path.resolve()
+
+
+def share(text: str) -> Any:
+    """--share HOST[:GUEST][:MODE], its host path relative to the working directory (a mounts.Share)."""
+    from . import mounts
+
+    return mounts.parse_share(text, mounts.working_directory())
+
+
+def tmpfs(text: str) -> tuple[str, str]:
+    from . import mounts
+
+    return mounts.parse_tmpfs(text)
+
+
+# On/off options: the --no-X form turns off what the config file turned on.
+SWITCH = argparse.BooleanOptionalAction
+
+
+class _Refused(Exception):
+    pass
+
+
+class _OneOption(argparse.ArgumentParser):
+    """A parser of one option, to read a setting exactly as its flag is read."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _Refused(message)
+
+
 @dataclass(frozen=True)
 class Option:
     """One command-line option and the field it fills."""
@@ -87,14 +126,27 @@ class Option:
     flags: tuple[str, ...]
     target: str  # the field it fills
     kw: Mapping[str, Any] = field(default_factory=dict)
-    inverted: bool = False  # a --no-X flag that sets field X to False
+    inverted: bool = False  # the field is the opposite of the flag (--cold fills warm)
+    env: str | None = None  # an environment variable that gives its default, over the config file
 
     @property
     def dest(self) -> str:
-        return self.flags[-1].lstrip("-").replace("-", "_")
+        return self.key.replace("-", "_")
 
-    def add_to(self, parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-        parser.add_argument(*self.flags, dest=self.dest, **self.kw)
+    @property
+    def key(self) -> str:
+        """Its name in the config file: the long flag without its dashes."""
+        return self.flags[-1].lstrip("-")
+
+    @property
+    def default(self) -> Any:
+        return self.kw.get("default")
+
+    def add_to(self, parser: argparse.ArgumentParser | argparse._ArgumentGroup, default: Any = None) -> None:
+        kw = dict(self.kw)
+        if default is not None:
+            kw["default"] = default
+        parser.add_argument(*self.flags, dest=self.dest, **kw)
 
     def value(self, ns: argparse.Namespace) -> Any:
         raw = getattr(ns, self.dest)
@@ -103,16 +155,44 @@ class Option:
     def forward(self, value: Any) -> list[str]:
         """The flags that give a run `value` (nothing for the default)."""
         flag = self.flags[-1]
-        if self.kw.get("action") == "store_true":
-            return [flag] if value != self.inverted else []
-        if value is None or value == self.kw.get("default"):
+        if self.kw.get("action") is SWITCH:
+            raw = not value if self.inverted else value
+            return [] if raw == bool(self.default) else [flag if raw else f"--no-{self.key}"]
+        if value is None or value == self.default:
             return []
         return [flag, str(value)]
+
+    def words(self, setting: object) -> list[str]:
+        """The command-line words that a setting's value stands for (its TOML type checked)."""
+        flag = self.flags[-1]
+        action = self.kw.get("action")
+        if action is SWITCH:
+            if not isinstance(setting, bool):
+                raise ValueError("expected true or false")
+            return [flag if setting else f"--no-{self.key}"]
+        if action == "append":
+            if not isinstance(setting, list) or not all(isinstance(v, str) for v in setting):
+                raise ValueError('expected a list of strings, e.g. ["a", "b"]')
+            return [f"{flag}={v}" for v in setting]
+        if isinstance(setting, bool) or not isinstance(setting, (str, int, float)):
+            raise ValueError("expected a string or a number")
+        return [f"{flag}={setting}"]
+
+    def read_setting(self, setting: object, where: str) -> Any:
+        """What the flag's own parser makes of a setting; an error is one line starting with `where` (its file and key, or variable)."""
+        parser = _OneOption(add_help=False, allow_abbrev=False)
+        self.add_to(parser)
+        try:
+            return getattr(parser.parse_args(self.words(setting)), self.dest)
+        except (ValueError, _Refused, SandboxError) as exc:
+            why = re.sub(r"^argument [^:]*: ", "", str(exc))
+            raise UsageError(f"{where}: {why}") from None
 
 
 VM: tuple[Option, ...] = (
     Option(("--kernel",), "kernel", {"type": Path, "help": "kernel image (default: newest /boot/vmlinuz-* with 9p)"}),
-    Option(("--accel",), "accel", {"choices": ("auto", "kvm", "tcg"), "help": "default: SANDBOX_ACCEL, the config file, or auto"}),
+    Option(("--accel",), "accel", {"choices": ("auto", "kvm", "tcg"), "default": "auto",
+                                   "help": "default: SANDBOX_ACCEL, the config file, or auto"}, env="SANDBOX_ACCEL"),
     Option(("--qemu",), "qemu", {"help": "QEMU binary (default: qemu-system-x86_64)"}),
     Option(("--machine",), "machine", {"choices": ("auto", "microvm", "q35"), "default": "auto",
                                        "help": "QEMU machine type (default auto: microvm when this QEMU has it)"}),
@@ -121,24 +201,25 @@ VM: tuple[Option, ...] = (
     Option(("--cpu-model",), "cpu_model", {"metavar": "MODEL", "help": "QEMU -cpu (default: host under KVM, x86-64-v2 under TCG)"}),
     Option(("--tb-size",), "tb_size_mb", {"type": int, "default": 24, "metavar": "MB", "help": "TCG translation cache size (default 24)"}),
     Option(("--boot-timeout",), "boot_timeout", {"type": positive, "metavar": "S", "help": "give up on a boot that stalls this long"}),
-    Option(("--no-pvh",), "pvh", {"action": "store_true", "help": "boot the bzImage instead of the extracted vmlinux"}, inverted=True),
+    Option(("--pvh",), "pvh", {"action": SWITCH, "default": True, "help": "boot the extracted vmlinux (--no-pvh: the bzImage)"}),
     Option(("--kernel-append",), "kernel_append", {"default": "", "metavar": "ARGS", "help": "extra guest kernel arguments"}),
-    Option(("--crypto-selftests",), "crypto_selftests", {"action": "store_true", "help": "keep the guest kernel's crypto self-tests"}),
-    Option(("--keyboard",), "keyboard", {"action": "store_true", "help": "a virtio keyboard in the guest, for sandbox send-key"}),
+    Option(("--crypto-selftests",), "crypto_selftests", {"action": SWITCH, "default": False, "help": "keep the guest kernel's crypto self-tests"}),
+    Option(("--keyboard",), "keyboard", {"action": SWITCH, "default": False, "help": "a virtio keyboard in the guest, for sandbox send-key"}),
     Option(("--net",), "net", {"default": "none", "metavar": "MODE",
                                "help": "none (default), user (passt, anyone), nat[=NAME] or bridge=BRIDGE (root)"}),
     Option(("--mac",), "mac", {"metavar": "MAC", "help": "the guest's MAC address (default: random, 52:54:00:xx:xx:xx)"}),
     Option(("--connect",), "connect", {"metavar": "URI",
-                                       "help": "run through libvirt (qemu:///system, qemu+ssh://HOST/system; default: SANDBOX_CONNECT)"}),
-    Option(("--cold",), "warm", {"action": "store_true", "help": "boot the kernel even when a warm-start template fits"}, inverted=True),
-    Option(("--tracefs",), "tracefs", {"action": "store_true", "help": "keep the guest kernel's tracefs (ftrace event files)"}),
+                                       "help": "run through libvirt (qemu:///system, qemu+ssh://HOST/system; default: SANDBOX_CONNECT; '': QEMU here)"},
+           env="SANDBOX_CONNECT"),
+    Option(("--cold",), "warm", {"action": SWITCH, "default": False, "help": "boot the kernel even when a warm-start template fits"}, inverted=True),
+    Option(("--tracefs",), "tracefs", {"action": SWITCH, "default": False, "help": "keep the guest kernel's tracefs (ftrace event files)"}),
 )  # fmt: skip
 
 CONFINEMENT: tuple[Option, ...] = (
     Option(("--security",), "security", {"choices": ("auto", "selinux", "none"), "default": "auto",
                                          "help": "SELinux confinement for QEMU (default auto: when SELinux is enabled)"}),
     Option(("--label",), "label", {"metavar": "static:LABEL", "help": "a fixed SELinux label for QEMU"}),
-    Option(("--show-label",), "show_label", {"action": "store_true", "help": "print the label in use to stderr"}),
+    Option(("--show-label",), "show_label", {"action": SWITCH, "default": False, "help": "print the label in use to stderr"}),
     Option(("--qemu-user",), "qemu_user", {"metavar": "USER", "help": "run QEMU as this user when started as root (default: nobody)"}),
     Option(("--memory-limit",), "memory_limit", {"type": size_mb, "metavar": "SIZE", "help": "cgroup memory.max for QEMU"}),
     Option(("--cpu-weight",), "cpu_weight", {"type": int, "metavar": "N", "help": "cgroup cpu.weight (1-10000)"}),
@@ -149,9 +230,34 @@ CONFINEMENT: tuple[Option, ...] = (
 )  # fmt: skip
 
 
-def add(parser: argparse.ArgumentParser | argparse._ArgumentGroup, table: Sequence[Option]) -> None:
+# `sandbox run`'s own (not bench's or prepare's).
+RUN: tuple[Option, ...] = (
+    Option(("--timeout",), "timeout", {"type": positive, "metavar": "S", "help": "kill the VM after S seconds (exit 124)"}),
+    Option(("--x11",), "x11", {"nargs": "?", "const": "xephyr", "choices": ("xephyr", "xpra"), "help": "show X11 apps in a nested server"}),
+    Option(("--x11-size",), "x11_size", {"default": "1024x768", "metavar": "WxH", "help": "the nested display's size (default 1024x768)"}),
+)  # fmt: skip
+
+FILES: tuple[Option, ...] = (
+    Option(("--share",), "shares", {"action": "append", "type": share, "default": [], "metavar": "HOST[:GUEST][:ro|rw|cow]",
+                                    "help": "show a host directory in the guest (default mode cow; \\: escapes a colon)"}),
+    Option(("--tmpfs",), "tmpfs", {"action": "append", "type": tmpfs, "default": [], "metavar": "PATH[:SIZE]", "help": "an empty tmpfs at PATH"}),
+    Option(("--private",), "private", {"action": "append", "type": os.path.expanduser, "default": [], "metavar": "PATH",
+                                       "help": "an empty private tmpfs instead of the host's files (e.g. /tmp or $HOME)"}),
+    Option(("--hide",), "hide", {"action": "append", "default": [], "metavar": "PATH", "help": "hide PATH (relative: in the home) too"}),
+    Option(("--unhide",), "unhide", {"action": "append", "default": [], "metavar": "PATH", "help": "show a path hidden by default (e.g. .ssh)"}),
+    Option(("--home",), "home", {"type": directory, "metavar": "DIR", "help": "share DIR read-write as the home directory"}),
+)  # fmt: skip
+
+# What the config file can set: every option of `sandbox run` but those of
+# one invocation (--name, -d, --rm, -t/-T, --timings, -v) and --no-confine
+# (the walls are never off by default).
+SETTABLE: tuple[Option, ...] = VM + CONFINEMENT + RUN + FILES
+
+
+def add(parser: argparse.ArgumentParser | argparse._ArgumentGroup, table: Sequence[Option], defaults: Mapping[str, Any] | None = None) -> None:
+    """The table's options, with `defaults` (key -> value, from sandbox/config.py) instead of their own."""
     for opt in table:
-        opt.add_to(parser)
+        opt.add_to(parser, (defaults or {}).get(opt.key))
 
 
 def values(ns: argparse.Namespace, table: Sequence[Option]) -> dict[str, Any]:

@@ -31,6 +31,7 @@ X11_OPEN, X11_DATA, X11_CLOSE, X11_READY = b"O", b"D", b"C", b"R"
 EXEC_START, EXEC_STDIN, EXEC_STDIN_EOF, EXEC_SIGNAL = b"S", b"I", b"i", b"K"
 EXEC_STDOUT, EXEC_STDERR, EXEC_EXIT = b"O", b"R", b"X"
 MAX_EXEC = 16  # processes the guest serves at once
+HOSTNAME_MAX = 64  # Linux's limit, which sandbox names keep within
 
 TTY_STDIN, TTY_STDOUT, TTY_STDERR = 1, 2, 4
 
@@ -105,6 +106,7 @@ class CommandSpec:
     realtime_ns: int = 0  # the host's wall clock when the spec was made (refined by "C")
     net: GuestNet | None = None
     closed: int = 0  # bit 1 << fd: the command's fd 0, 1 or 2 is closed, as the launcher's was
+    hostname: str = ""  # the guest's host name, as containers get their name ("": left as the kernel has it)
 
 
 def _field(key: str, value: str) -> bytes:
@@ -141,6 +143,10 @@ def encode_spec(spec: CommandSpec) -> bytes:
         parts.append(_field("t", str(spec.realtime_ns)))
     if spec.closed:
         parts.append(_field("F", str(spec.closed)))
+    if spec.hostname:
+        if len(spec.hostname.encode()) > HOSTNAME_MAX:
+            raise ValueError(f"host name {spec.hostname!r} is longer than {HOSTNAME_MAX} bytes")
+        parts.append(_field("N", spec.hostname))
     if spec.net is not None:
         parts.append(_field("n", spec.net.encode()))
         parts += [_field("d", d) for d in spec.net.dns]

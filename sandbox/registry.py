@@ -5,11 +5,19 @@
         lock          flock'ed by its launcher for as long as that lives
         log           stdout and stderr of a detached sandbox
         status        its exit status, once it has ended
-        killed        left by `sandbox kill` before it ends QEMU
+        killed        left by `sandbox kill`, or `stop` when its grace ran
+                      out, before QEMU is ended: the status is 137
+        stop-grace    how long `sandbox stop` gives the command (seconds)
+        collected     `sandbox wait` got the status of an entry not kept
 
 A sandbox whose lock nobody holds and that has no status lost its launcher
 (`kill -9`): it is stale, and the next command that looks reclaims it
 (its QEMU died with the launcher, through the parent-death signal).
+
+An entry not kept (`--rm`, or an unnamed run in the foreground) that has
+ended is no longer listed, but stays for `sandbox wait` (and `logs`): the
+next command removes it once a waiter has collected its status, or
+UNCOLLECTED_GRACE seconds after it ended.
 """
 
 from __future__ import annotations
@@ -34,6 +42,9 @@ from . import runtime
 from .errors import SandboxError, UsageError
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+UNCOLLECTED_GRACE = 60.0  # s an ended entry not kept waits for `sandbox wait`
+COLLECTED_GRACE = 1.0  # s more for other waiters woken with the first
 
 
 class NoSuchSandbox(SandboxError):
@@ -104,13 +115,16 @@ class Entry:
         root = base()
         reclaim(root)
         for _ in range(100):
-            chosen = check_name(name) if name else generated_name()
+            chosen = check_name(name) if name is not None else generated_name()
             path = root / chosen
             try:
                 path.mkdir(mode=0o700)
                 break
             except FileExistsError:
-                if name:
+                if Entry(path).disposable():  # an ended --rm run that nobody waited for
+                    Entry(path).remove()
+                    continue
+                if name is not None:
                     state = Entry(path).state()
                     what = "a running sandbox" if state == "running" else "an exited sandbox (sandbox rm it first)"
                     raise UsageError(f"the name {name!r} is taken by {what}") from None
@@ -134,23 +148,20 @@ class Entry:
     def update(self, **fields: Any) -> None:
         self.write(replace(self.record(), **fields))
 
-    def finish(self, status: int) -> None:
-        """Record the exit status; the entry stays if kept, else goes."""
+    def finish(self, status: int) -> int:
+        """Record the exit status (an entry not kept goes once it is collected: see the module's docstring); the status recorded."""
         if (self.path / "killed").exists():
             status = 128 + signal.SIGKILL
         try:
-            keep = self.record().keep
-        except NoSuchSandbox:  # its base was a one-run fallback, already gone
-            keep = False
-        if keep:
             tmp = self.path / ".status"
             tmp.write_text(f"{status}\n")
             os.replace(tmp, self.path / "status")
-        else:
-            shutil.rmtree(self.path, ignore_errors=True)
+        except OSError:  # its base was a one-run fallback, already gone
+            pass
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
+        return status
 
     # ---- everyone's side ----------------------------------------------------
 
@@ -164,6 +175,13 @@ class Entry:
         raw["taint"] = tuple(raw.get("taint", ()))
         raw["disks"] = tuple(raw.get("disks", ()))
         return Record(**raw)
+
+    def stop_grace(self) -> float | None:
+        """The seconds `sandbox stop` gives the command (None: no stop was asked)."""
+        try:
+            return float((self.path / "stop-grace").read_text())
+        except (OSError, ValueError):
+            return None
 
     def status(self) -> int | None:
         try:
@@ -224,6 +242,23 @@ class Entry:
             os.close(fd)
         return self.status()
 
+    def collect(self) -> None:
+        """`sandbox wait` has its status: an entry not kept may go now."""
+        with contextlib.suppress(OSError, NoSuchSandbox):
+            if not self.record().keep:
+                (self.path / "collected").touch()
+
+    def disposable(self) -> bool:
+        """It ended, and is not kept: only a waiter may still want its status."""
+        try:
+            return not self.record().keep and self.status() is not None and not self.running()
+        except NoSuchSandbox:
+            return False
+
+    def listed(self) -> bool:
+        """Whether `list` shows it (an ended entry not kept is gone for it)."""
+        return not self.disposable()
+
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
 
@@ -253,7 +288,9 @@ def add_attached(record: Record) -> Entry:
 
 
 def find(name: str) -> Entry:
-    entry = Entry(base() / check_name(name))
+    root = base()
+    reclaim(root)
+    entry = Entry(root / check_name(name))
     if not (entry.path / "record.json").exists():
         raise NoSuchSandbox(f"no sandbox named {name!r} (sandbox list --all shows them)")
     return entry
@@ -270,10 +307,17 @@ def entries() -> Iterator[Entry]:
 def reclaim(root: Path) -> None:
     """Remove the entries of launchers that died without a status (and half-made ones), and their runtime dirs."""
     runtime.reclaim_stale(root.parent)
+    now = time.time()
     for path in root.iterdir():
         entry = Entry(path)
         with contextlib.suppress(OSError):
             if not entry.running() and entry.status() is None:
-                age = time.time() - path.stat().st_mtime
+                age = now - path.stat().st_mtime
                 if (path / "record.json").exists() or age > 60:
+                    shutil.rmtree(path, ignore_errors=True)
+            elif entry.disposable():
+                collected = path / "collected"
+                if now - (path / "status").stat().st_mtime > UNCOLLECTED_GRACE or (
+                    collected.exists() and now - collected.stat().st_mtime > COLLECTED_GRACE
+                ):
                     shutil.rmtree(path, ignore_errors=True)

@@ -138,8 +138,12 @@ class Relay:
         x11: DisplayBridge | None = None,
         stdio: Stdio = Stdio(),
         execs: PortBridge | None = None,
+        stop_grace: Callable[[], float | None] = lambda: None,
     ) -> None:
         self.guest = guest
+        # `sandbox stop -t S` asks for S seconds, and powers off itself after
+        # them: the launcher waits longer, in case that client is gone.
+        self.stop_grace = stop_grace
         self.ch = guest.channels
         self.console_log_path = console_log
         self.timeline = timeline
@@ -534,7 +538,8 @@ class Relay:
                 return
             self._send_ctl(protocol.signal_message(signo))
             self.state = State.SIGNALLED
-            self.deadlines.set("escalate", ESCALATE_AFTER)
+            grace = self.stop_grace()
+            self.deadlines.set("escalate", ESCALATE_AFTER if grace is None else grace + ESCALATE_AFTER)
             self.pending_signal = signo
 
     def _send_winsize(self) -> None:

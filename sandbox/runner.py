@@ -73,6 +73,8 @@ class RunOptions:
     net: str = "none"  # --net: none | user | nat[=NAME] | bridge=BRIDGE (sandbox/net)
     mac: str | None = None
     connect: str | None = None  # --connect URI: libvirtd runs the guest (sandbox/libvirt)
+    stop_grace: Callable[[], float | None] = lambda: None  # what `sandbox stop -t` gives the command, once asked
+    hostname: str = ""  # the guest's (the sandbox's name); "": the kernel's own, "(none)"
 
     def __post_init__(self) -> None:
         if not self.argv:
@@ -194,14 +196,6 @@ def host_rlimits() -> tuple[tuple[int, int, int], ...]:
     return tuple((r, value(soft), value(hard)) for r in RLIMITS for soft, hard in [resource.getrlimit(r)])
 
 
-def working_directory() -> str:
-    """The launcher's cwd, which the guest shows at the same path."""
-    try:
-        return os.getcwd()
-    except OSError as exc:
-        raise UsageError(f"the working directory cannot be shown in the sandbox: {exc.strerror}") from None
-
-
 def user_home(env: dict[str, str]) -> str:
     """The home directory the guest overlays: $HOME, else the passwd entry's (the command's environment is left as it is)."""
     home = env.get("HOME")
@@ -263,6 +257,7 @@ def command_spec(opts: RunOptions, tty: int, plan: mounts.Plan, home: str, cwd: 
         entropy=os.urandom(64),
         realtime_ns=time.time_ns(),
         closed=opts.closed_stdio,
+        hostname=opts.hostname,
     )
 
 
@@ -402,6 +397,7 @@ def boot_once(
             timeout_at=timeout_at,
             x11=opts.x11,
             execs=execs,
+            stop_grace=opts.stop_grace,
         )
         outcome = relay.run()
         host_oom = outcome.status is None and confinement is not None and confinement.oom_killed()
@@ -559,7 +555,7 @@ def run(opts: RunOptions) -> RunResult:
     timeline.stamp_host("launcher_start", launcher_start_time())
     env = dict(opts.env) if opts.env is not None else dict(os.environ)
     home = user_home(env)
-    cwd = opts.cwd or working_directory()
+    cwd = opts.cwd or mounts.working_directory()
     plan = mount_plan(opts, home, cwd)
     cspec = command_spec(opts, tty_mask(opts.tty), plan, home, cwd, env)
     net_request = None
@@ -655,7 +651,7 @@ def prepare_template(opts: RunOptions) -> tuple[template.Template, bool]:
     """The template `opts` would restore from, built now if there is none; (template, whether it was built)."""
     env = dict(opts.env) if opts.env is not None else dict(os.environ)
     home = user_home(env)
-    cwd = opts.cwd or working_directory()
+    cwd = opts.cwd or mounts.working_directory()
     prep = prepare(opts)
     from .net import attachment
 

@@ -68,6 +68,7 @@ def test_attached_qemu_is_listed_tainted_described_and_stopped(hand_qemu: tuple[
     rows = {d["name"]: d for d in json.loads(sb("list", "--json").stdout)}
     row = rows[name]
     assert row["state"] == "running" and row["qemu_pid"] == proc.pid
+    assert (row["attached"], row["detached"]) == (True, False)  # not a sandbox of ours run in the background
     assert row["tainted"] == ["externally launched", "custom monitor", "runs as root", "unconfined"]
     table = sb("list").stdout.decode()
     assert any(line.startswith(name) and "yes: externally launched" in line for line in table.splitlines()), table
@@ -79,16 +80,25 @@ def test_attached_qemu_is_listed_tainted_described_and_stopped(hand_qemu: tuple[
     assert no_keyboard.returncode == 125 and no_keyboard.stderr == f"sandbox: sandbox {name!r} has no keyboard device: QEMU would drop the keys\n".encode()
     no_exec = sb("exec", name, "--", "true")
     assert no_exec.returncode == 125 and b"was attached, not started here: exec needs the sandbox's own guest init" in no_exec.stderr
-    refused = sb("attach", str(proc.pid))
-    assert refused.returncode == 125 and b"is taken" in refused.stderr
+    for again in ([], ["--name", f"{name}-again"]):  # the same QEMU, under its name or another
+        refused = sb("attach", str(proc.pid), *again)
+        assert (refused.returncode, refused.stderr.decode()) == (125, f"sandbox: QEMU {proc.pid} is already attached as sandbox {name!r}\n")
+    assert f"{name}-again" not in {d["name"] for d in json.loads(sb("list", "--json", "--all").stdout)}
+    no_log = sb("logs", name)
+    assert (no_log.returncode, no_log.stderr.decode()) == (
+        125, f"sandbox: sandbox {name!r} is an attached QEMU: it has no log of ours (its output went where its launcher sent it)\n")  # fmt: skip
     start = time.monotonic()
-    assert sb("stop", "-t", "1", name).returncode == 0  # the paused guest ignores the power button: then quit
+    stopped = sb("stop", "-t", "1", name)  # the paused guest ignores the power button: then quit
+    assert (stopped.returncode, stopped.stdout) == (0, b"stopped\n")
+    assert stopped.stderr.decode() == f"sandbox: {name}: quit QEMU after 1 s (the guest did not power off on the power button)\n"
     assert proc.wait(10) == 0 and time.monotonic() - start < 10
     assert name not in {d["name"] for d in json.loads(sb("list", "--json", "--all").stdout)}
 
 
 def test_attached_qemu_can_be_killed(hand_qemu: tuple[subprocess.Popen[bytes], str, Path]) -> None:
     proc, name, _ = hand_qemu
+    empty = sb("attach", str(proc.pid), "--name", "")
+    assert (empty.returncode, empty.stderr.decode()) == (125, "sandbox: bad sandbox name '' (letters, digits, '_', '.', '-'; 64 at most)\n")
     assert sb("attach", str(proc.pid), "--name", name).returncode == 0
     assert sb("kill", name).returncode == 0
     assert proc.wait(10) == -signal.SIGKILL

@@ -46,4 +46,4 @@ def test_a_bad_accelerator_setting_names_its_source() -> None:
     env = dict(os.environ, SANDBOX_ACCEL="fast")
     proc = subprocess.run([*SANDBOX, "run", "--", "true"], capture_output=True, text=True, timeout=60, env=env)
     assert proc.returncode == 125
-    assert proc.stderr.strip() == "sandbox: SANDBOX_ACCEL: accelerator 'fast' is not one of auto, kvm, tcg"
+    assert proc.stderr.strip() == "sandbox: SANDBOX_ACCEL=fast: invalid choice: 'fast' (choose from 'auto', 'kvm', 'tcg')"

@@ -44,3 +44,22 @@ def test_qemu_probe_is_cached_by_binary_identity_and_finds_microvm(tmp_path: Pat
 def test_tsc_rate_is_plausible() -> None:
     khz = host.tsc_khz()
     assert khz is not None and 500_000 < khz < 10_000_000
+
+
+def test_the_tcg_notice_is_shown_once_per_user_terminal_or_not_and_with_verbose(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pty
+    import sys
+
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    master, slave = pty.openpty()
+    try:
+        with os.fdopen(slave, "w") as tty:
+            monkeypatch.setattr(sys, "stderr", tty)
+            assert host.show_accel_notice(0) is True
+            assert (tmp_path / "state" / "sandbox" / "accel-notice-shown").exists()
+            assert host.show_accel_notice(0) is False  # a terminal does not bring it back
+            assert host.show_accel_notice(1) is True
+    finally:
+        os.close(master)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "other-user"))
+    assert host.show_accel_notice(0) is True

@@ -71,6 +71,8 @@ def test_connect_comes_from_the_option_then_the_environment() -> None:
     assert connect_uri("qemu:///system", {"SANDBOX_CONNECT": "qemu+ssh://b/system"}) == "qemu:///system"
     assert connect_uri(None, {"SANDBOX_CONNECT": "qemu+ssh://b/system"}) == "qemu+ssh://b/system"
     assert connect_uri(None, {}) is None and connect_uri(None, {"SANDBOX_CONNECT": ""}) is None
+    # --connect '' runs QEMU here, whatever SANDBOX_CONNECT or the config file says.
+    assert connect_uri("", {"SANDBOX_CONNECT": "qemu+ssh://b/system"}) is None
 
 
 @pytest.mark.parametrize(

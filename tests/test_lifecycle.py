@@ -117,10 +117,62 @@ def test_stop_signals_the_command_then_powers_off(names: list[str]) -> None:
     # (the shell may also report, on stderr, its `sleep`, which the signal to the process group ended)
     assert [ln for ln in sb("logs", polite).stdout.splitlines() if ln != b"Terminated"] == [b"up", b"got TERM"]
     start = time.monotonic()
-    assert sb("stop", "-t", "2", stubborn).stdout == b"143\n"  # the grace ran out: the VM was powered off
+    # The grace ran out: the VM was powered off, which is said, and its status is a kill's, as after docker stop.
+    stopped = sb("stop", "-t", "2", stubborn)
+    assert (stopped.returncode, stopped.stdout) == (0, b"137\n")
+    assert stopped.stderr.decode() == f"sandbox: {stubborn}: powered off after 2 s (the command did not exit on SIGTERM)\n"
     assert 2 <= time.monotonic() - start < 20
+    assert listed(all_=True)[stubborn]["exit_status"] == 137 and sb("wait", stubborn).returncode == 137
     audit = [json.loads(line) for line in sb("audit", "-n", "50").stdout.decode().splitlines()]
     assert any(e["event"] == "stop-request" and e["name"] == polite for e in audit)
+    again = sb("stop", polite)
+    assert (again.returncode, again.stderr.decode()) == (125, f"sandbox: sandbox {polite!r} is not running\n")
+
+
+def test_stop_gives_the_command_all_of_its_grace(names: list[str]) -> None:
+    """-t longer than the launcher's own 5 s after a signal: the command's cleanup runs to its end."""
+    slow = fresh(names)
+    detach(slow, "sh", "-c", "trap 'sleep 7; echo cleaned up; exit 3' TERM; echo up; while :; do sleep 1; done")
+    deadline = time.monotonic() + 60
+    while b"up" not in sb("logs", slow).stdout and time.monotonic() < deadline:
+        time.sleep(0.2)
+    stopped = sb("stop", "-t", "30", slow)
+    assert (stopped.returncode, stopped.stdout, stopped.stderr) == (0, b"3\n", b"")
+    assert b"cleaned up" in sb("logs", slow).stdout
+
+
+def test_wait_gets_the_status_of_a_detached_rm_sandbox(names: list[str]) -> None:
+    ended, waited = fresh(names), fresh(names)
+    for name, script in ((ended, "exit 3"), (waited, "sleep 3; exit 4")):
+        detach_opts(name, ("--rm",), "sh", "-c", script)
+    # It ended before anyone waited: its status is still there for `wait`.
+    deadline = time.monotonic() + 60
+    while ended in listed() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ended not in listed(all_=True)  # --rm: not listed once ended
+    assert sb("wait", ended).stdout == b"3\n" and sb("wait", ended).returncode == 3
+    # A waiter that was there first gets it too.
+    proc = sb("wait", waited)
+    assert (proc.returncode, proc.stdout) == (4, b"4\n"), proc.stderr
+    # Once collected, it goes with the next command; its name is free at once.
+    time.sleep(1.5)
+    for name in (ended, waited):
+        gone = sb("info", name)
+        assert gone.returncode == 125 and f"no sandbox named {name!r}".encode() in gone.stderr
+    again = sb("run", "--rm", "--name", ended, "--", "true")
+    assert again.returncode == 0, again.stderr
+
+
+def test_a_command_with_control_characters_keeps_the_table_whole(names: list[str]) -> None:
+    name = fresh(names)
+    detach(name, "sh", "-c", "sleep 60", "line1\nline2\t\x1b[31mred")
+    table = sb("list").stdout.decode().splitlines()
+    rows = [line for line in table if line.startswith(name)]
+    assert len(rows) == 1 and "sh -c sleep 60 line1?line2??[…" in rows[0], table  # 30 characters at most
+    assert not any(line.startswith(("line2", "\t")) for line in table)
+    info = dict(line.split(":", 1) for line in sb("info", name).stdout.decode().splitlines())
+    assert info["Command"].strip() == "sh -c sleep 60 line1?line2??[31mred"
+    assert listed()[name]["command"] == ["sh", "-c", "sleep 60", "line1\nline2\t\x1b[31mred"]  # JSON: the real argv
 
 
 def test_kill_ends_qemu_at_once(names: list[str]) -> None:

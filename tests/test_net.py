@@ -300,3 +300,47 @@ def test_net_nat_needs_root(nobody: Nobody) -> None:
     proc = nobody.run("run", "--net", "nat", "--", "true")
     assert proc.returncode == 125
     assert proc.stderr.decode().strip() == "sandbox: --net nat needs root (it makes a bridge, taps and firewall rules); --net user works for anyone"
+
+
+ACTIVATE = "import sys; from sandbox.net import networks; [networks.activate(networks.get_or_create(n)) for n in sys.argv[1:]]"
+
+
+@pytest.mark.parametrize("before", [("0", "0"), ("1", "0")])
+def test_destroying_the_last_network_gives_the_host_its_forwarding_back(tmp_path: Path, before: tuple[str, str]) -> None:
+    """Two networks brought up in a namespace of the test's own, then destroyed: forwarding is as it was, after the last only."""
+    why = netlab.available()
+    if why is not None:
+        pytest.fail(f"the network tests {why} (setup.sh installs the tools; run as root)")
+    ns = f"sbfwd{os.getpid()}{before[0]}"
+    env = dict(os.environ, SANDBOX_NETWORK_DIR=str(tmp_path / "networks"), PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    sysctls = ("net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding")
+
+    def in_ns(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["nsenter", f"--net=/run/netns/{ns}", "--", *argv], capture_output=True, text=True, env=env, timeout=120)
+
+    def forwarding() -> tuple[str, str]:
+        out = in_ns("sysctl", "-n", *sysctls).stdout.split()
+        return out[0], out[1]
+
+    netlab.run("ip", "netns", "add", ns)
+    try:
+        in_ns("ip", "link", "set", "lo", "up")
+        assert in_ns("sysctl", "-qw", f"{sysctls[0]}={before[0]}", f"{sysctls[1]}={before[1]}").returncode == 0
+        for name, v4 in (("fwa", "10.213.91.0/24"), ("fwb", "10.213.92.0/24")):
+            assert in_ns(*SANDBOX, "net", "create", name, "--ipv4", v4).returncode == 0
+        up = in_ns(sys.executable, "-c", ACTIVATE, "fwa", "fwb")
+        assert up.returncode == 0, up.stderr
+        assert forwarding() == ("1", "1")
+        out = in_ns(*SANDBOX, "net", "destroy", "fwa")
+        assert out.returncode == 0 and "forwarding" not in out.stdout, out
+        assert forwarding() == ("1", "1")  # fwb still routes its guests
+        out = in_ns(*SANDBOX, "net", "destroy", "fwb")
+        assert out.returncode == 0, out.stderr
+        assert forwarding() == before
+        changed = ", ".join(f"{k}={v}" for k, v in zip(sysctls, before) if v != "1")
+        assert f"removed forwarding ({changed}, as before the first network)" in out.stdout.splitlines(), out.stdout
+    finally:
+        for pidfile in (tmp_path / "networks").glob("run/*/dnsmasq.pid"):
+            with contextlib.suppress(ValueError, OSError):
+                os.kill(int(pidfile.read_text()), signal.SIGTERM)
+        netlab.run("ip", "netns", "del", ns, check=False)

@@ -83,6 +83,20 @@ def test_closed_fd_record_only_when_a_fd_was_closed() -> None:
     assert ("F", "5") in records
 
 
+def test_hostname_record_only_when_named() -> None:
+    base = dict(argv=("hostname",), env=(), cwd="/", home="/root", uid=0, gid=0)
+    _, records = decode(protocol.encode_spec(CommandSpec(**base)))  # type: ignore[arg-type]
+    assert not any(k == "N" for k, _ in records)
+    _, records = decode(protocol.encode_spec(CommandSpec(**base, hostname="web")))  # type: ignore[arg-type]
+    assert ("N", "web") in records
+    try:
+        protocol.encode_spec(CommandSpec(**base, hostname="x" * 65))  # type: ignore[arg-type]
+    except ValueError as exc:
+        assert "longer than 64 bytes" in str(exc)
+    else:
+        raise AssertionError("a 65-byte host name accepted")
+
+
 def test_exec_start_records() -> None:
     from sandbox import execs
 
@@ -110,8 +124,8 @@ def _c_defines() -> dict[str, str]:
 
 def test_constants_match_the_guest_header() -> None:
     defines = _c_defines()
-    names = [n for n in dir(protocol) if re.fullmatch(r"(PORT|TTY|EXEC|MOP|X11|MUX)_[A-Z0-9_]+|ROOT_TAG|MAX_EXEC", n) and n not in ("PORT_NAMES", "MUX_HEADER")]
-    assert len(names) >= 36
+    names = [n for n in dir(protocol) if re.fullmatch(r"(PORT|TTY|EXEC|MOP|X11|MUX)_[A-Z0-9_]+|ROOT_TAG|MAX_EXEC|HOSTNAME_MAX", n) and n not in ("PORT_NAMES", "MUX_HEADER")]
+    assert len(names) >= 37
     for name in names:
         value = getattr(protocol, name)
         c_value = defines[name]

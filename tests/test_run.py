@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import pty
+import re
 import shutil
 import signal
 import struct
@@ -164,6 +165,26 @@ def test_runs_as_a_non_root_user(nobody: Nobody) -> None:
     proc = nobody.run("run", "--", "sh", "-c", 'id -u; id -g; echo "$HOME"; touch "$HOME/x" && echo home-ok', env=env)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.decode().split() == ["65534", "65534", "/home/sbuser", "home-ok"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--qemu-user", "root"), "--qemu-user root: only a sandbox started as root changes QEMU's user (here QEMU runs as you)"),
+        (("--name", ""), "bad sandbox name '' (letters, digits, '_', '.', '-'; 64 at most)"),
+    ],
+)
+def test_what_means_nothing_for_a_normal_user_is_refused(nobody: Nobody, args: tuple[str, ...], message: str) -> None:
+    proc = nobody.run("run", *args, "--", "true")
+    assert (proc.returncode, proc.stderr.decode()) == (125, f"sandbox: {message}\n")
+
+
+def test_the_guest_is_named_after_the_sandbox() -> None:
+    name = f"web-{os.getpid()}"
+    proc = run_sandbox("sh", "-c", "hostname; cat /proc/sys/kernel/hostname", run_opts=("--name", name, "--rm"))
+    assert (proc.returncode, proc.stdout.decode().split()) == (0, [name, name]), proc.stderr
+    proc = run_sandbox("hostname")
+    assert proc.returncode == 0 and re.fullmatch(rb"sandbox-[0-9a-f]{6}\n", proc.stdout), proc.stdout
 
 
 def test_command_not_found_is_127_and_not_executable_is_126(visible_dir: Path) -> None:

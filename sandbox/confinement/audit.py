@@ -11,6 +11,8 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+from .. import cache
+
 
 def log_path() -> Path:
     """/var/log/sandbox/audit.jsonl for root, else $XDG_STATE_HOME/sandbox/audit.jsonl."""
@@ -19,8 +21,7 @@ def log_path() -> Path:
         return Path(env)
     if os.geteuid() == 0:
         return Path("/var/log/sandbox/audit.jsonl")
-    state = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
-    return Path(state) / "sandbox" / "audit.jsonl"
+    return cache.state_dir() / "audit.jsonl"
 
 
 ARGV_KEEP = 4096  # characters of a command kept in the log; the rest is summed up

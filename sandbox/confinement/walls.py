@@ -401,6 +401,9 @@ def from_options(opts: ConfinementOptions, argv: tuple[str, ...]) -> Confinement
     if opts.label and not use_selinux:
         raise ConfinementError("--label needs SELinux, which is not in use here")
     root = os.geteuid() == 0
+    if opts.qemu_user is not None and not root:
+        # Accepted, it would read as if QEMU ran as that user.
+        raise UsageError(f"--qemu-user {opts.qemu_user}: only a sandbox started as root changes QEMU's user (here QEMU runs as you)")
     if not root:
         log.info("started as a normal user: QEMU keeps your uid and shares your namespaces")
     return Confinement(

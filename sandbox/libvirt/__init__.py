@@ -8,5 +8,5 @@ from __future__ import annotations
 
 
 def connect_uri(option: str | None, env: dict[str, str]) -> str | None:
-    """--connect, else SANDBOX_CONNECT; None for the direct backend."""
-    return option or env.get("SANDBOX_CONNECT") or None
+    """--connect, else SANDBOX_CONNECT; None for the direct backend (also `--connect ''`, whatever the defaults say)."""
+    return (option if option is not None else env.get("SANDBOX_CONNECT")) or None

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import cache, kernel, modules
+from .. import cache, kernel, modules, progress
 from ..errors import KernelError
 from .connection import LibvirtError, message
 
@@ -91,6 +91,7 @@ def upload(conn: libvirt.virConnect, pool: libvirt.virStoragePool, path: Path) -
         return str(vol.path())
     data = path.read_bytes()
     try:
+        progress.show(f"uploading {name} to the libvirt host")
         for stale in (vol, done):
             if stale is not None:
                 stale.delete(0)
@@ -108,6 +109,8 @@ def upload(conn: libvirt.virConnect, pool: libvirt.virStoragePool, path: Path) -
         pool.createXML(_vol_xml(name + COMPLETE, 0), 0)
     except lv.libvirtError as exc:
         raise LibvirtError(f"cannot upload {name} to the libvirt host: {message(exc)}") from None
+    finally:
+        progress.clear()
     log.info("uploaded %s (%d bytes) to the libvirt host", name, len(data))
     return str(vol.path())
 
@@ -131,6 +134,7 @@ def _read_only_dir(conn: libvirt.virConnect, path: str) -> Iterator[libvirt.virS
 
 
 def _download(conn: libvirt.virConnect, vol: libvirt.virStorageVol, out: Path) -> None:
+    progress.show(f"mirroring the remote kernel for --connect ({out.name})")
     size = vol.info()[1]
     stream = conn.newStream(0)
     vol.download(stream, 0, size, 0)
@@ -153,7 +157,8 @@ def mirror_remote_kernel(conn: libvirt.virConnect, wanted: list[str]) -> kernel.
     """The remote host's newest kernel with 9p, mirrored here with just the modules the guest loads."""
     host = conn.getHostname()
     mirror = cache.cache_dir() / "remote" / f"{host}-{hashlib.sha256(conn.getURI().encode()).hexdigest()[:12]}"
-    with _read_only_dir(conn, "/boot") as boot:
+    with contextlib.ExitStack() as stack, _read_only_dir(conn, "/boot") as boot:
+        stack.callback(progress.clear)  # _download shows what it mirrors
         images = {v.name(): v for v in boot.listAllVolumes() if v.name().startswith("vmlinuz-")}
         reasons = []
         for name in sorted(images, key=lambda n: _version_key(n[8:]), reverse=True):

@@ -50,10 +50,15 @@ def networks_dir() -> Path:
     return Path(override) if override else Path("/var/lib/sandbox/networks")
 
 
-def state_dir(name: str) -> Path:
-    """What a running network keeps: dnsmasq's files, the guests' leases (gone with a reboot)."""
+def state_root() -> Path:
+    """What running networks keep, each in a directory of its own (gone with a reboot, as they are)."""
     override = os.environ.get("SANDBOX_NETWORK_DIR")
-    return (Path(override) / "run" if override else Path("/run/sandbox/networks")) / name
+    return Path(override) / "run" if override else Path("/run/sandbox/networks")
+
+
+def state_dir(name: str) -> Path:
+    """What a running network keeps: dnsmasq's files, the guests' leases."""
+    return state_root() / name
 
 
 @dataclass(frozen=True)
@@ -251,12 +256,48 @@ def _upstream_accept_ra(bridges: set[str]) -> None:
                 log.info("accept_ra=2 on %s: it keeps taking router advertisements while the host forwards", conf.name)
 
 
+FORWARDING = {"net.ipv4.ip_forward": "/proc/sys/net/ipv4/ip_forward", "net.ipv6.conf.all.forwarding": "/proc/sys/net/ipv6/conf/all/forwarding"}
+
+
+def _forwarding_before() -> Path:
+    """The host's forwarding settings from before the first network came up (restored after the last goes)."""
+    return state_root() / "forwarding-before.json"
+
+
 def _forwarding() -> None:
     _upstream_accept_ra({n.bridge for n in all_networks()})
-    for path in ("/proc/sys/net/ipv4/ip_forward", "/proc/sys/net/ipv6/conf/all/forwarding"):
+    before = {}
+    for name, path in FORWARDING.items():
         with contextlib.suppress(OSError):
-            if Path(path).read_text().strip() != "1":
+            before[name] = Path(path).read_text().strip()
+    record = _forwarding_before()
+    if not record.exists():  # the first network to come up: what the host had is still there
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps(before))
+    for name, path in FORWARDING.items():
+        with contextlib.suppress(OSError):
+            if before.get(name) != "1":
                 Path(path).write_text("1")
+
+
+def _restore_forwarding(leaving: str) -> list[str]:
+    """After the last running network went: forwarding as the host had it; what was set back, for the user."""
+    record = _forwarding_before()
+    if any(state_dir(n.name).exists() for n in all_networks() if n.name != leaving) or not record.exists():
+        return []
+    try:
+        before = json.loads(record.read_text())
+    except (OSError, ValueError):
+        before = {}
+    restored = []
+    for name, value in before.items():
+        path = FORWARDING.get(name)
+        with contextlib.suppress(OSError):
+            if path is not None and value in ("0", "1") and Path(path).read_text().strip() != value:
+                Path(path).write_text(value)
+                restored.append(f"{name}={value}")
+    record.unlink(missing_ok=True)
+    return [f"forwarding ({', '.join(restored)}, as before the first network)"] if restored else []
 
 
 def _marker(net: Network) -> str:
@@ -425,7 +466,7 @@ def destroy(name: str) -> list[str]:
             raise UsageError(f"network {name} is in use by {len(users)} sandbox(es) (launcher pid {', '.join(str(l.pid) for l in users)})")
         removed = deactivate(net)
         (networks_dir() / f"{name}.json").unlink()
-        return removed
+        return removed + _restore_forwarding(name)
 
 
 # ---- reports ------------------------------------------------------------------------

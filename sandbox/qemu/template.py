@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .. import cache
+from .. import cache, progress
 from ..errors import SandboxError
 
 if TYPE_CHECKING:
@@ -290,6 +290,7 @@ class Builder:
         self.ram_fd = os.memfd_create(f"sandbox-template-{store.key}", os.MFD_CLOEXEC)
         os.ftruncate(self.ram_fd, memory_bytes)
         self.built: Template | None = None
+        progress.show("building the warm-start template")
 
     @classmethod
     def try_start(cls, store: Store, memory_bytes: int, qemu_version: str) -> Builder | None:
@@ -313,6 +314,7 @@ class Builder:
             raise
 
     def close(self) -> None:
+        progress.clear()
         if self.lock_fd >= 0 and self.built is None and not self.store.path.exists():
             # A build that failed leaves no lock for a template that never was.
             with contextlib.suppress(OSError):
