@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import registry, sizes
+from .process import start_ticks, status_fields
 from .errors import UsageError
 
 
@@ -114,11 +115,6 @@ def describe(argv: list[str]) -> Described:
     return Described(**d, disks=tuple(disks), shares=tuple(shares), network=tuple(network))  # type: ignore[arg-type]
 
 
-def _status(pid: int) -> dict[str, str]:
-    text = Path(f"/proc/{pid}/status").read_text()
-    return dict(line.split(":\t", 1) for line in text.splitlines() if ":\t" in line)
-
-
 def _user(uid: int) -> str:
     try:
         return pwd.getpwuid(uid).pw_name
@@ -129,7 +125,7 @@ def _user(uid: int) -> str:
 def taint_reasons(pid: int, desc: Described) -> tuple[str, ...]:
     """Why this QEMU is not held to our walls, in the manner of libvirt's taint flags."""
     reasons = ["externally launched", "custom monitor"]
-    st = _status(pid)
+    st = status_fields(pid)
     if st.get("Uid", "").split()[:1] == ["0"]:
         reasons.append("runs as root")
     own_ns = all(os.readlink(f"/proc/{pid}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}") for ns in ("mnt", "pid"))
@@ -173,7 +169,7 @@ def attach(pid: int, name: str | None) -> registry.Entry:
         raise UsageError(f"QEMU {pid} has no QMP monitor on a UNIX socket (-qmp unix:PATH,server=on or -chardev socket,path=...,server=on with -mon mode=control)")
     monitor = desc.monitor if os.path.isabs(desc.monitor) else os.path.join(os.readlink(f"/proc/{pid}/cwd"), desc.monitor)
     check_monitor(monitor)
-    started = registry.process_start(pid)
+    started = start_ticks(pid)
     if started is None:
         raise UsageError(f"no process {pid}")
     for other in registry.entries():
@@ -189,7 +185,7 @@ def attach(pid: int, name: str | None) -> registry.Entry:
         launcher_pid=pid,
         detached=False,  # not one of ours run in the background: `attached` says what it is
         keep=False,
-        user=_user(int(_status(pid).get("Uid", "0").split()[0])),
+        user=_user(int(status_fields(pid).get("Uid", "0").split()[0])),
         qemu_pid=pid,
         accel=desc.accel or "tcg",
         kernel=desc.kernel,

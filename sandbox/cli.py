@@ -209,69 +209,33 @@ def _setup_logging(verbose: int) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from . import mounts, runner
+    from . import mounts, registry, request, runner
 
     cmd = _command(args)
-    cwd = mounts.working_directory()
-    confinement = None
-    if not args.no_confine:
-        from .confinement import walls
-
-        confinement = walls.from_options(walls.ConfinementOptions(**options.values(args, options.CONFINEMENT)), cmd)
-    x11 = None
-    if args.x11:
-        from . import x11 as x11mod
-
-        x11 = x11mod.X11Session.create(args.x11, args.x11_size)
-    opts = runner.RunOptions(
-        argv=cmd,
-        **options.values(args, options.VM),
-        cwd=cwd,
-        shares=tuple(args.share),
-        tmpfs=tuple(args.tmpfs),
-        private=tuple(args.private),
-        hide=tuple(args.hide),
-        unhide=tuple(args.unhide),
-        timeout=args.timeout,
-        tty=args.tty,
-        # Detached, the command's stdio is /dev/null and the log, whatever ours was.
-        closed_stdio=0 if args.detach else args.closed_stdio,
-        home=args.home,
-        verbose=args.verbose,
-        confinement=confinement,
-        x11=x11,
-    )
-    from . import registry
-
     if args.detach and (args.tty or args.x11):
         raise UsageError("--detach runs without a terminal or display (drop -t / --x11)")
     entry = registry.Entry.create(args.name, cmd, args.detach, keep=(args.detach or args.name is not None) and not args.rm)
+    # Detached, the command's stdio is /dev/null and the log, whatever ours was.
+    req = request.from_namespace(args, cmd, mounts.working_directory(), 0 if args.detach else args.closed_stdio, entry.name)
     ready: list[Callable[[], None]] = []
 
-    def started(st: runner.Started) -> None:
+    def started(st: Any) -> None:
         entry.update(qemu_pid=st.qemu_pid, accel=st.accel, kernel=st.kernel, memory_mb=st.memory_mb, cpus=st.cpus,
                      start=st.start, label=st.label, shares=st.shares, x11_display=st.x11_display, x11_auth=st.x11_auth,
                      network=st.network, machine=st.machine)  # fmt: skip
         while ready:
             ready.pop()()
 
-    opts = dataclasses.replace(opts, on_started=started, monitor_socket=entry.path / "monitor.sock", exec_socket=entry.path / "exec.sock",
-                               stop_grace=entry.stop_grace, hostname=entry.name)  # fmt: skip
-    if opts.keyboard:
+    hooks = entry.hooks(started)
+    if req.machine.keyboard:
         entry.update(keyboard=True)
     if args.detach:
         from . import lifecycle
 
-        return lifecycle.detach(entry, lambda: _report_errors(lambda: _finish_run(args, runner.run(opts)), args.verbose), ready)
-    status = EXIT_LAUNCHER
-    try:
-        status = _finish_run(args, runner.run(opts))
-    except SandboxError as exc:
-        status = exc.exit_status
-        raise
-    finally:
-        status = entry.finish(status)  # 137 when `sandbox kill` or `stop` ended it
-    return status
+        return lifecycle.detach(entry, lambda: _report_errors(lambda: _finish_run(args, runner.run(req, hooks)), args.verbose), ready)
+    with entry:
+        entry.ended(_finish_run(args, runner.run(req, hooks)))
+    return entry.final_status  # 137 when `sandbox kill` or `stop` ended it
 
 
 def _finish_run(args: argparse.Namespace, result: Any) -> int:
@@ -390,25 +354,14 @@ def _report_errors(body: Callable[[], int], verbose: int) -> int:
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from . import runner
+    from . import mounts, request, runner
 
-    confinement = None
-    if not args.no_confine:
-        from .confinement import walls
-
-        confinement = walls.from_options(walls.ConfinementOptions(**options.values(args, options.CONFINEMENT)), ("true",))
-    # The template's boot runs `true`: it must not take the user's input.
+    # The first run's boot runs `true`: it must not take the user's input.
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)
-    opts = runner.RunOptions(argv=("true",), **options.values(args, options.VM), tty=False, verbose=args.verbose, confinement=confinement)
-    if opts.connect or os.environ.get("SANDBOX_CONNECT"):
-        print(runner.prepare_host(opts))  # no warm start through libvirt: the images are what there is to prepare
-        return 0
-    found, built = runner.prepare_template(opts)
-    m = found.manifest
-    print(f"template {found.key} {'built' if built else 'ready'}: {m.ram_data_bytes / 2**20:.0f} MiB of guest RAM, "
-          f"{m.state_bytes / 1024:.0f} KiB of device state, built in {m.build_seconds:.1f} s ({found.path})")  # fmt: skip
+    req = request.from_namespace(args, ("true",), mounts.working_directory(), 0)
+    print(runner.prepare(dataclasses.replace(req, command=dataclasses.replace(req.command, tty=False))))
     return 0
 
 

@@ -87,6 +87,12 @@ class ExecBridge:
         self.sessions: dict[int, Session] = {}
         self.next_id = 1
 
+    def __enter__(self) -> ExecBridge:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def attach(self, sel: selectors.BaseSelector, port: socket.socket) -> None:
         self.sel = sel
         sel.register(self.listener, selectors.EVENT_READ, ("exec-listen", 0))

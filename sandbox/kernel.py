@@ -287,3 +287,37 @@ def ensure_readable(path: Path) -> None:
     """Raise a KernelError naming `path` if it cannot be read."""
     if not os.access(path, os.R_OK):
         raise KernelError(f"cannot read {path} (kernel images are often root-only: run as root or chmod a+r it)")
+
+
+def kernel_cmdline(
+    accel: str, tsc_khz: int | None, crypto_selftests: bool, verbose: int, extra: str, tracefs: bool = False
+) -> str:
+    """The guest kernel's command line; each knob's effect is in benchmarks/README.md."""
+    args = [
+        "console=ttyS0",
+        "panic=-1",  # a panic resets, and -no-reboot turns that into QEMU's exit
+        "8250.nr_uarts=1",
+        "i8042.noaux",
+        "i8042.nokbd",
+        "i8042.nopnp",
+        "noreplace-smp",
+        "nowatchdog",
+        "audit=0",
+    ]
+    if verbose < 2:
+        args.append("quiet")
+    if accel == "tcg" and tsc_khz:
+        # Calibrating the TSC against a busy host hangs the boot; the host's
+        # rate is exact under TCG, whose guest TSC is the host's.
+        args.append(f"tsc_early_khz={tsc_khz}")
+        args.append("tsc=reliable")
+    if not crypto_selftests:
+        args.append("cryptomgr.notests")
+    if not tracefs:
+        # Its ~10,000 event files cost 80 ms and 9 MiB of inodes at boot,
+        # and tracing is a debugging interface the sandboxed command has
+        # no use for: one less thing in the guest kernel to attack.
+        args.append("initcall_blacklist=tracer_init_tracefs")
+    if extra:
+        args.append(extra)
+    return " ".join(args)

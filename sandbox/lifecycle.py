@@ -24,7 +24,7 @@ def detach(entry: registry.Entry, run: Callable[[], int], on_started: list[Calla
     it finds in `on_started`), prints the name and returns 0; if the
     supervisor ends before that, its log and status are the caller's.
     """
-    log_path = entry.path / "log"
+    log_path = entry.path / registry.LOG
     ready_r, ready_w = os.pipe()
     pid = os.fork()
     if pid:
@@ -216,7 +216,7 @@ def open_monitor(path: str) -> Iterator[Any]:
 def monitor_path(entry: registry.Entry) -> str:
     """Where a sandbox's QMP socket is (an attached QEMU's own)."""
     r = entry.record()
-    return r.monitor if r.attached else str(entry.path / "monitor.sock")
+    return r.monitor if r.attached else str(entry.path / registry.MONITOR)
 
 
 @dataclass(frozen=True)
@@ -251,11 +251,11 @@ def stop(entry: registry.Entry, grace: float = STOP_GRACE) -> Stopped:
         return Stopped(None)
     if entry.state() != "running":
         raise UsageError(f"sandbox {entry.name!r} is not running")
-    (entry.path / "stop-grace").write_text(f"{grace}\n")  # the launcher waits that long too
+    (entry.path / registry.STOP_GRACE).write_text(f"{grace}\n")  # the launcher waits that long too
     _signal_launcher(entry, signal.SIGTERM)
     status = entry.wait(grace)
     if status is None and entry.running():
-        (entry.path / "killed").touch()
+        (entry.path / registry.KILLED).touch()
         _signal_launcher(entry, signal.SIGTERM)  # a second signal: the launcher kills the VM
         status = entry.wait(30)
         return Stopped(status, f"powered off after {grace:g} s (the command did not exit on SIGTERM)")
@@ -278,7 +278,7 @@ def kill(entry: registry.Entry) -> int | None:
         raise UsageError(f"sandbox {entry.name!r} is not running")
     audit.record("kill", name=entry.name, uuid=r.uuid, qemu_pid=r.qemu_pid)
     if not r.attached:
-        (entry.path / "killed").touch()
+        (entry.path / registry.KILLED).touch()
     target = r.qemu_pid or r.launcher_pid
     try:
         os.kill(target, signal.SIGKILL)
@@ -289,7 +289,7 @@ def kill(entry: registry.Entry) -> int | None:
 
 def logs(entry: registry.Entry, follow: bool, out: Any = None) -> None:
     out = out or sys.stdout.buffer
-    path = entry.path / "log"
+    path = entry.path / registry.LOG
     if entry.record().attached:
         raise UsageError(f"sandbox {entry.name!r} is an attached QEMU: it has no log of ours (its output went where its launcher sent it)")
     if not path.exists():
@@ -345,7 +345,7 @@ def exec_command(name: str, argv: list[str], env: dict[str, str], cwd: str | Non
     deadline = time.monotonic() + EXEC_CONNECT_WAIT
     while True:
         try:
-            sock.connect(str(entry.path / "exec.sock"))
+            sock.connect(str(entry.path / registry.EXEC))
             break
         except OSError as exc:
             absent = isinstance(exc, (FileNotFoundError, ConnectionRefusedError))

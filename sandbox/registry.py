@@ -33,13 +33,18 @@ import shutil
 import signal
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import runtime
-from .errors import SandboxError, UsageError
+from .process import start_ticks
+from .errors import EXIT_LAUNCHER, SandboxError, UsageError
+from .backend import RunHooks
+
+if TYPE_CHECKING:
+    from .backend import Started
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
@@ -99,6 +104,12 @@ def generated_name() -> str:
     return f"sandbox-{secrets.token_hex(3)}"
 
 
+# The files of an entry's directory, named here only.
+LOCK, RECORD, RECORD_TMP, STATUS, STATUS_TMP = "lock", "record.json", ".record.json", "status", ".status"
+KILLED, STOP_GRACE, COLLECTED = "killed", "stop-grace", "collected"  # `sandbox kill`/`stop` was here; how long stop waits; a waiter took the status
+LOG, MONITOR, EXEC = "log", "monitor.sock", "exec.sock"  # a detached run's output; QMP for send-key; `sandbox exec`'s socket
+
+
 class Entry:
     """One named sandbox's directory."""
 
@@ -106,6 +117,8 @@ class Entry:
         self.path = path
         self.name = path.name
         self._lock_fd = -1
+        self._status = EXIT_LAUNCHER
+        self.final_status = EXIT_LAUNCHER
 
     # ---- the launcher's side --------------------------------------------
 
@@ -131,7 +144,7 @@ class Entry:
         else:
             raise SandboxError("no free sandbox name")
         entry = cls(path)
-        entry._lock_fd = os.open(path / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        entry._lock_fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         fcntl.flock(entry._lock_fd, fcntl.LOCK_EX)
         try:
             user = pwd.getpwuid(os.getuid()).pw_name
@@ -141,21 +154,40 @@ class Entry:
         return entry
 
     def write(self, record: Record) -> None:
-        tmp = self.path / ".record.json"
+        tmp = self.path / RECORD_TMP
         tmp.write_text(json.dumps(asdict(record)))
-        os.replace(tmp, self.path / "record.json")
+        os.replace(tmp, self.path / RECORD)
 
     def update(self, **fields: Any) -> None:
         self.write(replace(self.record(), **fields))
 
+    # As the run's context manager: the status is recorded on the way out
+    # (an exception's exit status when the run failed).
+
+    def __enter__(self) -> Entry:
+        self._status = EXIT_LAUNCHER
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        status = exc.exit_status if isinstance(exc, SandboxError) else self._status if exc is None else EXIT_LAUNCHER
+        self.final_status = self.finish(status)
+
+    def ended(self, status: int) -> None:
+        """The run's exit status, recorded when the entry is left."""
+        self._status = status
+
+    def hooks(self, on_started: Callable[[Started], None] | None = None) -> RunHooks:
+        """How a run tells this entry about itself."""
+        return RunHooks(on_started, self.path / MONITOR, self.path / EXEC, self.stop_grace)
+
     def finish(self, status: int) -> int:
         """Record the exit status (an entry not kept goes once it is collected: see the module's docstring); the status recorded."""
-        if (self.path / "killed").exists():
+        if (self.path / KILLED).exists():
             status = 128 + signal.SIGKILL
         try:
-            tmp = self.path / ".status"
+            tmp = self.path / STATUS_TMP
             tmp.write_text(f"{status}\n")
-            os.replace(tmp, self.path / "status")
+            os.replace(tmp, self.path / STATUS)
         except OSError:  # its base was a one-run fallback, already gone
             pass
         if self._lock_fd >= 0:
@@ -167,7 +199,7 @@ class Entry:
 
     def record(self) -> Record:
         try:
-            raw = json.loads((self.path / "record.json").read_text())
+            raw = json.loads((self.path / RECORD).read_text())
         except (OSError, ValueError) as exc:
             raise NoSuchSandbox(f"no sandbox named {self.name!r}") from exc
         raw["argv"] = tuple(raw["argv"])
@@ -179,13 +211,13 @@ class Entry:
     def stop_grace(self) -> float | None:
         """The seconds `sandbox stop` gives the command (None: no stop was asked)."""
         try:
-            return float((self.path / "stop-grace").read_text())
+            return float((self.path / STOP_GRACE).read_text())
         except (OSError, ValueError):
             return None
 
     def status(self) -> int | None:
         try:
-            return int((self.path / "status").read_text())
+            return int((self.path / STATUS).read_text())
         except (OSError, ValueError):
             return None
 
@@ -196,9 +228,9 @@ class Entry:
         except NoSuchSandbox:
             record = None
         if record is not None and record.attached:
-            return record.qemu_pid is not None and process_start(record.qemu_pid) == record.qemu_started
+            return record.qemu_pid is not None and start_ticks(record.qemu_pid) == record.qemu_started
         try:
-            fd = os.open(self.path / "lock", os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(self.path / LOCK, os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
             return False
         try:
@@ -225,7 +257,7 @@ class Entry:
                 time.sleep(0.05)
             return None
         try:
-            fd = os.open(self.path / "lock", os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(self.path / LOCK, os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
             return self.status()
         try:
@@ -246,7 +278,7 @@ class Entry:
         """`sandbox wait` has its status: an entry not kept may go now."""
         with contextlib.suppress(OSError, NoSuchSandbox):
             if not self.record().keep:
-                (self.path / "collected").touch()
+                (self.path / COLLECTED).touch()
 
     def disposable(self) -> bool:
         """It ended, and is not kept: only a waiter may still want its status."""
@@ -261,16 +293,6 @@ class Entry:
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
-
-
-def process_start(pid: int) -> int | None:
-    """A process's start time (clock ticks since boot), or None if it is gone or a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return None if fields[0] in ("Z", "X") else int(fields[19])
 
 
 def add_attached(record: Record) -> Entry:
@@ -291,7 +313,7 @@ def find(name: str) -> Entry:
     root = base()
     reclaim(root)
     entry = Entry(root / check_name(name))
-    if not (entry.path / "record.json").exists():
+    if not (entry.path / RECORD).exists():
         raise NoSuchSandbox(f"no sandbox named {name!r} (sandbox list --all shows them)")
     return entry
 
@@ -300,7 +322,7 @@ def entries() -> Iterator[Entry]:
     root = base()
     reclaim(root)
     for path in sorted(root.iterdir()):
-        if path.is_dir() and (path / "record.json").exists():
+        if path.is_dir() and (path / RECORD).exists():
             yield Entry(path)
 
 
@@ -313,11 +335,11 @@ def reclaim(root: Path) -> None:
         with contextlib.suppress(OSError):
             if not entry.running() and entry.status() is None:
                 age = now - path.stat().st_mtime
-                if (path / "record.json").exists() or age > 60:
+                if (path / RECORD).exists() or age > 60:
                     shutil.rmtree(path, ignore_errors=True)
             elif entry.disposable():
-                collected = path / "collected"
-                if now - (path / "status").stat().st_mtime > UNCOLLECTED_GRACE or (
+                collected = path / COLLECTED
+                if now - (path / STATUS).stat().st_mtime > UNCOLLECTED_GRACE or (
                     collected.exists() and now - collected.stat().st_mtime > COLLECTED_GRACE
                 ):
                     shutil.rmtree(path, ignore_errors=True)

@@ -1,4 +1,4 @@
-"""`sandbox run`: prepare the VM, start it, relay the command's I/O, and collect its status."""
+"""`sandbox run`: one ExitStack for the run's resources, a backend for its guest, the relay for each attempt."""
 
 from __future__ import annotations
 
@@ -8,148 +8,32 @@ import os
 import pwd
 import resource
 import time
-from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
 from collections.abc import Callable
-from contextlib import AbstractContextManager
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-from . import cache, config, diagnostics, host, initramfs, kernel, mounts, protocol, runtime
+from . import backend as backends
+from . import diagnostics, mounts, protocol, runtime
+from .backend import Attempt, BootSpec, GuestFactory, NetDevice, Prepared, RunContext, RunResult, Share, Started, WarmStartFailed
 from .errors import EXIT_LAUNCHER, BootStallError, MachineError, SandboxError, TimeoutExpired, UsageError
-from .guestinit import init_binary
-from .libvirt import connect_uri
-from .qemu import argv as qemuargv
-from .qemu import template
-from .backend import Guest
-from .qemu.backend import BootSpec, DirectGuest, WarmStart, template_argv
+from .backend import RunHooks
+from .request import RunRequest
 from .timings import Timeline, monotonic_boottime
 
 if TYPE_CHECKING:
-    from .net.attachment import NetRequest
-    from .confinement.walls import Confinement
+    from .confinement.walls import Confinement, ConfinementSpec
+    from .net.attachment import Attachment
     from .x11 import X11Session
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class RunOptions:
-    """Everything `sandbox run` was asked to do."""
-
-    argv: tuple[str, ...]
-    kernel: Path | None = None
-    accel: str | None = None  # None: the user's default (config.accel)
-    qemu: str | None = None
-    machine: str = "auto"  # auto | microvm | q35
-    memory_mb: int = 512
-    cpus: int = 1
-    timeout: float | None = None
-    boot_timeout: float | None = None  # None: chosen by accelerator
-    boot_retries: int = 1
-    tty: bool | None = None  # None: when stdin is a terminal
-    closed_stdio: int = 0  # bit 1 << fd: fd 0, 1 or 2 was closed when the launcher started, so it is for the command too
-    shares: tuple[mounts.Share, ...] = ()
-    home: Path | None = None  # --home DIR: a read-write share shown as $HOME
-    tmpfs: tuple[tuple[str, str], ...] = ()
-    private: tuple[str, ...] = ()
-    hide: tuple[str, ...] = ()
-    unhide: tuple[str, ...] = ()
-    verbose: int = 0
-    kernel_append: str = ""
-    pvh: bool = True
-    tb_size_mb: int = 24  # MiB; the trade-off is measured in benchmarks/README.md
-    cpu_model: str | None = None
-    crypto_selftests: bool = False
-    tracefs: bool = False
-    confinement: Confinement | None = None
-    x11: X11Session | None = None
-    env: tuple[tuple[str, str], ...] | None = None  # None: this process's environment
-    cwd: str | None = None
-    warm: bool = True  # restore from a template when one fits (--cold: never)
-    on_started: Callable[[Started], None] | None = None  # told each time a QEMU runs the guest
-    keyboard: bool = False  # a virtio keyboard for `sandbox send-key`
-    monitor_socket: Path | None = None  # a QMP socket for other commands (send-key), bound here
-    exec_socket: Path | None = None  # where `sandbox exec` reaches this run (sandbox/execs.py)
-    net: str = "none"  # --net: none | user | nat[=NAME] | bridge=BRIDGE (sandbox/net)
-    mac: str | None = None
-    connect: str | None = None  # --connect URI: libvirtd runs the guest (sandbox/libvirt)
-    stop_grace: Callable[[], float | None] = lambda: None  # what `sandbox stop -t` gives the command, once asked
-    hostname: str = ""  # the guest's (the sandbox's name); "": the kernel's own, "(none)"
-
-    def __post_init__(self) -> None:
-        if not self.argv:
-            raise UsageError("no command given (usage: sandbox run [OPTIONS] -- CMD [ARGS...])")
-
-
-@dataclass(frozen=True)
-class Started:
-    """A machine runs the guest (for `sandbox list` and `info`)."""
-
-    qemu_pid: int | None  # None: QEMU is libvirtd's, perhaps on another host
-    accel: str
-    kernel: str
-    memory_mb: int
-    cpus: int
-    start: str  # warm or cold
-    label: str
-    shares: tuple[str, ...]
-    x11_display: int | None = None  # the nested X server (Xephyr) on the host
-    x11_auth: str = ""
-    network: str = "none"
-    machine: str = ""  # the backend's name for it, where it has one (a libvirt domain)
-
-
-@dataclass
-class RunResult:
-    """How a run ended."""
-
-    status: int
-    timeline: Timeline = field(default_factory=Timeline)
-    qemu_peak_rss_kb: int | None = None
-
-
 def launcher_start_time() -> float:
     """When this process started, on the CLOCK_BOOTTIME scale (interpreter start-up included)."""
-    try:
-        with open("/proc/self/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return int(fields[19]) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return monotonic_boottime()
+    from .process import started_at
 
-
-def kernel_cmdline(
-    accel: str, tsc_khz: int | None, crypto_selftests: bool, verbose: int, extra: str, tracefs: bool = False
-) -> str:
-    """The guest kernel's command line; each knob's effect is in benchmarks/README.md."""
-    args = [
-        "console=ttyS0",
-        "panic=-1",  # a panic resets, and -no-reboot turns that into QEMU's exit
-        "8250.nr_uarts=1",
-        "i8042.noaux",
-        "i8042.nokbd",
-        "i8042.nopnp",
-        "noreplace-smp",
-        "nowatchdog",
-        "audit=0",
-    ]
-    if verbose < 2:
-        args.append("quiet")
-    if accel == "tcg" and tsc_khz:
-        # Calibrating the TSC against a busy host hangs the boot; the host's
-        # rate is exact under TCG, whose guest TSC is the host's.
-        args.append(f"tsc_early_khz={tsc_khz}")
-        args.append("tsc=reliable")
-    if not crypto_selftests:
-        args.append("cryptomgr.notests")
-    if not tracefs:
-        # Its ~10,000 event files cost 80 ms and 9 MiB of inodes at boot,
-        # and tracing is a debugging interface the sandboxed command has
-        # no use for: one less thing in the guest kernel to attack.
-        args.append("initcall_blacklist=tracer_init_tracefs")
-    if extra:
-        args.append(extra)
-    return " ".join(args)
+    return started_at(os.getpid()) or monotonic_boottime()
 
 
 def _winsize(fd: int) -> tuple[int, int]:
@@ -207,29 +91,31 @@ def user_home(env: dict[str, str]) -> str:
     return home
 
 
-def mount_plan(opts: RunOptions, home: str, cwd: str) -> mounts.Plan:
+def mount_plan(request: RunRequest, home: str, cwd: str) -> mounts.Plan:
     """The guest's filesystem for this run."""
+    files = request.files
     real_home = os.path.realpath(home) if home.startswith("/") else home
-    shares = list(opts.shares)
-    if opts.home is not None:
+    shares = list(files.shares)
+    if files.home is not None:
         if not real_home.startswith("/") or real_home == "/":
-            raise UsageError(f"--home {opts.home}: HOME ({home}) is not a directory the guest can mount over")
-        shares.append(mounts.Share(opts.home, real_home, "rw"))
+            raise UsageError(f"--home {files.home}: HOME ({home}) is not a directory the guest can mount over")
+        shares.append(mounts.Share(files.home, real_home, "rw"))
     return mounts.plan(
         real_home,
         cwd,
         shares=shares,
-        tmpfs=opts.tmpfs,
-        private=opts.private,
-        hide=opts.hide,
-        unhide=opts.unhide,
+        tmpfs=files.tmpfs,
+        private=files.private,
+        hide=files.hide,
+        unhide=files.unhide,
         homes=mounts.host_homes(),
     )
 
 
-def command_spec(opts: RunOptions, tty: int, plan: mounts.Plan, home: str, cwd: str, env: dict[str, str]) -> protocol.CommandSpec:
+def command_spec(request: RunRequest, tty: int, plan: mounts.Plan, home: str, cwd: str, env: dict[str, str],
+                 x11: X11Session | None = None) -> protocol.CommandSpec:  # fmt: skip
     """The guest command: this user, environment and directory."""
-    x11_display = opts.x11.display if opts.x11 is not None else None
+    x11_display = x11.display if x11 is not None else None
     env = dict(env)
     if x11_display is not None:
         env["DISPLAY"] = f":{x11_display}"
@@ -238,8 +124,9 @@ def command_spec(opts: RunOptions, tty: int, plan: mounts.Plan, home: str, cwd: 
     umask = os.umask(0)
     os.umask(umask)
     rows, cols = _winsize(0 if _isatty(0) else 1) if tty else (0, 0)
+    argv = request.command.argv
     return protocol.CommandSpec(
-        argv=opts.x11.guest_argv(opts.argv) if opts.x11 is not None else opts.argv,
+        argv=x11.guest_argv(argv) if x11 is not None else argv,
         env=tuple(env.items()),
         cwd=cwd,
         home=home,
@@ -253,55 +140,17 @@ def command_spec(opts: RunOptions, tty: int, plan: mounts.Plan, home: str, cwd: 
         rlimits=host_rlimits(),
         mounts=plan.steps,
         x11_display=x11_display,
-        x11_xpra=opts.x11 is not None and opts.x11.mode == "xpra",
+        x11_xpra=x11 is not None and x11.mode == "xpra",
         entropy=os.urandom(64),
         realtime_ns=time.time_ns(),
-        closed=opts.closed_stdio,
-        hostname=opts.hostname,
+        closed=request.command.closed_stdio,
+        hostname=request.command.hostname,
     )
 
 
-@dataclass(frozen=True)
-class Prepared:
-    """The boot inputs that do not change between attempts."""
-
-    accel: str
-    qemu: host.QemuInfo
-    machine: str
-    kernel_image: Path
-    pvh: bool  # kernel_image is the extracted ELF
-    initrd: Path
-    cmdline: str
-    tsc_khz: int | None
-
-
-def prepare(opts: RunOptions) -> Prepared:
-    """Resolve the kernel, QEMU and initramfs (all cached after the first run)."""
-    accel, warning = host.choose_accel(config.accel(opts.accel))
-    if warning and host.show_accel_notice(opts.verbose):
-        log.warning("%s", warning)
-    qemu = host.qemu_info(opts.qemu)
-    machine = opts.machine
-    if machine == "auto":
-        machine = "microvm" if qemu.microvm else "q35"
-    elif machine == "microvm" and not qemu.microvm:
-        raise UsageError(f"{qemu.path} has no microvm machine")
-    kern = kernel.find_kernel(opts.kernel)
-    kernel.ensure_readable(kern.image)
-    pvh_image = kernel.pvh_image(kern) if opts.pvh else None
-    image = pvh_image or kern.image
-    init = init_binary()
-    initrd = initramfs.cached(kern, init, initramfs.wanted_modules(machine, opts.keyboard, net=opts.net != "none"))
-    for stale in cache.prune_boot_images([p for p in (pvh_image, initrd, init) if p is not None]):
-        log.info("removed unused cache entry %s", stale)
-    tsc = host.tsc_khz() if accel == "tcg" else None
-    cmdline = kernel_cmdline(accel, tsc, opts.crypto_selftests, opts.verbose, opts.kernel_append, opts.tracefs)
-    return Prepared(accel, qemu, machine, image, pvh_image is not None, initrd, cmdline, tsc)
-
-
-def boot_spec(opts: RunOptions, prep: Prepared, plan: mounts.Plan, net: qemuargv.NetDevice | None = None) -> BootSpec:
+def boot_spec(request: RunRequest, prep: Prepared, plan: mounts.Plan, net: NetDevice | None = None, seccomp: bool = False) -> BootSpec:
     """The machine for this run (the same for every attempt)."""
-    confinement = opts.confinement
+    m = request.machine
     return BootSpec(
         qemu=prep.qemu.path,
         accel=prep.accel,
@@ -310,126 +159,16 @@ def boot_spec(opts: RunOptions, prep: Prepared, plan: mounts.Plan, net: qemuargv
         pvh=prep.pvh,
         initrd=prep.initrd,
         cmdline=prep.cmdline,
-        memory_mb=opts.memory_mb,
-        cpus=opts.cpus,
-        tb_size_mb=opts.tb_size_mb if prep.accel == "tcg" else None,
-        cpu_model=opts.cpu_model,
-        seccomp=confinement is not None and confinement.seccomp and prep.qemu.seccomp,
-        x11=opts.x11 is not None,
-        shares=tuple(qemuargv.Share(tag, share.host, readonly=not share.writable) for tag, share in plan.shares),
-        keyboard=opts.keyboard,
+        memory_mb=m.memory_mb,
+        cpus=m.cpus,
+        tb_size_mb=m.tb_size_mb if prep.accel == "tcg" else None,
+        cpu_model=m.cpu_model,
+        seccomp=seccomp and prep.qemu.seccomp,
+        x11=request.x11 is not None,
+        shares=tuple(Share(tag, share.host, readonly=not share.writable) for tag, share in plan.shares),
+        keyboard=m.keyboard,
         net=net,
     )
-
-
-# A restore resumes in well under a second; one that makes no progress for
-# this long is broken, and the run boots cold instead.
-WARM_PROGRESS_TIMEOUT = 8.0
-
-
-class WarmStartFailed(SandboxError):
-    """The restored guest ended or stalled before the command started."""
-
-    def __init__(self, message: str, template_broken: bool, stalled: bool = False) -> None:
-        super().__init__(message)
-        self.template_broken = template_broken
-        self.stalled = stalled  # no progress (perhaps a busy host), rather than a guest that failed
-
-
-def boot_once(
-    opts: RunOptions,
-    boot: BootSpec,
-    rundir: Path,
-    timeline: Timeline,
-    attempt: int,
-    cspec: protocol.CommandSpec,
-    timeout_at: float | None,
-    warm: WarmStart | None = None,
-    builder: template.Builder | None = None,
-    net_wired: Callable[[], None] = lambda: None,
-    make_guest: Callable[[], AbstractContextManager[Guest]] | None = None,
-) -> RunResult:
-    """One boot (or restore) of the VM; raises BootStallError if it stalls before the command starts.
-
-    `make_guest` gives another backend's guest (a context manager
-    implementing backend.Guest); by default QEMU runs here (DirectGuest).
-    """
-    confinement = opts.confinement
-    boot_timeout = opts.boot_timeout or (20.0 if boot.accel == "tcg" else 10.0)
-    if warm is not None:
-        boot_timeout = min(boot_timeout, WARM_PROGRESS_TIMEOUT)
-    if make_guest is None:
-        make_guest = lambda: DirectGuest(  # noqa: E731
-            boot, rundir, timeline, confinement, opts.verbose, warm=warm, builder=builder, monitor_socket=opts.monitor_socket
-        )
-    with contextlib.ExitStack() as stack, make_guest() as guest:
-        # Done while QEMU starts (on the other core), not before: the
-        # relay's import, the exec socket, the encoded spec.
-        from .relay import End, Relay
-
-        execs = None
-        if opts.exec_socket is not None:
-            from .execs import ExecBridge
-
-            execs = ExecBridge(opts.exec_socket)
-            stack.callback(execs.close)
-        spec_message = protocol.encode_spec(cspec)
-        guest.wait_built(boot_timeout, attempt)
-        if opts.on_started is not None:  # after the restore was set going: off its critical path
-            machine, label = guest.host_identity()
-            opts.on_started(Started(
-                (guest.pids() or (None,))[-1], boot.accel, str(boot.kernel_image), boot.memory_mb, boot.cpus, timeline.start,
-                label,
-                ("/ (read-only)",) + tuple(f"{s.path} ({'read-only' if s.readonly else 'read-write'})" for s in boot.shares),
-                *(opts.x11.xtest_target() if opts.x11 is not None else (None, "")),
-                network=_describe_net(cspec.net),
-                machine=machine,
-            ))  # fmt: skip
-        net_wired()  # the host's side of the network, set up meanwhile, before the guest's first packet
-        relay = Relay(
-            guest,
-            console_log=rundir / "console.log",
-            timeline=timeline,
-            spec_message=spec_message,
-            tty=cspec.tty,
-            verbose=opts.verbose,
-            boot_timeout=boot_timeout,
-            timeout_at=timeout_at,
-            x11=opts.x11,
-            execs=execs,
-            stop_grace=opts.stop_grace,
-        )
-        outcome = relay.run()
-        host_oom = outcome.status is None and confinement is not None and confinement.oom_killed()
-        if host_oom:
-            # The limit is the user's: a cold boot would meet it too, and the template is fine.
-            raise MachineError(diagnostics.host_oom(opts.memory_mb, confinement.limits.memory_mb))  # type: ignore[union-attr]
-        if (warm is not None or builder is not None) and not outcome.started and outcome.end in (End.STALL, End.DIED) and not _killed(outcome.machine_status):
-            # Nothing of the command ran and no input was read: boot cold instead.
-            why = outcome.fatal or ("it made no progress" if outcome.end is End.STALL else "the guest stopped")
-            if outcome.end is End.DIED and outcome.fatal is None:
-                panic = _panic_line(rundir / "console.log")
-                why = f"guest kernel panic: {panic}" if panic else why
-            log.info("%s log tail:\n%s", "restore" if warm is not None else "template build", guest.failure("").log_tail)
-            what = "the restored guest" if warm is not None else "the guest building the warm-start template"
-            raise WarmStartFailed(f"{what} failed before the command started ({why})", outcome.fatal is None, outcome.end is End.STALL)
-        if outcome.end is End.STALL:
-            failure = guest.failure("")
-            raise BootStallError(f"guest boot made no progress for {boot_timeout:g} s (attempt {attempt})", failure.argv, failure.log_tail)
-        if outcome.end is End.TIMEOUT:
-            raise TimeoutExpired("the command timed out; the VM was killed")
-        if outcome.fatal is not None:
-            raise SandboxError(f"cannot set up the sandbox: {outcome.fatal}{guest.explain(outcome.fatal)}")
-        if outcome.status is None:
-            panic = _panic_line(rundir / "console.log")
-            raise guest.failure(f"guest kernel panic ({panic})" if panic else "guest stopped before reporting a status")
-        if outcome.exec_failed is not None:
-            log.warning("%s", diagnostics.exec_failure(outcome.exec_failed, cspec.argv[0], cspec.cwd))
-        if outcome.oom_kills:
-            log.warning("%s", diagnostics.guest_oom(outcome.oom_kills, outcome.status, opts.memory_mb))
-        if outcome.looked_up is not None and outcome.status != 0:
-            log.warning("%s", diagnostics.no_network(outcome.looked_up))
-        return RunResult(outcome.status, timeline, outcome.qemu_peak_rss_kb)
 
 
 def _describe_net(net: protocol.GuestNet | None) -> str:
@@ -437,95 +176,6 @@ def _describe_net(net: protocol.GuestNet | None) -> str:
         return "none"
     ipv4 = f", {net.ipv4}" if net.ipv4 and net.ipv4 != "dhcp" else ""
     return f"{net.mode}, MAC {net.mac}{ipv4}"
-
-
-def template_store(opts: RunOptions, prep: Prepared, boot: BootSpec) -> template.Store | None:
-    """Where this run's template lives, or None when this run boots cold whatever there is."""
-    if not opts.warm or opts.verbose >= 2:  # -vv asks for the boot log: there must be a boot
-        return None
-    identities = {
-        "qemu": f"{cache.file_identity(Path(prep.qemu.path))}:{prep.qemu.version}",
-        "kernel": cache.file_identity(prep.kernel_image),
-        "initrd": cache.file_identity(prep.initrd),
-    }
-    try:
-        store = template.Store(template.key(template_argv(boot), identities))
-        for stale in template.prune(store.key):
-            log.info("removed unused template %s", stale)
-    except (OSError, SandboxError) as exc:
-        log.info("warm start unavailable: %s", exc)
-        return None
-    return store
-
-
-def _restore_inputs(store: template.Store, memory_mb: int) -> WarmStart | None:
-    found = store.load(memory_mb << 20)
-    if found is None:
-        return None
-    try:
-        state_fd = os.open(found.state, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        store.invalidate(f"cannot read its device state: {exc.strerror}")
-        return None
-    try:
-        return WarmStart(template.RestoreRam(found, store.root), state_fd)
-    except OSError as exc:
-        os.close(state_fd)
-        log.info("warm start unavailable: %s", exc)
-        return None
-
-
-def _boot(
-    opts: RunOptions,
-    prep: Prepared,
-    boot: BootSpec,
-    rundir: Path,
-    timeline: Timeline,
-    cspec: protocol.CommandSpec,
-    timeout_at: float | None,
-    net_wired: Callable[[], None] = lambda: None,
-) -> RunResult:
-    """Warm when a template fits, else cold (building the template on the way); a stalled boot is retried."""
-    store = template_store(opts, prep, boot)
-    if store is not None:
-        warm = _restore_inputs(store, opts.memory_mb)
-        if warm is not None:
-            timeline.start = "warm"
-            try:
-                return boot_once(opts, boot, rundir, timeline, 1, cspec, timeout_at, warm=warm, net_wired=net_wired)
-            except (WarmStartFailed, template.TemplateError) as exc:
-                log.warning("%s; booting cold", exc)
-                if not isinstance(exc, WarmStartFailed) or exc.template_broken:
-                    store.invalidate("its guest failed")
-                timeline.new_boot()
-            finally:
-                warm.ram.close()
-                os.close(warm.state_fd)
-    builder = template.Builder.try_start(store, opts.memory_mb << 20, prep.qemu.version) if store is not None else None
-    if builder is not None:
-        timeline.start = "cold, building the template"
-        try:
-            return boot_once(opts, boot, rundir, timeline, 1, cspec, timeout_at, builder=builder, net_wired=net_wired)
-        except (WarmStartFailed, BootStallError) as exc:
-            # Whatever broke the build, this run still gets its plain cold
-            # boot: nothing of the command ran and no input was read.
-            log.warning("%s; booting cold without a template", exc)
-            if isinstance(exc, WarmStartFailed) and not exc.stalled:
-                assert store is not None
-                store.mark_failed(str(exc))
-            timeline.new_boot()
-        finally:
-            builder.close()
-    timeline.start = "cold"
-    for attempt in range(1, opts.boot_retries + 2):
-        try:
-            return boot_once(opts, boot, rundir, timeline, attempt, cspec, timeout_at, net_wired=net_wired)
-        except BootStallError as exc:
-            if attempt > opts.boot_retries:
-                raise
-            log.warning("%s; retrying", exc)
-            timeline.new_boot()
-    raise SandboxError("unreachable")  # pragma: no cover
 
 
 def _killed(status: int | None) -> bool:
@@ -545,132 +195,204 @@ def _panic_line(console_log: Path) -> str | None:
         return None
     for line in text.splitlines():
         if "Kernel panic - not syncing:" in line:
-            return line.split("Kernel panic - not syncing:", 1)[1].strip()
+            return protocol.printable(line.split("Kernel panic - not syncing:", 1)[1].strip())
     return None
 
 
-def run(opts: RunOptions) -> RunResult:
+class Run:
+    """One `sandbox run`'s attempts: the relay around each guest its backend makes (`once`)."""
+
+    def __init__(self, request: RunRequest, hooks: RunHooks, ctx: RunContext, boot: BootSpec, cspec: protocol.CommandSpec,
+                 timeout_at: float | None, x11: X11Session | None, net_wired: Callable[[], None]) -> None:  # fmt: skip
+        self.request, self.hooks, self.ctx, self.boot, self.cspec = request, hooks, ctx, boot, cspec
+        self.timeout_at, self.x11, self.net_wired = timeout_at, x11, net_wired
+
+    def once(self, make_guest: GuestFactory, attempt: Attempt) -> RunResult:
+        """One boot (or restore) of the VM; raises BootStallError or WarmStartFailed if it fails before the command starts."""
+        ctx, request, cspec = self.ctx, self.request, self.cspec
+        timeline = ctx.timeline
+        timeline.start = attempt.start
+        boot_timeout = request.machine.boot_timeout or (20.0 if self.boot.accel == "tcg" else 10.0)
+        if attempt.progress_timeout is not None:
+            boot_timeout = min(boot_timeout, attempt.progress_timeout)
+        with contextlib.ExitStack() as stack, make_guest() as guest:
+            # Done while QEMU starts (on the other core), not before: the
+            # relay's import, the exec socket, the encoded spec.
+            from .relay import End, Relay
+
+            execs = None
+            if self.hooks.exec_socket is not None:
+                from .execs import ExecBridge
+
+                execs = stack.enter_context(ExecBridge(self.hooks.exec_socket))
+            spec_message = protocol.encode_spec(cspec)
+            guest.wait_built(boot_timeout, attempt.number)
+            self._tell_started(guest)
+            self.net_wired()  # the host's side of the network, set up meanwhile, before the guest's first packet
+            relay = Relay(
+                guest,
+                console_log=ctx.rundir / "console.log",
+                timeline=timeline,
+                spec_message=spec_message,
+                tty=cspec.tty,
+                verbose=request.verbose,
+                boot_timeout=boot_timeout,
+                timeout_at=self.timeout_at,
+                x11=self.x11,
+                execs=execs,
+                stop_grace=self.hooks.stop_grace,
+            )
+            outcome = relay.run()
+            confinement = ctx.confinement
+            if outcome.status is None and confinement is not None and confinement.oom_killed():
+                # The limit is the user's: a cold boot would meet it too, and the template is fine.
+                raise MachineError(diagnostics.host_oom(request.machine.memory_mb, confinement.limits.memory_mb or 0))
+            if attempt.fallback and not outcome.started and outcome.end in (End.STALL, End.DIED) and not _killed(outcome.machine_status):
+                # Nothing of the command ran and no input was read: the backend may try another way.
+                why = outcome.fatal or ("it made no progress" if outcome.end is End.STALL else "the guest stopped")
+                if outcome.end is End.DIED and outcome.fatal is None:
+                    panic = _panic_line(ctx.rundir / "console.log")
+                    why = f"guest kernel panic: {panic}" if panic else why
+                log.info("%s log tail:\n%s", attempt.start, guest.failure("").log_tail)
+                raise WarmStartFailed(f"{attempt.what} failed before the command started ({why})",
+                                      outcome.fatal is None, outcome.end is End.STALL)  # fmt: skip
+            if outcome.end is End.STALL:
+                failure = guest.failure("")
+                raise BootStallError(f"guest boot made no progress for {boot_timeout:g} s (attempt {attempt.number})", failure.argv, failure.log_tail)
+            if outcome.end is End.TIMEOUT:
+                raise TimeoutExpired("the command timed out; the VM was killed")
+            if outcome.fatal is not None:
+                raise SandboxError(f"cannot set up the sandbox: {outcome.fatal}{guest.explain(outcome.fatal)}")
+            if outcome.status is None:
+                panic = _panic_line(ctx.rundir / "console.log")
+                raise guest.failure(f"guest kernel panic ({panic})" if panic else "guest stopped before reporting a status")
+            if outcome.exec_failed is not None:
+                log.warning("%s", diagnostics.exec_failure(outcome.exec_failed, cspec.argv[0], cspec.cwd))
+            if outcome.oom_kills:
+                log.warning("%s", diagnostics.guest_oom(outcome.oom_kills, outcome.status, request.machine.memory_mb))
+            if outcome.looked_up is not None and outcome.status != 0:
+                log.warning("%s", diagnostics.no_network(outcome.looked_up))
+            return RunResult(outcome.status, timeline, outcome.qemu_peak_rss_kb)
+
+    def _tell_started(self, guest: backends.Guest) -> None:
+        """The registry entry hears of the machine (after the restore was set going: off its critical path)."""
+        if self.hooks.on_started is None:
+            return
+        boot = self.boot
+        machine, label = guest.host_identity()
+        self.hooks.on_started(Started(
+            (guest.pids() or (None,))[-1], boot.accel, str(boot.kernel_image), boot.memory_mb, boot.cpus, self.ctx.timeline.start,
+            label,
+            ("/ (read-only)",) + tuple(f"{s.path} ({'read-only' if s.readonly else 'read-write'})" for s in boot.shares),
+            *(self.x11.xtest_target() if self.x11 is not None else (None, "")),
+            network=_describe_net(self.cspec.net),
+            machine=machine,
+        ))  # fmt: skip
+
+
+def run(request: RunRequest, hooks: RunHooks = RunHooks()) -> RunResult:
     """Run the command in a fresh VM and return how it ended."""
     timeline = Timeline()
     timeline.stamp_host("launcher_start", launcher_start_time())
-    env = dict(opts.env) if opts.env is not None else dict(os.environ)
+    env = dict(request.command.env) if request.command.env is not None else dict(os.environ)
     home = user_home(env)
-    cwd = opts.cwd or mounts.working_directory()
-    plan = mount_plan(opts, home, cwd)
-    cspec = command_spec(opts, tty_mask(opts.tty), plan, home, cwd, env)
-    net_request = None
-    if opts.net != "none" or opts.mac is not None:  # sandbox.net costs ~10 ms to import
-        from .net import attachment
-
-        net_request = attachment.parse(opts.net, opts.mac)
-    backend = None
-    opts = replace(opts, connect=connect_uri(opts.connect, dict(os.environ)))
-    if opts.connect:
-        from .libvirt.backend import LibvirtBackend, check_options
-
-        check_options(opts.connect, opts.x11 is not None, opts.net, bool(opts.shares or opts.home), opts.keyboard)
-        backend = LibvirtBackend(opts.connect)
-    try:
-        return _run(opts, timeline, plan, cspec, net_request, backend)
-    finally:
-        if backend is not None:
-            backend.close()
-
-
-def _run(
-    opts: RunOptions, timeline: Timeline, plan: mounts.Plan, cspec: protocol.CommandSpec, net_request: NetRequest | None, backend: Any
-) -> RunResult:
-    if backend is None:
-        prep = prepare(opts)
-    else:
-        on_host = backend.prepare(opts.accel, opts.machine, opts.kernel, opts.pvh)
-        cmdline = kernel_cmdline(on_host.accel, on_host.tsc_khz, opts.crypto_selftests, opts.verbose, opts.kernel_append, opts.tracefs)
-        prep = Prepared(on_host.accel, on_host.qemu, on_host.machine, on_host.kernel_image, on_host.pvh, on_host.initrd, cmdline, on_host.tsc_khz)
-    timeline.tsc_khz = prep.tsc_khz
-    # --timeout counts from the launcher's start (as `timeout sandbox run` would), across retries.
-    started = timeline.host.get("launcher_start", monotonic_boottime())
-    timeout_at = time.monotonic() + opts.timeout - (monotonic_boottime() - started) if opts.timeout else None
-    with runtime.runtime_dir() as rundir, contextlib.ExitStack() as stack:
-        label = None
-        if opts.confinement is not None and backend is None:  # libvirt puts up its own walls
-            stack.enter_context(opts.confinement.around(rundir, [share for _, share in plan.shares]))
-            label = opts.confinement.process_label
-        if opts.x11 is not None:
-            stack.callback(opts.x11.close)
-            opts.x11.start(f"sandbox: {' '.join(opts.argv)} [{label or 'unlabelled'}]")
+    cwd = request.command.cwd or mounts.working_directory()
+    plan = mount_plan(request, home, cwd)
+    walls = _walls(request)
+    with contextlib.ExitStack() as stack:
+        backend = stack.enter_context(backends.open_backend(request))
+        prep = backend.prepare(request)
+        timeline.tsc_khz = prep.tsc_khz
+        # --timeout counts from the launcher's start (as `timeout sandbox run` would), across retries.
+        started = timeline.host.get("launcher_start", monotonic_boottime())
+        timeout = request.command.timeout
+        timeout_at = time.monotonic() + timeout - (monotonic_boottime() - started) if timeout else None
+        rundir = stack.enter_context(runtime.runtime_dir())
+        confinement = _confine(stack, request, walls if backend.confined_here else None, rundir, plan)
+        x11 = _display(stack, request, confinement)
+        cspec = command_spec(request, tty_mask(request.command.tty), plan, home, cwd, env, x11)
+        att = _network(stack, request, rundir, timeline)
         nic = None
         net_wired: Callable[[], None] = lambda: None
-        att = None
-        if net_request is not None:
-            from .net import attachment
-
-            timeline.stamp_host("net_attach", monotonic_boottime())
-            att = stack.enter_context(attachment.attach(net_request, rundir))
         if att is not None:
             cspec = replace(cspec, net=att.guest)
-            nic = qemuargv.NetDevice(att.kind, att.fd, att.guest.mac)
+            nic = NetDevice(att.kind, att.fd, att.guest.mac)
+            wait = att.wait
 
             def wired() -> None:
-                att.wait()
+                wait()
                 timeline.stamp_host("net_attached", monotonic_boottime())
 
             net_wired = wired
-
-        boot = boot_spec(opts, prep, plan, nic)
-        if backend is not None:
-            timeline.start = "cold, libvirt"
-            guest = lambda: backend.guest(boot, rundir, timeline, opts.confinement, opts.verbose)  # noqa: E731
-            result = boot_once(opts, boot, rundir, timeline, 1, cspec, timeout_at, make_guest=guest)
-        else:
-            result = _boot(opts, prep, boot, rundir, timeline, cspec, timeout_at, net_wired)
-        if opts.confinement is not None:
-            opts.confinement.exit_status = result.status
+        boot = boot_spec(request, prep, plan, nic, seccomp=confinement is not None and confinement.seccomp)
+        ctx = RunContext(rundir, timeline, confinement, request.verbose, hooks)
+        result = backend.run(boot, ctx, Run(request, hooks, ctx, boot, cspec, timeout_at, x11, net_wired).once)
+        if confinement is not None:
+            confinement.ended(result.status)
         return result
+
+
+def _walls(request: RunRequest) -> ConfinementSpec | None:
+    """The walls asked for, checked against this host before anything is built (one-line errors)."""
+    if request.confinement is None:
+        return None
+    from .confinement import walls
+
+    return walls.resolve(request.confinement)
+
+
+def _confine(stack: contextlib.ExitStack, request: RunRequest, spec: ConfinementSpec | None, rundir: Path, plan: mounts.Plan) -> Confinement | None:
+    """The walls around QEMU, for the run's length (none for a backend with walls of its own, or --no-confine)."""
+    if spec is None:
+        return None
+    from .confinement import walls
+
+    return stack.enter_context(walls.Confinement(spec, request.command.argv, rundir, [share for _, share in plan.shares]))
+
+
+def _display(stack: contextlib.ExitStack, request: RunRequest, confinement: Confinement | None) -> X11Session | None:
+    if request.x11 is None:
+        return None
+    from .x11 import X11Session
+
+    session = stack.enter_context(X11Session.create(request.x11))
+    label = confinement.process_label if confinement is not None else None
+    session.start(f"sandbox: {' '.join(request.command.argv)} [{label or 'unlabelled'}]")
+    return session
+
+
+def _network(stack: contextlib.ExitStack, request: RunRequest, rundir: Path, timeline: Timeline) -> Attachment | None:
+    if request.net.mode == "none":
+        return None
+    from .net import attachment
+
+    timeline.stamp_host("net_attach", monotonic_boottime())
+    return stack.enter_context(attachment.attach(request.net, rundir))
 
 
 def exit_status(result: RunResult) -> int:
     return result.status if 0 <= result.status <= 255 else EXIT_LAUNCHER
 
 
-def prepare_host(opts: RunOptions) -> str:
-    """--connect: put this run's kernel and initramfs on the libvirt host now; what is there, in a line."""
-    from .libvirt.backend import LibvirtBackend
-
-    uri = connect_uri(opts.connect, dict(os.environ))
-    assert uri is not None
-    backend = LibvirtBackend(uri)
-    try:
-        on_host = backend.prepare(opts.accel, opts.machine, opts.kernel, opts.pvh)
-    finally:
-        backend.close()
-    where = "remote host, its own kernel" if backend.remote else "this host"
-    return f"libvirt {uri} ({where}): kernel {on_host.kernel_image}, initramfs {on_host.initrd}, {on_host.machine}, {on_host.accel}"
-
-
-def prepare_template(opts: RunOptions) -> tuple[template.Template, bool]:
-    """The template `opts` would restore from, built now if there is none; (template, whether it was built)."""
-    env = dict(opts.env) if opts.env is not None else dict(os.environ)
+def prepare(request: RunRequest) -> str:
+    """`sandbox prepare`: what this request's first run would make, made now; a line saying what is there."""
+    env = dict(request.command.env) if request.command.env is not None else dict(os.environ)
     home = user_home(env)
-    cwd = opts.cwd or mounts.working_directory()
-    prep = prepare(opts)
-    from .net import attachment
-
-    req = attachment.parse(opts.net, opts.mac)
-    # The NIC's kind shapes the template; template_argv makes its descriptor and MAC constant.
-    nic = qemuargv.NetDevice(req.nic_kind, 0, "") if req.nic_kind is not None else None
-    boot = boot_spec(opts, prep, mount_plan(opts, home, cwd), nic)
-    store = template_store(opts, prep, boot)
-    if store is None:
-        raise UsageError("warm start is off for these options (--cold, or -vv which shows a whole boot)")
-    found = store.load(opts.memory_mb << 20)
-    if found is not None:
-        return found, False
-    result = run(opts)
-    if result.status != 0:
-        raise SandboxError(f"the template's boot ran `{' '.join(opts.argv)}`, which exited with status {result.status}")
-    found = store.load(opts.memory_mb << 20)
-    if found is None:
-        how = "another launcher was building it" if result.timeline.start == "cold" else "see -v for why"
-        raise SandboxError(f"no template was made ({how})")
-    return found, True
-
+    cwd = request.command.cwd or mounts.working_directory()
+    plan = mount_plan(request, home, cwd)
+    with backends.open_backend(request) as backend:
+        prep = backend.prepare(request)
+        # The NIC's kind shapes a template; its descriptor and MAC do not.
+        kind = request.net.nic_kind
+        boot = boot_spec(request, prep, plan, NetDevice(kind, 0, "") if kind is not None else None, seccomp=True)
+        there = backend.ready(request, boot)
+        if there is not None:
+            return there
+        result = run(request)
+        if result.status != 0:
+            raise SandboxError(f"the first run's boot ran `{' '.join(request.command.argv)}`, which exited with status {result.status}")
+        there = backend.ready(request, boot)
+        if there is None:
+            how = "another launcher was building it" if result.timeline.start == "cold" else "see -v for why"
+            raise SandboxError(f"nothing was made ({how})")
+        return there.replace(" ready:", " built:", 1)

@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from .process import start_ticks
+
 log = logging.getLogger(__name__)
 
 _fallback: Path | None = None  # this process's own base when the usual one is unsafe
@@ -63,20 +65,11 @@ def runtime_base() -> Path:
     return _fallback
 
 
-def _pid_alive(pid: int) -> bool:
-    """Whether the process runs (a zombie does not: it only waits for its parent, or a slow PID 1, to reap it)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
-
-
 def reclaim_stale(base: Path) -> None:
     """Remove runtime dirs whose launcher (named in the dir) is gone."""
     for entry in base.iterdir():
         pid_text = entry.name.split("-", 2)[1] if entry.name.count("-") >= 2 else ""
-        if entry.name.startswith("run-") and pid_text.isdigit() and not _pid_alive(int(pid_text)):
+        if entry.name.startswith("run-") and pid_text.isdigit() and start_ticks(int(pid_text)) is None:
             log.info("removing stale runtime dir %s", entry)
             shutil.rmtree(entry, ignore_errors=True)
 

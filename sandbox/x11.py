@@ -28,6 +28,7 @@ from pathlib import Path
 from . import process, protocol
 from .errors import GuestProtocolError, SandboxError, ToolMissingError, UsageError
 from .mux import MuxPort
+from .request import X11Request
 from .streams import recv_some, send_some, watch_readable
 
 log = logging.getLogger(__name__)
@@ -100,25 +101,26 @@ class X11Session:
         self.on_display_gone: Callable[[], None] | None = None
 
     @classmethod
-    def create(cls, mode: str, size: str) -> X11Session:
+    def create(cls, request: X11Request) -> X11Session:
         """Check what --x11 needs, with one-line errors naming what to install."""
         if not os.environ.get("DISPLAY"):
             raise UsageError("--x11 needs a desktop, and DISPLAY is not set (a virtual one: apt-get install xvfb)")
-        try:
-            w, h = (int(v) for v in size.lower().split("x"))
-            if not (64 <= w <= 16384 and 64 <= h <= 16384):
-                raise ValueError
-        except ValueError:
-            raise UsageError(f"--x11-size {size!r}: want WIDTHxHEIGHT, e.g. 1024x768") from None
-        if mode == "xpra":
+        size = f"{request.size[0]}x{request.size[1]}"
+        if request.mode == "xpra":
             xpra = shutil.which("xpra")
             if xpra is None:
                 raise ToolMissingError("--x11=xpra needs xpra; apt-get install xpra")
-            return XpraSession(f"{w}x{h}", xpra)
+            return XpraSession(size, xpra)
         xephyr = shutil.which("Xephyr")
         if xephyr is None:
             raise ToolMissingError("--x11 needs Xephyr; apt-get install xserver-xephyr")
-        return cls(mode, f"{w}x{h}", xephyr)
+        return cls(request.mode, size, xephyr)
+
+    def __enter__(self) -> X11Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # ---- the nested server ----------------------------------------------
 

@@ -1,5 +1,6 @@
 from sandbox.protocol import TTY_STDIN, TTY_STDOUT
-from sandbox.runner import kernel_cmdline, tty_mask
+from sandbox.kernel import kernel_cmdline
+from sandbox.runner import tty_mask
 
 
 def test_kernel_cmdline_knobs() -> None:

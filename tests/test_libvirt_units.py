@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import pytest
+
+from sandbox.mounts import Share
+from sandbox.net.request import NetRequest
+from sandbox.request import CommandRequest, FilesRequest, MachineRequest, RunRequest, X11Request
 
 from sandbox import protocol
 from sandbox.errors import UsageError
@@ -76,16 +83,16 @@ def test_connect_comes_from_the_option_then_the_environment() -> None:
 
 
 @pytest.mark.parametrize(
-    ("kw", "message"),
+    ("changes", "message"),
     [
-        ({"net": "user"}, "--net with --connect"),
-        ({"keyboard": True}, "--keyboard with --connect"),
-        ({"x11": True}, "--x11 with --connect"),
-        ({"shares": True}, "--share/--home with --connect"),
-        ({"uri": "not a uri"}, "--connect not a uri: not a libvirt URI"),
+        ({"net": NetRequest("user")}, "--net with --connect"),
+        ({"machine": MachineRequest(keyboard=True)}, "--keyboard with --connect"),
+        ({"x11": X11Request("xephyr", (800, 600))}, "--x11 with --connect"),
+        ({"files": FilesRequest(shares=(Share(Path("/tmp"), "/mnt"),))}, "--share/--home with --connect"),
+        ({"connect": "not a uri"}, "--connect not a uri: not a libvirt URI"),
     ],
 )
-def test_what_connect_cannot_do_is_one_line(kw: dict[str, object], message: str) -> None:
-    args: dict[str, object] = {"uri": "qemu:///system", "x11": False, "net": "none", "shares": False, "keyboard": False, **kw}
+def test_what_connect_cannot_do_is_one_line(changes: dict[str, object], message: str) -> None:
+    request = RunRequest(CommandRequest(("true",)), connect="qemu:///system")
     with pytest.raises(UsageError, match=message):
-        check_options(**args)  # type: ignore[arg-type]
+        check_options(dataclasses.replace(request, **changes))  # type: ignore[arg-type]

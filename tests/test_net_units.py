@@ -15,7 +15,9 @@ from sandbox.net import addresses, attachment, nft, passt
 from sandbox.net.addresses import IPv4Network, IPv6Network, Route
 from sandbox.net.networks import Network, check_name, dnsmasq_argv
 from sandbox.qemu import argv as qemuargv
-from sandbox.qemu.backend import BootSpec, template_argv
+from sandbox.backend import BootSpec, NetDevice
+from sandbox.net.request import NetRequest, parse_net
+from sandbox.qemu.guest import template_argv
 
 
 def test_eui64_and_slaac_follow_rfc_4291() -> None:
@@ -77,15 +79,15 @@ def test_guest_addresses_skip_the_gateway_and_taken_ones() -> None:
 
 
 def test_net_option_parsing() -> None:
-    assert attachment.parse("none") == attachment.NetRequest("none")
-    assert attachment.parse("nat") == attachment.NetRequest("nat", "default")
-    assert attachment.parse("nat=lab-1", "52:54:00:00:00:09") == attachment.NetRequest("nat", "lab-1", "52:54:00:00:00:09")
-    assert attachment.parse("bridge=br0").label == "bridge=br0"
+    assert parse_net("none") == NetRequest("none")
+    assert parse_net("nat") == NetRequest("nat", "default")
+    assert parse_net("nat=lab-1", "52:54:00:00:00:09") == NetRequest("nat", "lab-1", "52:54:00:00:00:09")
+    assert parse_net("bridge=br0").label == "bridge=br0"
     for bad, message in (("wifi", "not one of"), ("user=x", "takes no name"), ("bridge", "bridge= needs"), ("nat=Bad_Name", "network name")):
         with pytest.raises(UsageError, match=message):
-            attachment.parse(bad)
+            parse_net(bad)
     with pytest.raises(UsageError, match="--mac needs a network"):
-        attachment.parse("none", "52:54:00:00:00:01")
+        parse_net("none", "52:54:00:00:00:01")
     assert check_name("a-b1") == "a-b1"
 
 
@@ -100,16 +102,16 @@ def test_guest_net_record_in_the_spec() -> None:
     assert bridge.encode() == "52:54:00:00:00:01 dhcp - 2 10000 0 bridge=br0"
 
 
-def _spec(machine: str, net: qemuargv.NetDevice | None) -> qemuargv.MachineSpec:
+def _spec(machine: str, net: NetDevice | None) -> qemuargv.MachineSpec:
     return qemuargv.MachineSpec(qemu="qemu", accel="tcg", machine=machine, kernel=Path("k"), initrd=Path("i"), cmdline="", net=net)
 
 
 def test_nic_backends_come_as_descriptors() -> None:
-    tap = qemuargv.build_argv(_spec("microvm", qemuargv.NetDevice("tap", 7, "52:54:00:00:00:01")))
+    tap = qemuargv.build_argv(_spec("microvm", NetDevice("tap", 7, "52:54:00:00:00:01")))
     i = tap.index("-netdev")
     assert tap[i + 1] == "tap,id=net0,fd=7"
     assert tap[i + 2 : i + 4] == ["-device", "virtio-net-device,netdev=net0,mac=52:54:00:00:00:01,status=off"]
-    stream = qemuargv.build_argv(_spec("q35", qemuargv.NetDevice("stream", 9, "52:54:00:00:00:02")))
+    stream = qemuargv.build_argv(_spec("q35", NetDevice("stream", 9, "52:54:00:00:00:02")))
     i = stream.index("-netdev")
     assert stream[i + 1] == "stream,id=net0,server=off,addr.type=fd,addr.str=9"
     assert stream[i + 3] == "virtio-net-pci,netdev=net0,mac=52:54:00:00:00:02,status=off,romfile="
@@ -117,13 +119,13 @@ def test_nic_backends_come_as_descriptors() -> None:
 
 
 def test_template_key_keeps_the_nic_kind_not_its_mac_or_descriptor() -> None:
-    def boot(net: qemuargv.NetDevice | None) -> BootSpec:
+    def boot(net: NetDevice | None) -> BootSpec:
         return BootSpec("qemu", "tcg", "microvm", Path("k"), True, Path("i"), "", 512, 1, 24, None, True, False, (), net=net)
 
-    a = template_argv(boot(qemuargv.NetDevice("tap", 7, "52:54:00:00:00:01")))
-    b = template_argv(boot(qemuargv.NetDevice("tap", 11, "52:54:00:aa:bb:cc")))
+    a = template_argv(boot(NetDevice("tap", 7, "52:54:00:00:00:01")))
+    b = template_argv(boot(NetDevice("tap", 11, "52:54:00:aa:bb:cc")))
     assert a == b
-    assert a != template_argv(boot(qemuargv.NetDevice("stream", 7, "52:54:00:00:00:01")))
+    assert a != template_argv(boot(NetDevice("stream", 7, "52:54:00:00:00:01")))
     assert a != template_argv(boot(None))
 
 

@@ -8,8 +8,7 @@ from dataclasses import fields
 import pytest
 
 from sandbox import options, sizes
-from sandbox.confinement.walls import ConfinementOptions
-from sandbox.runner import RunOptions
+from sandbox.request import ConfinementOptions, FilesRequest, MachineRequest, RunRequest
 
 
 def parse(table: tuple[options.Option, ...], argv: list[str]) -> argparse.Namespace:
@@ -28,9 +27,11 @@ def test_forwarded_arguments_reproduce_the_values() -> None:
 
 
 def test_every_option_fills_a_field_of_its_target() -> None:
-    run_fields = {f.name for f in fields(RunOptions)}
-    assert {o.target for o in options.VM} <= run_fields
+    # The VM table fills the machine request, but for the network and --connect, which the request holds itself.
+    assert {o.target for o in options.VM} == {f.name for f in fields(MachineRequest)} | {"net", "mac", "connect"}
+    assert {o.target for o in options.FILES} == {f.name for f in fields(FilesRequest)}
     assert {o.target for o in options.CONFINEMENT} == {f.name for f in fields(ConfinementOptions)}
+    assert {"net", "connect", "confinement", "x11"} <= {f.name for f in fields(RunRequest)}
     ConfinementOptions(**options.values(parse(options.CONFINEMENT, []), options.CONFINEMENT))
 
 

@@ -1,7 +1,8 @@
 from pathlib import Path
 
 from sandbox.qemu import argv as qemucmd
-from sandbox.qemu.argv import MachineSpec, Port, Share
+from sandbox.backend import Share
+from sandbox.qemu.argv import MachineSpec, Port
 
 
 def spec(**kw: object) -> MachineSpec:

@@ -15,7 +15,8 @@ import pytest
 from sandbox import protocol, timings
 from sandbox.qemu import argv as qemuargv
 from sandbox.qemu import template
-from sandbox.qemu.backend import BootSpec, template_argv
+from sandbox.backend import BootSpec, Share
+from sandbox.qemu.guest import template_argv
 
 BOOT = BootSpec(
     qemu="/usr/bin/qemu-system-x86_64", accel="tcg", machine="microvm", kernel_image=Path("/cache/vmlinux.pvh"),
@@ -35,8 +36,8 @@ def test_template_argv_ignores_what_only_the_host_sees() -> None:
     assert template_argv(dataclasses.replace(BOOT, seccomp=False)) == base
     assert template_argv(dataclasses.replace(BOOT, x11=True)) == base  # the X11 port is always there
     assert template_argv(dataclasses.replace(BOOT, kernel_image=Path("/elsewhere/vmlinux"))) == base
-    ro = qemuargv.Share("share0", Path("/home/u/a"), readonly=True)
-    rw = qemuargv.Share("share0", Path("/srv/b"), readonly=False)
+    ro = Share("share0", Path("/home/u/a"), readonly=True)
+    rw = Share("share0", Path("/srv/b"), readonly=False)
     assert template_argv(dataclasses.replace(BOOT, shares=(ro,))) == template_argv(dataclasses.replace(BOOT, shares=(rw,)))
 
 
@@ -44,7 +45,7 @@ def test_template_argv_ignores_what_only_the_host_sees() -> None:
     "change",
     [
         {"memory_mb": 1024}, {"cpus": 2}, {"cmdline": "console=ttyS0"}, {"accel": "kvm"}, {"machine": "q35"},
-        {"tb_size_mb": 64}, {"cpu_model": "max"}, {"shares": (qemuargv.Share("share0", Path("/x")),)},
+        {"tb_size_mb": 64}, {"cpu_model": "max"}, {"shares": (Share("share0", Path("/x")),)},
     ],
 )  # fmt: skip
 def test_template_key_changes_with_what_shapes_the_guest(change: dict[str, object]) -> None:

@@ -15,13 +15,13 @@ import pwd
 import random
 import re
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import mounts, runtime
 from ..errors import ConfinementError, UsageError
+from ..request import ConfinementOptions
 from ..process import FORWARDED, ignore, set_name, set_parent_death_signal
 from . import audit, cgroups, idmap, libselinux, mcs, reservations
 
@@ -126,60 +126,87 @@ def keep_capabilities(caps: tuple[int, ...]) -> None:
             raise OSError(ctypes.get_errno(), "prctl(PR_CAP_AMBIENT)")
 
 
-@dataclass
-class Confinement:
-    """The walls for one sandbox; the runner calls its hooks around QEMU's life."""
+@dataclass(frozen=True)
+class ConfinementSpec:
+    """The walls a run gets, resolved and checked from what the user asked (ConfinementOptions)."""
 
-    argv: tuple[str, ...]
     selinux: bool = False
     static_label: str | None = None
     show_label: bool = False
-    user: Identity | None = None
+    user: Identity | None = None  # QEMU's uid/gid when started as root
     namespaces: bool = True
     seccomp: bool = True
     limits: cgroups.Limits = field(default_factory=cgroups.Limits)
-    process_label: str | None = None
-    file_label: str | None = None
-    qemu_pid: int | None = None
     strict_limits: bool = True
-    exit_status: int | None = None  # the run's, for the stop record
-    shares: tuple[str, ...] = ()
-    _reservation: mcs.Reservation | None = None
-    _cgroup: cgroups.Cgroup | None = None
-    _stack: ExitStack = field(default_factory=ExitStack)
-    _started: float = 0.0
-    _hidden: str | None = None
-    _run: str = ""
-    # Idmapped views of the trees QEMU exports (see idmap.py): host path ->
-    # (detached mount fd, mount point relative to the runtime dir).
-    _views: dict[str, tuple[int, str]] = field(default_factory=dict)
-    _userns: int | None = None
-    _ids: reservations.Reservation | None = None  # the host id range of QEMU's user namespace
-    _host_id: int | None = None  # QEMU's uid and gid on the host in that namespace
+
+
+class Confinement:
+    """The walls for one run: put up on entry, taken down (with the audit's stop record) on exit.
+
+    The runner enters it for the run's length; the direct backend's QEMU
+    calls its hooks (preexec in the child, started once spawned).
+    """
+
+    def __init__(self, spec: ConfinementSpec, argv: tuple[str, ...], rundir: Path, shares: list[mounts.Share]) -> None:
+        self.spec = spec
+        self.argv = argv
+        self.rundir = rundir
+        self.shares = tuple(f"{s.host} -> {s.guest} ({s.mode})" for s in shares)
+        self._share_list = shares
+        self.process_label: str | None = None
+        self.file_label: str | None = None
+        self.qemu_pid: int | None = None
+        self._status: int | None = None  # the run's, for the stop record
+        self._reservation: mcs.Reservation | None = None
+        self._cgroup: cgroups.Cgroup | None = None
+        self._stack = ExitStack()
+        self._started = 0.0
+        self._hidden: str | None = None
+        self._run = ""
+        # Idmapped views of the trees QEMU exports (see idmap.py): host path ->
+        # (detached mount fd, mount point relative to the runtime dir).
+        self._views: dict[str, tuple[int, str]] = {}
+        self._userns: int | None = None
+        self._ids: reservations.Reservation | None = None  # the host id range of QEMU's user namespace
+        self._host_id: int | None = None  # QEMU's uid and gid on the host in that namespace
+
+    @property
+    def limits(self) -> cgroups.Limits:
+        return self.spec.limits
+
+    @property
+    def seccomp(self) -> bool:
+        return self.spec.seccomp
+
+    def ended(self, status: int | None) -> None:
+        """The run's exit status, for the stop record written when the walls come down."""
+        self._status = status
 
     # ---- before QEMU ---------------------------------------------------
 
-    @contextmanager
-    def around(self, rundir: Path, shares: list[mounts.Share]) -> Iterator[None]:
-        """The walls for one run: put up on entry, taken down (with the stop record) on exit."""
-        self.prepare(rundir, shares)
+    def __enter__(self) -> Confinement:
         try:
-            yield
-        finally:
-            self.finish(self.exit_status)
+            self._prepare()
+        except BaseException:
+            self._finish()
+            raise
+        return self
 
-    def prepare(self, rundir: Path, shares: list[mounts.Share]) -> None:
+    def __exit__(self, *exc: object) -> None:
+        self._finish()
+
+    def _prepare(self) -> None:
         """Allocate the label, make the cgroup, and hand the runtime dir to QEMU's uid."""
-        self.shares = tuple(f"{s.host} -> {s.guest} ({s.mode})" for s in shares)
+        rundir, shares = self.rundir, self._share_list
         writable = [s.host for s in shares if s.writable]
-        if writable and self.user is not None:
+        if writable and self.spec.user is not None:
             self._idmap_views(rundir, shares)
         self._hidden = str(runtime.runtime_base())
-        if self.selinux:
+        if self.spec.selinux:
             self._allocate_label()
-        if self.show_label:
+        if self.spec.show_label:
             log.warning("label %s", self.process_label or "none (SELinux is not in use)")
-        self._cgroup = cgroups.create(f"sandbox-{os.getpid()}-{rundir.name}", self.limits, strict=self.strict_limits)
+        self._cgroup = cgroups.create(f"sandbox-{os.getpid()}-{rundir.name}", self.spec.limits, strict=self.spec.strict_limits)
         if self.qemu_ids is not None:
             os.chown(rundir, *self.qemu_ids)
         if self.file_label:
@@ -189,7 +216,7 @@ class Confinement:
 
     def _idmap_views(self, rundir: Path, shares: list[mounts.Share]) -> None:
         """Let QEMU act on read-write shares as root acts on the host, from a user namespace of its own (idmap.py)."""
-        assert self.user is not None
+        assert self.spec.user is not None
 
         def draw(rng: random.Random) -> str:
             return f"ids-{rng.randrange(idmap.ID_SLOTS)}"
@@ -222,7 +249,7 @@ class Confinement:
         """QEMU's uid and gid on the host (None: the launcher's own)."""
         if self._host_id is not None:
             return self._host_id, self._host_id
-        return (self.user.uid, self.user.gid) if self.user is not None else None
+        return (self.spec.user.uid, self.spec.user.gid) if self.spec.user is not None else None
 
     def export_path(self, host: Path) -> Path:
         """The path QEMU exports for host directory `host` (relative to its cwd when idmapped)."""
@@ -230,8 +257,8 @@ class Confinement:
         return Path(view[1]) if view else host
 
     def _allocate_label(self) -> None:
-        if self.static_label:
-            ctx = mcs.Context.parse(self.static_label)
+        if self.spec.static_label:
+            ctx = mcs.Context.parse(self.spec.static_label)
             self.process_label = str(ctx)
             self.file_label = str(mcs.Context(ctx.user, "object_r", "svirt_image_t", ctx.level))
             pair = re.fullmatch(r"s0:c(\d+),c(\d+)", ctx.level)
@@ -248,7 +275,7 @@ class Confinement:
         """Runs in the child between fork and exec; raises to abort the exec."""
         if self._cgroup is not None:
             self._cgroup.join()
-        if self.namespaces:
+        if self.spec.namespaces:
             _unshare(CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWNET | CLONE_NEWPID)
             self._become_pid1()
             # Our mounts stay ours, and QEMU (and through it the 9p export)
@@ -258,11 +285,12 @@ class Confinement:
                 idmap.attach(fd, name)  # relative to our cwd, the runtime dir
             if self._hidden and os.path.isdir(self._hidden):
                 _mount("tmpfs", self._hidden, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=4k,mode=755")
-        if self.user is not None:
+        user = self.spec.user
+        if user is not None:
             # In its own user namespace (read-write shares) QEMU is root
             # there and a reserved unprivileged id on the host; otherwise
             # it is `nobody` (--qemu-user) on the host.
-            uid, gid = (0, 0) if self._userns is not None else (self.user.uid, self.user.gid)
+            uid, gid = (0, 0) if self._userns is not None else (user.uid, user.gid)
             if self._userns is not None:
                 idmap.join_userns(self._userns)
             if _libc.prctl(PR_SET_SECUREBITS, SECURE_NOROOT_NOFIXUP, 0, 0, 0) != 0:
@@ -304,7 +332,7 @@ class Confinement:
         """QEMU was spawned as `pid` (the PID-namespace reaper when namespaces are on)."""
         self._started = time.time()
         self._run = rundir.name
-        self.qemu_pid = find_qemu(pid) if self.namespaces else pid
+        self.qemu_pid = find_qemu(pid) if self.spec.namespaces else pid
         self._audit(
             "start",
             user=_username(os.getuid()),
@@ -320,15 +348,17 @@ class Confinement:
 
     # ---- after QEMU ---------------------------------------------------------
 
-    def finish(self, status: int | None) -> None:
+    def _finish(self) -> None:
         """Release everything, restore labels, and write the stop record."""
         try:
             self._stack.close()
         finally:
             if self._cgroup is not None:
                 self._cgroup.remove()
+                self._cgroup = None
             if self._reservation is not None:
                 self._reservation.release()
+                self._reservation = None
             if self._started:
                 self._audit(
                     "stop",
@@ -336,10 +366,10 @@ class Confinement:
                     label=self.process_label,
                     qemu_pid=self.qemu_pid,
                     run=self._run,
-                    exit_status=status,
+                    exit_status=self._status,
                     duration_s=round(time.time() - self._started, 3),
                 )
-
+                self._started = 0.0
 
     def oom_killed(self) -> bool:
         """Whether the host's OOM killer struck inside QEMU's cgroup."""
@@ -374,23 +404,8 @@ def find_qemu(reaper: int, timeout: float = 2.0) -> int:
     return reaper
 
 
-@dataclass(frozen=True)
-class ConfinementOptions:
-    """What the user asked of the walls (options.CONFINEMENT)."""
-
-    security: str = "auto"  # auto | selinux | none
-    label: str | None = None  # static:LABEL
-    show_label: bool = False
-    qemu_user: str | None = None
-    memory_limit: int | None = None
-    cpu_weight: int | None = None
-    cpu_quota: float | None = None
-    pids_limit: int | None = None
-    limits: str = "strict"  # strict | best-effort
-
-
-def from_options(opts: ConfinementOptions, argv: tuple[str, ...]) -> Confinement:
-    """The confinement `sandbox run` asked for."""
+def resolve(opts: ConfinementOptions) -> ConfinementSpec:
+    """The walls `sandbox run` asked for, checked against this host (one-line errors)."""
     mode = opts.security
     if opts.label and not opts.label.startswith("static:"):
         raise UsageError("--label takes static:LABEL")
@@ -406,8 +421,7 @@ def from_options(opts: ConfinementOptions, argv: tuple[str, ...]) -> Confinement
         raise UsageError(f"--qemu-user {opts.qemu_user}: only a sandbox started as root changes QEMU's user (here QEMU runs as you)")
     if not root:
         log.info("started as a normal user: QEMU keeps your uid and shares your namespaces")
-    return Confinement(
-        argv=argv,
+    return ConfinementSpec(
         selinux=use_selinux,
         static_label=opts.label.removeprefix("static:") if opts.label else None,
         show_label=opts.show_label,

@@ -11,42 +11,39 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .. import config, host, initramfs, kernel, protocol
+from ..backend import PORTS, Attempt, BootOnce, BootSpec, Prepared, RunContext, RunResult
 from ..errors import UsageError
 from ..guestinit import init_binary
-from ..qemu.backend import PORTS, BootSpec
-from ..timings import Timeline
+from ..request import RunRequest
 from . import images
 from .connection import is_remote, open_connection
 from .domain import DomainSpec
 from .guest import LibvirtGuest
 
-if TYPE_CHECKING:
-    from ..confinement.walls import Confinement
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class HostImages:
-    """What the libvirt host boots: paths there, and the accelerator and machine it offers."""
-
-    accel: str
-    qemu: host.QemuInfo
-    machine: str
-    kernel_image: Path
-    pvh: bool
-    initrd: Path
-    tsc_khz: int | None
-
-
 class LibvirtBackend:
-    """One connection to libvirtd for one run."""
+    """libvirtd runs the guest, here or on another host: one connection for one run (implements backend.Backend)."""
 
-    def __init__(self, uri: str) -> None:
-        self.uri = uri
-        self.conn = open_connection(uri)
+    name = "libvirt"
+    confined_here = False  # libvirt puts up walls of its own
+
+    def __init__(self, request: RunRequest) -> None:
+        assert request.connect is not None
+        check_options(request)
+        self.uri = request.connect
+        self.conn = open_connection(self.uri)
         self.remote = is_remote(self.conn)
         self.caps = ET.fromstring(self.conn.getCapabilities())
+        self.request = request
+
+    def __enter__(self) -> LibvirtBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def close(self) -> None:
         try:
@@ -79,31 +76,41 @@ class LibvirtBackend:
     def _microvm(self) -> bool:
         return any(m.text == "microvm" for m in self.caps.iter("machine"))
 
-    def prepare(self, accel_request: str | None, machine: str, kernel_path: Path | None, pvh: bool) -> HostImages:
+    def prepare(self, request: RunRequest) -> Prepared:
         """Kernel and initramfs on the libvirt host (the remote's own kernel when remote)."""
-        accel = self._accel(config.accel(accel_request))
+        m = request.machine
+        accel = self._accel(config.accel(m.accel))
+        machine = m.machine
         if machine == "auto":
             machine = "microvm" if self._microvm() else "q35"
         wanted = initramfs.wanted_modules(machine)
         if self.remote:
-            if kernel_path is not None:
+            if m.kernel is not None:
                 raise UsageError("--kernel with a remote --connect: the remote host's own kernel is used")
             kern = images.mirror_remote_kernel(self.conn, wanted)
         else:
-            kern = kernel.find_kernel(kernel_path)
+            kern = kernel.find_kernel(m.kernel)
             kernel.ensure_readable(kern.image)
-        pvh_image = kernel.pvh_image(kern) if pvh else None
+        pvh_image = kernel.pvh_image(kern) if m.pvh else None
         initrd = initramfs.cached(kern, init_binary(), wanted)
         pool = images.image_pool(self.conn)
         image_on_host = images.upload(self.conn, pool, pvh_image or kern.image)
         initrd_on_host = images.upload(self.conn, pool, initrd)
         qemu = host.QemuInfo(path="", version=str(self.conn.getVersion()), microvm=machine == "microvm", seccomp=False)
         tsc = self._tsc_khz() if accel == "tcg" else None
-        return HostImages(accel, qemu, machine, Path(image_on_host), pvh_image is not None, Path(initrd_on_host), tsc)
+        cmdline = kernel.kernel_cmdline(accel, tsc, m.crypto_selftests, request.verbose, m.kernel_append, m.tracefs)
+        return Prepared(accel, qemu, machine, Path(image_on_host), pvh_image is not None, Path(initrd_on_host), cmdline, tsc)
 
-    def guest(self, boot: BootSpec, rundir: Path, timeline: Timeline, confinement: Confinement | None, verbose: int) -> LibvirtGuest:
-        limits = confinement.limits if confinement is not None else None
-        if limits is not None and limits.pids:
+    def run(self, boot: BootSpec, ctx: RunContext, once: BootOnce) -> RunResult:
+        return once(lambda: self.guest(boot, ctx), Attempt(1, "cold, libvirt"))
+
+    def ready(self, request: RunRequest, boot: BootSpec) -> str | None:
+        where = "remote host, its own kernel" if self.remote else "this host"
+        return f"libvirt {self.uri} ({where}): kernel {boot.kernel_image}, initramfs {boot.initrd}, {boot.machine}, {boot.accel}"
+
+    def guest(self, boot: BootSpec, ctx: RunContext) -> LibvirtGuest:
+        limits = self.request.confinement
+        if limits is not None and limits.pids_limit:
             raise UsageError("--pids-limit with --connect: libvirt's domain XML has no pids limit")
         ident = uuid.uuid4()
         spec = DomainSpec(
@@ -118,26 +125,27 @@ class LibvirtBackend:
             cpus=boot.cpus,
             tb_size_mb=boot.tb_size_mb,
             cpu_model=boot.cpu_model,
-            memory_limit_mb=limits.memory_mb if limits is not None else None,
+            memory_limit_mb=limits.memory_limit if limits is not None else None,
             cpu_weight=limits.cpu_weight if limits is not None else None,
             cpu_quota=limits.cpu_quota if limits is not None else None,
             ports=tuple(p for p in PORTS if p != protocol.PORT_X11),  # --x11 is refused with --connect
         )
         from ..confinement.audit import summarize_argv
 
-        command = summarize_argv(confinement.argv) if confinement is not None else {}
-        return LibvirtGuest(self.conn, spec, rundir, timeline, verbose, command)
+        command = summarize_argv(self.request.command.argv) if self.request.confinement is not None else {}
+        return LibvirtGuest(self.conn, spec, ctx.rundir, ctx.timeline, ctx.verbose, command)
 
 
-def check_options(uri: str, x11: bool, net: str, shares: bool, keyboard: bool) -> None:
+def check_options(request: RunRequest) -> None:
     """What --connect cannot do (yet), as one line each."""
-    if x11:
+    uri = request.connect or ""
+    if request.x11 is not None:
         raise UsageError("--x11 with --connect: not supported (the display would be on the libvirt host)")
-    if net != "none":
+    if request.net.mode != "none":
         raise UsageError("--net with --connect: not supported yet (use libvirt's own networks)")
-    if shares:
+    if request.files.shares or request.files.home:
         raise UsageError("--share/--home with --connect: not supported yet (the paths would be the libvirt host's)")
-    if keyboard:
+    if request.machine.keyboard:
         raise UsageError("--keyboard with --connect: not supported (use virsh send-key on the domain)")
     if not re.fullmatch(r"[a-z0-9+]+://[^\s]*", uri):
         raise UsageError(f"--connect {uri}: not a libvirt URI (e.g. qemu:///system, qemu+ssh://host/system)")

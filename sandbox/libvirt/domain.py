@@ -6,7 +6,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 
 from .. import protocol
-from ..qemu.argv import TCG_CPU
+from ..backend import TCG_CPU
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..process import start_ticks
 from ..errors import UsageError
 from . import addresses, links, nft
 from .addresses import IPv4Network, IPv6Network
@@ -369,10 +370,8 @@ def deactivate(net: Network) -> list[str]:
 
 
 def _start_time(pid: int) -> str | None:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
+    ticks = start_ticks(pid)
+    return None if ticks is None else str(ticks)
 
 
 @dataclass(frozen=True)

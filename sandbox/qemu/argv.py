@@ -5,19 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..backend import TCG_CPU, NetDevice, Share
+
+
 
 def escape(value: str) -> str:
     """Escape a value for QEMU's option syntax, where ',' separates keys."""
     return value.replace(",", ",,")
-
-
-@dataclass(frozen=True)
-class Share:
-    """A host directory exported over virtio-9p."""
-
-    tag: str
-    path: Path
-    readonly: bool = True
 
 
 @dataclass(frozen=True)
@@ -39,15 +33,6 @@ class GuestRam:
 
     path: str
     shared: bool
-
-
-@dataclass(frozen=True)
-class NetDevice:
-    """A virtio-net NIC whose backend QEMU gets as an open descriptor (it opens nothing itself)."""
-
-    kind: str  # "tap" (a tap's queue) or "stream" (a connected socket: passt)
-    fd: int
-    mac: str
 
 
 @dataclass(frozen=True)
@@ -79,11 +64,6 @@ class MachineSpec:
 
 SECCOMP = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 
-# Under TCG: x86-64-v2 (what distributions build for, and then some) on the
-# plain qemu64 model.  "max" boots ~120 ms slower (benchmarks/README.md):
-# the guest then sets up 5-level paging, XSAVE state for AVX-512 and more,
-# all of which TCG emulates at a cost.
-TCG_CPU = "qemu64,+ssse3,+sse4.1,+sse4.2,+popcnt,+cx16"
 
 
 def _machine(spec: MachineSpec) -> str:

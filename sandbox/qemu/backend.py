@@ -1,409 +1,179 @@
-"""The direct backend: the launcher runs QEMU itself, inside the confinement walls."""
+"""The direct backend: the launcher runs QEMU itself, inside its walls, and restores it from a template when one fits.
+
+Its attempts, in order: a restore of the template (warm); if there is
+none, a cold boot that builds one on the way; if that build fails before
+the command started, a plain cold boot; a cold boot that stalls is tried
+once more.  No input is read before the command starts, so every
+fallback loses nothing.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import socket
-import threading
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+import os
+from collections.abc import Iterator
 from pathlib import Path
-from types import TracebackType
-from typing import TYPE_CHECKING
 
-from .. import protocol
-from ..backend import Channels
-from ..errors import BootStallError, MachineError
-from ..process import terminating_signals_deferred
-from ..timings import Timeline, monotonic_boottime
-from . import argv as qemuargv
-from .bootimages import BootImage
-from .machine import Machine
+from .. import cache, config, host, initramfs, kernel
+from ..backend import Attempt, BootOnce, BootSpec, Prepared, RunContext, RunResult, WarmStartFailed
+from ..errors import BootStallError, SandboxError, UsageError
+from ..guestinit import init_binary
+from ..request import RunRequest
 from . import template
-from .template import Builder
-
-if TYPE_CHECKING:
-    from ..confinement.walls import Confinement
+from .guest import DirectGuest, WarmStart, template_argv
 
 log = logging.getLogger(__name__)
 
-QEMU_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
+# A restore resumes in well under a second; one that makes no progress for
+# this long is broken, and the run boots cold instead.
+WARM_PROGRESS_TIMEOUT = 8.0
+BOOT_RETRIES = 1  # a stalled cold boot is tried again this many times
 
 
-@dataclass(frozen=True)
-class BootSpec:
-    """What shapes the machine: the resolved boot inputs and the run's hardware."""
+class DirectBackend:
+    """QEMU on this host (implements backend.Backend)."""
 
-    qemu: str
-    accel: str
-    machine: str
-    kernel_image: Path
-    pvh: bool  # kernel_image is the extracted ELF
-    initrd: Path
-    cmdline: str
-    memory_mb: int
-    cpus: int
-    tb_size_mb: int | None
-    cpu_model: str | None
-    seccomp: bool
-    x11: bool
-    shares: tuple[qemuargv.Share, ...]  # after the root's
-    keyboard: bool = False
-    net: qemuargv.NetDevice | None = None
+    name = "direct"
+    confined_here = True
 
+    def __init__(self, request: RunRequest) -> None:
+        self.request = request
+        self.prepared: Prepared | None = None
 
-# The same ports for every run, X11's included (unused without --x11), so
-# that one template serves all runs.
-PORTS = (protocol.PORT_CONTROL, protocol.PORT_STDIN, protocol.PORT_STDOUT, protocol.PORT_STDERR, protocol.PORT_X11, protocol.PORT_EXEC)
-
-
-ZERO_HEADROOM_MB = 256  # QEMU's own memory beside guest RAM, with room to spare
-
-
-@dataclass(frozen=True)
-class WarmStart:
-    """A restore: the template's RAM (filled in once QEMU runs) and its device state."""
-
-    ram: template.RestoreRam
-    state_fd: int
-
-
-def machine_spec(
-    boot: BootSpec,
-    kernel: Path,
-    initrd: Path,
-    console_fd: int,
-    monitor_fd: int,
-    port_fds: dict[int, int],
-    export: Callable[[Path], Path] = lambda p: p,
-    ram: qemuargv.GuestRam | None = None,
-    incoming: bool = False,
-    extra_monitor_fd: int | None = None,
-) -> qemuargv.MachineSpec:
-    """The QEMU machine for `boot`, with the given descriptors and paths."""
-    return qemuargv.MachineSpec(
-        qemu=boot.qemu,
-        accel=boot.accel,
-        machine=boot.machine,
-        kernel=kernel,
-        initrd=initrd,
-        cmdline=boot.cmdline,
-        memory_mb=boot.memory_mb,
-        cpus=boot.cpus,
-        console_fd=console_fd,
-        monitor_fd=monitor_fd,
-        shares=(qemuargv.Share(protocol.ROOT_TAG, export(Path("/"))),)
-        + tuple(qemuargv.Share(s.tag, export(s.path), s.readonly) for s in boot.shares),
-        ports=tuple(qemuargv.Port(n, protocol.PORT_NAMES[n], port_fds[n]) for n in sorted(port_fds)),
-        tb_size_mb=boot.tb_size_mb,
-        cpu_model=boot.cpu_model,
-        seccomp=boot.seccomp,
-        ram=ram,
-        incoming=incoming,
-        keyboard=boot.keyboard,
-        extra_monitor_fd=extra_monitor_fd,
-        net=boot.net,
-    )
-
-
-def template_argv(boot: BootSpec) -> list[str]:
-    """QEMU's argv for `boot` with everything that differs between runs made constant.
-
-    What is left is what shapes the guest a template holds: a change in it
-    means another template.  Share paths, their modes and seccomp are
-    host-side only; descriptors and paths are placeholders.
-    """
-    canonical = replace(
-        boot,
-        seccomp=False,
-        x11=False,
-        shares=tuple(qemuargv.Share(s.tag, Path("/"), True) for s in boot.shares),
-        kernel_image=Path("kernel"),
-        initrd=Path("initrd"),
-        # The guest sets its own MAC (the restored device has the template's).
-        net=replace(boot.net, fd=0, mac="52:54:00:00:00:00") if boot.net is not None else None,
-    )
-    spec = machine_spec(
-        canonical,
-        kernel=Path("kernel"),
-        initrd=Path("initrd"),
-        console_fd=0,
-        monitor_fd=0,
-        port_fds={n: 0 for n in PORTS},
-        ram=qemuargv.GuestRam("ram", shared=False),
-        incoming=True,
-        extra_monitor_fd=0,
-    )
-    return qemuargv.build_argv(spec)
-
-
-class DirectGuest:
-    """One QEMU process running the guest init (implements backend.Guest).
-
-    A context manager: entering starts QEMU and waits for its machine to be
-    built (BootStallError if it never gets there); leaving always ends and
-    reaps it and closes every channel.
-    """
-
-    def __init__(
-        self,
-        boot: BootSpec,
-        rundir: Path,
-        timeline: Timeline,
-        confinement: Confinement | None,
-        verbose: int = 0,
-        warm: WarmStart | None = None,
-        builder: Builder | None = None,
-        monitor_socket: Path | None = None,
-    ) -> None:
-        self.boot = boot
-        self.monitor_socket = monitor_socket
-        self.warm = warm
-        self.builder = builder
-        self._zeroed = False
-        self._filling: threading.Thread | None = None
-        self._fill_error: str | None = None
-        self.rundir = rundir
-        self.timeline = timeline
-        self.confinement = confinement
-        self.verbose = verbose
-        self._stack = contextlib.ExitStack()
-        self._qemu_ends: list[socket.socket] = []
-        self.machine: Machine | None = None
-        self.images: list[BootImage] = []
-
-    # ---- backend.Guest ---------------------------------------------------
-
-    half_close = True
-
-    @property
-    def end_fd(self) -> int:
-        assert self.machine is not None
-        return self.machine.pidfd
-
-    def explain(self, fatal: str) -> str:
-        return ""
-
-    def reap(self) -> int | None:
-        assert self.machine is not None
-        return self.machine.wait()
-
-    def booted(self) -> None:
-        # The initramfs is in guest RAM once the init runs (bootimages.py).
-        self.images[1].release()
-
-    @property
-    def holds_spec(self) -> bool:
-        return self.builder is not None
-
-    def ready(self) -> bytes | None:
-        if self.builder is None or self.machine is None:
-            return None
-        if not self._zeroed:
-            self._zeroed = True
-            # Zeroing makes QEMU touch all of guest RAM once; under a host
-            # limit that would not hold it, keep the stale pages instead.
-            limit = self.confinement.limits.memory_mb if self.confinement is not None else None
-            if limit is None or limit >= self.boot.memory_mb + ZERO_HEADROOM_MB:
-                return protocol.ZERO_FREE_MEMORY
-        qmp = self.machine.monitor_session()
-        if qmp is None:
-            return None
-        try:
-            self.builder.take(qmp)
-        except Exception as exc:  # noqa: BLE001 - the run goes on cold whatever went wrong
-            log.warning("could not save a template for warm start: %s", exc)
-        # The guest's clock stood still while it was paused.
-        self.timeline.rebase()
-        self.timeline.stamp_host("template_saved", monotonic_boottime())
-        return None
-
-    def stop(self, soft_timeout: float = 1.0) -> int:
-        assert self.machine is not None
-        return self.machine.stop(soft_timeout)
-
-    def kill(self) -> None:
-        assert self.machine is not None
-        self.machine.kill()
-
-    def host_identity(self) -> tuple[str, str]:
-        # No name of its own: the sandbox's name is the registry's.
-        return "", (self.confinement.process_label or "") if self.confinement is not None else ""
-
-    def finish(self) -> None:
-        # QEMU holds nothing to save (no disk image; shares' writes are
-        # synced), and the guest's own power-off, emulated under TCG,
-        # took ~45 ms more before QEMU exited.
-        self.kill()
-
-    def pids(self) -> tuple[int, ...]:
-        assert self.machine is not None
-        return tuple(p for p in (self.machine.pid, self.machine.inner_pid) if p is not None)
-
-    def peak_rss_kb(self) -> int | None:
-        """QEMU's peak resident set (VmHWM), read while it still runs."""
-        pid = self.pids()[-1]
-        try:
-            with open(f"/proc/{pid}/status") as f:
-                for line in f:
-                    if line.startswith("VmHWM:"):
-                        return int(line.split()[1])
-        except (OSError, ValueError):
-            pass
-        return None
-
-    def failure(self, message: str) -> MachineError:
-        assert self.machine is not None
-        return self.machine.failure(message, self.rundir / "console.log")
-
-    # ---- lifecycle -----------------------------------------------------------
-
-    def __enter__(self) -> DirectGuest:
-        try:
-            self._start()
-        except BaseException:
-            self._stack.close()
-            raise
+    def __enter__(self) -> DirectBackend:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def prepare(self, request: RunRequest) -> Prepared:
+        """Resolve the kernel, QEMU and initramfs (all cached after the first run)."""
+        m = request.machine
+        accel, warning = host.choose_accel(config.accel(m.accel))
+        if warning and host.show_accel_notice(request.verbose):
+            log.warning("%s", warning)
+        qemu = host.qemu_info(m.qemu)
+        machine = m.machine
+        if machine == "auto":
+            machine = "microvm" if qemu.microvm else "q35"
+        elif machine == "microvm" and not qemu.microvm:
+            raise UsageError(f"{qemu.path} has no microvm machine")
+        kern = kernel.find_kernel(m.kernel)
+        kernel.ensure_readable(kern.image)
+        pvh_image = kernel.pvh_image(kern) if m.pvh else None
+        image = pvh_image or kern.image
+        init = init_binary()
+        initrd = initramfs.cached(kern, init, initramfs.wanted_modules(machine, m.keyboard, net=request.net.mode != "none"))
+        for stale in cache.prune_boot_images([p for p in (pvh_image, initrd, init) if p is not None]):
+            log.info("removed unused cache entry %s", stale)
+        tsc = host.tsc_khz() if accel == "tcg" else None
+        cmdline = kernel.kernel_cmdline(accel, tsc, m.crypto_selftests, request.verbose, m.kernel_append, m.tracefs)
+        self.prepared = Prepared(accel, qemu, machine, image, pvh_image is not None, initrd, cmdline, tsc)
+        return self.prepared
+
+    # ---- attempts --------------------------------------------------------
+
+    def run(self, boot: BootSpec, ctx: RunContext, once: BootOnce) -> RunResult:
+        """Warm when a template fits, else cold (building the template on the way); a stalled boot is retried."""
+        store = self._store(boot)
+        if store is not None:
+            with _restore_inputs(store, boot.memory_mb) as warm:
+                if warm is not None:
+                    try:
+                        attempt = Attempt(1, "warm", WARM_PROGRESS_TIMEOUT, fallback=True, what="the restored guest")
+                        return once(lambda: DirectGuest(boot, ctx, warm=warm), attempt)
+                    except (WarmStartFailed, template.TemplateError) as exc:
+                        log.warning("%s; booting cold", exc)
+                        if not isinstance(exc, WarmStartFailed) or exc.template_broken:
+                            store.invalidate("its guest failed")
+                        ctx.timeline.new_boot()
+            result = self._build(store, boot, ctx, once)
+            if result is not None:
+                return result
+        for number in range(1, BOOT_RETRIES + 2):
+            try:
+                return once(lambda: DirectGuest(boot, ctx), Attempt(number, "cold"))
+            except BootStallError as exc:
+                if number > BOOT_RETRIES:
+                    raise
+                log.warning("%s; retrying", exc)
+                ctx.timeline.new_boot()
+        raise SandboxError("unreachable")  # pragma: no cover
+
+    def _build(self, store: template.Store, boot: BootSpec, ctx: RunContext, once: BootOnce) -> RunResult | None:
+        """A cold boot that builds the template on the way; None when none may be built now or the build failed."""
+        assert self.prepared is not None
+        builder = template.Builder.try_start(store, boot.memory_mb << 20, self.prepared.qemu.version)
+        if builder is None:
+            return None
+        with builder:
+            try:
+                return once(lambda: DirectGuest(boot, ctx, builder=builder), Attempt(1, "cold, building the template", fallback=True, what="the guest building the warm-start template"))
+            except (WarmStartFailed, BootStallError) as exc:
+                # Whatever broke the build, this run still gets its plain cold
+                # boot: nothing of the command ran and no input was read.
+                log.warning("%s; booting cold without a template", exc)
+                if isinstance(exc, WarmStartFailed) and not exc.stalled:
+                    store.mark_failed(str(exc))
+                ctx.timeline.new_boot()
+                return None
+
+    def _store(self, boot: BootSpec) -> template.Store | None:
+        """Where this run's template lives, or None when this run boots cold whatever there is."""
+        prep = self.prepared
+        assert prep is not None
+        if not self.request.machine.warm or self.request.verbose >= 2:  # -vv asks for the boot log: there must be a boot
+            return None
+        identities = {
+            "qemu": f"{cache.file_identity(Path(prep.qemu.path))}:{prep.qemu.version}",
+            "kernel": cache.file_identity(prep.kernel_image),
+            "initrd": cache.file_identity(prep.initrd),
+        }
         try:
-            self._stack.close()
+            store = template.Store(template.key(template_argv(boot), identities))
+            for stale in template.prune(store.key):
+                log.info("removed unused template %s", stale)
+        except (OSError, SandboxError) as exc:
+            log.info("warm start unavailable: %s", exc)
+            return None
+        return store
+
+    def ready(self, request: RunRequest, boot: BootSpec) -> str | None:
+        """The template this request restores from, if it is there (a line saying so); None when a run must build it."""
+        store = self._store(boot)
+        if store is None:
+            raise UsageError("warm start is off for these options (--cold, or -vv which shows a whole boot)")
+        found = store.load(boot.memory_mb << 20)
+        if found is None:
+            return None
+        m = found.manifest
+        return (f"template {found.key} ready: {m.ram_data_bytes / 2**20:.0f} MiB of guest RAM, "
+                f"{m.state_bytes / 1024:.0f} KiB of device state, built in {m.build_seconds:.1f} s ({found.path})")  # fmt: skip
+
+
+@contextlib.contextmanager
+def _restore_inputs(store: template.Store, memory_mb: int) -> Iterator[WarmStart | None]:
+    """The template's RAM and device state for one restore (None: there is no template to use)."""
+    found = store.load(memory_mb << 20)
+    if found is None:
+        yield None
+        return
+    try:
+        state_fd = os.open(found.state, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        store.invalidate(f"cannot read its device state: {exc.strerror}")
+        yield None
+        return
+    try:
+        ram = template.RestoreRam(found, store.root)
+    except OSError as exc:
+        os.close(state_fd)
+        log.info("warm start unavailable: %s", exc)
+        yield None
+        return
+    with ram:
+        try:
+            yield WarmStart(ram, state_fd)
         finally:
-            if self._filling is not None:
-                self._filling.join()  # it writes into a descriptor the caller closes next
-
-    def _pair(self) -> tuple[socket.socket, socket.socket]:
-        """A socketpair: our end, and QEMU's end, which it inherits and we close once it has started."""
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._stack.callback(ours.close)
-        self._stack.callback(theirs.close)
-        self._qemu_ends.append(theirs)
-        return ours, theirs
-
-    def _start(self) -> None:
-        boot = self.boot
-        ports = {n: self._pair() for n in PORTS}
-        console, monitor = self._pair(), self._pair()
-        self.channels = Channels.of_ports({n: pair[0] for n, pair in ports.items()}, console[0], boot.x11)
-        # Kernel and initramfs go to QEMU as open files: a QEMU that runs as
-        # another uid, in another mount namespace, needs no path to our cache.
-        # For a cold boot a PVH kernel goes as a private copy the launcher can
-        # empty (bootimages.py); a bzImage is read into QEMU's own memory, so
-        # a copy would gain nothing.  A restore never writes them into guest
-        # RAM (QEMU skips that while a migration comes in), so the cached
-        # files themselves go, their pages shared by every sandbox.
-        cold = self.warm is None
-        self.images = [BootImage(boot.kernel_image, private=boot.pvh and cold), BootImage(boot.initrd, private=cold)]
-        for image in self.images:
-            self._stack.callback(image.close)
-        extra_fds: list[int] = []
-        ram: qemuargv.GuestRam | None = None
-        if self.warm is not None:
-            ram = qemuargv.GuestRam(f"/proc/self/fd/{self.warm.ram.fd}", shared=False)
-            extra_fds += [self.warm.ram.fd, self.warm.state_fd]
-        elif self.builder is not None:
-            ram = qemuargv.GuestRam(f"/proc/self/fd/{self.builder.ram_fd}", shared=True)
-            extra_fds.append(self.builder.ram_fd)
-        extra_monitor: int | None = None
-        if self.monitor_socket is not None:
-            # Bound and listening here, handed over as a descriptor: QEMU
-            # needs no path, and only this user can reach the socket file.
-            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self._stack.callback(listener.close)
-            with contextlib.suppress(FileNotFoundError):
-                self.monitor_socket.unlink()
-            listener.bind(str(self.monitor_socket))
-            listener.listen(4)
-            self._qemu_ends.append(listener)
-            extra_monitor = listener.fileno()
-        export: Callable[[Path], Path] = self.confinement.export_path if self.confinement is not None else (lambda p: p)
-        spec = machine_spec(
-            boot,
-            kernel=self.images[0].proc_path,
-            initrd=self.images[1].proc_path,
-            console_fd=console[1].fileno(),
-            monitor_fd=monitor[1].fileno(),
-            port_fds={n: ports[n][1].fileno() for n in PORTS},
-            export=export,
-            ram=ram,
-            incoming=self.warm is not None,
-            extra_monitor_fd=extra_monitor,
-        )
-        argv = qemuargv.build_argv(spec)
-        if self.verbose:
-            log.info("qemu: %s", " ".join(argv))
-        machine = Machine(
-            argv,
-            pass_fds=tuple(s.fileno() for s in self._qemu_ends)
-            + tuple(i.fd for i in self.images)
-            + tuple(extra_fds)
-            + ((boot.net.fd,) if boot.net is not None else ()),
-            cwd=self.rundir,
-            env=QEMU_ENV,
-            stderr_log=self.rundir / "qemu.log",
-            monitor=monitor[0],
-            preexec=self.confinement.preexec if self.confinement is not None else None,
-        )
-        self.timeline.stamp_host("qemu_exec", monotonic_boottime())
-        # Until QEMU's own pid is known (under confinement it sits below a
-        # reaper), a signal would unwind into killing only the reaper.
-        with terminating_signals_deferred():
-            self._stack.enter_context(machine)
-            self.machine = machine
-            if self.confinement is not None:
-                self.confinement.started(machine.pid, self.rundir)
-                machine.inner_pid = self.confinement.qemu_pid
-        for s in self._qemu_ends:
-            s.close()
-        if self.warm is not None:
-            # The RAM data goes in while QEMU initialises and the monitor
-            # connects (the copy runs outside the GIL); the guest runs only
-            # after migrate-incoming, which waits for it.
-            self._filling = threading.Thread(target=self._fill, name="sandbox-fill", daemon=True)
-            self._filling.start()
-
-    def _fill(self) -> None:
-        assert self.warm is not None
-        try:
-            self.warm.ram.fill()
-        except OSError as exc:
-            self._fill_error = exc.strerror or str(exc)
-
-    def _restore(self, timeout: float, attempt: int) -> None:
-        """Feed QEMU the template's device state; it runs the guest once that is loaded."""
-        assert self.machine is not None and self.warm is not None
-        qmp = self.machine.monitor_session(timeout)
-        if qmp is None:
-            raise self.failure(f"QEMU never answered its monitor (restore, attempt {attempt})")
-        qmp.execute("migrate-set-capabilities", timeout, template.IGNORE_SHARED)
-        if self.boot.net is not None:
-            # After a restore QEMU announces the NIC (RARP) with the MAC it
-            # restored: the template's, shared by every clone.  None of that
-            # onto a LAN: the guest sets its own MAC and speaks for itself.
-            qmp.execute("migrate-set-parameters", timeout, {"announce-rounds": 0})
-        assert self._filling is not None
-        self._filling.join()
-        if self._fill_error is not None:
-            raise template.TemplateError(f"cannot read the template's RAM: {self._fill_error}")
-        qmp.execute("migrate-incoming", timeout, {"uri": f"fd:{self.warm.state_fd}"})
-
-    def wait_built(self, timeout: float, attempt: int) -> None:
-        """Wait until QEMU's main loop answers: the machine is built and the kernel in guest RAM.
-
-        A restore has no copy to drop and goes on at once: the relay's
-        progress deadline covers a restore that never resumes.
-        """
-        assert self.machine is not None
-        if self.warm is not None:
-            self._restore(timeout, attempt)
-            return
-        if self.machine.wait_running(timeout):
-            self.images[0].release()
-        elif self.machine.poll() is None:
-            raise BootStallError(
-                f"guest boot made no progress for {timeout:g} s (attempt {attempt}): QEMU never answered its monitor",
-                self.machine.argv,
-                self.machine.failure("").log_tail,
-            )
+            os.close(state_fd)

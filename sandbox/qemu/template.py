@@ -313,6 +313,12 @@ class Builder:
             os.close(lock)
             raise
 
+    def __enter__(self) -> Builder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def close(self) -> None:
         progress.clear()
         if self.lock_fd >= 0 and self.built is None and not self.store.path.exists():
@@ -528,6 +534,12 @@ class RestoreRam:
             log.debug("cannot offer the template RAM to other sandboxes: %s", exc)
         finally:
             self._unlock()
+
+    def __enter__(self) -> RestoreRam:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def close(self) -> None:
         self._unlock()
