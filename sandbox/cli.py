@@ -351,6 +351,17 @@ def _report_errors(body: Callable[[], int], verbose: int) -> int:
     except SandboxError as exc:
         _print_error(exc, verbose)
         return exc.exit_status
+    except Exception as exc:  # noqa: BLE001 - a bug of ours: still one line (and where, with -v)
+        _print_internal_error(exc, verbose)
+        return EXIT_LAUNCHER
+
+
+def _print_internal_error(exc: BaseException, verbose: int) -> None:
+    print(f"sandbox: internal error: {type(exc).__name__}: {exc} (a bug in sandbox; -v shows where)", file=sys.stderr)
+    if verbose:
+        import traceback
+
+        traceback.print_exception(exc, file=sys.stderr)
 
 
 def _prepare(args: argparse.Namespace) -> int:
@@ -477,6 +488,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sandbox: {exc.strerror or exc}{where}", file=sys.stderr)
         return EXIT_LAUNCHER
     except BrokenPipeError:
+        return EXIT_LAUNCHER
+    except Exception as exc:  # noqa: BLE001 - a bug of ours: one line, never a traceback unasked
+        _print_internal_error(exc, verbose)
         return EXIT_LAUNCHER
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from . import protocol
 from .errors import GuestProtocolError
 from .mux import MuxPort, encode
-from .streams import recv_some
+from .streams import recv_some, watch
 
 log = logging.getLogger(__name__)
 
@@ -99,9 +99,9 @@ class ExecBridge:
         self.port.attach(sel, port)
 
     def close(self) -> None:
+        self.port.close()
         for sid in list(self.sessions):
             self._end(sid, None)
-        self.port.close()
         self.listener.close()
         try:
             self.path.unlink()
@@ -155,19 +155,21 @@ class ExecBridge:
         client.setblocking(False)
         sid = self.next_id
         self.next_id += 1
-        self.sessions[sid] = Session(client, list(fds))
+        session = Session(client, list(fds))
         log.debug("exec: session %d: %s, fds %s", sid, request["argv"], list(fds))
         assert self.sel is not None
         self.sel.register(client, selectors.EVENT_READ, ("exec-client", sid))
-        self.port.send(START, sid, payload)
         try:
             self.sel.register(fds[0], selectors.EVENT_READ, ("exec-stdin", sid))
         except (ValueError, PermissionError, OSError):  # a regular file on stdin: read as the port drains
-            self.sessions[sid].stdin_file = True
+            session.stdin_file = True
+        else:
+            if self.port.congested:
+                self.sel.unregister(fds[0])
+        self.sessions[sid] = session
+        self.port.send(START, sid, payload)  # before any of its stdin
+        if session.stdin_file:
             self._feed_files()
-            return
-        if self.port.congested:
-            self.sel.unregister(fds[0])
 
     def _client(self, sid: int) -> None:
         s = self.sessions[sid]
@@ -278,15 +280,8 @@ class ExecBridge:
         if not congested:
             self._feed_files()
         for sid, s in self.sessions.items():
-            if not s.stdin_open or s.stdin_file:
-                continue
-            try:
-                if congested:
-                    self.sel.unregister(s.fds[0])
-                else:
-                    self.sel.register(s.fds[0], selectors.EVENT_READ, ("exec-stdin", sid))
-            except (KeyError, ValueError, OSError):
-                pass  # a regular file (read whole already), or not registered
+            if s.stdin_open and not s.stdin_file:
+                watch(self.sel, s.fds[0], ("exec-stdin", sid), not congested, False)
 
     def _from_guest(self, kind: bytes, sid: int, payload: bytes) -> None:
         s = self.sessions.get(sid)

@@ -94,6 +94,7 @@ class MuxPort:
 
     def close(self) -> None:
         self._unregister()
+        self.sel = None  # the relay's selector may be closed already: nothing more to watch
 
     def send(self, kind: bytes, ident: int, payload: bytes = b"") -> None:
         """Queue a frame for the guest (dropped once the port is gone)."""
@@ -147,11 +148,13 @@ class MuxPort:
             # A selector cannot watch for nothing: unregistered until there is something.
             try:
                 self.sel.unregister(self.sock)
-            except (KeyError, ValueError):
+            except (KeyError, ValueError, RuntimeError):
                 pass
             return
         try:
             key = self.sel.get_key(self.sock)
+        except RuntimeError:
+            return  # the selector is closed: the run is over
         except KeyError:
             self.sel.register(self.sock, events, self.tag)
             return
@@ -162,7 +165,7 @@ class MuxPort:
         if self.sel is not None and self.sock is not None:
             try:
                 self.sel.unregister(self.sock)
-            except (KeyError, ValueError):
+            except (KeyError, ValueError, RuntimeError):
                 pass
         self.open = False
         self.to_guest.clear()

@@ -19,8 +19,8 @@ def send_some(sock: socket.socket, pending: bytearray) -> bool:
     return True
 
 
-def watch(sel: selectors.BaseSelector, sock: socket.socket, data: object, read: bool, write: bool) -> None:
-    """Watch `sock` for reading and/or writing, or not at all (then it is unregistered)."""
+def watch(sel: selectors.BaseSelector, sock: socket.socket | int, data: object, read: bool, write: bool) -> None:
+    """Watch `sock` (a socket or a descriptor) for reading and/or writing, or not at all (then it is unregistered)."""
     events = (selectors.EVENT_READ if read else 0) | (selectors.EVENT_WRITE if write else 0)
     try:
         key = sel.get_key(sock)
@@ -31,8 +31,8 @@ def watch(sel: selectors.BaseSelector, sock: socket.socket, data: object, read: 
             except ValueError:
                 pass  # closed meanwhile
         return
-    except ValueError:
-        return  # closed meanwhile
+    except (ValueError, RuntimeError):
+        return  # the descriptor or the selector closed meanwhile
     if not events:
         sel.unregister(sock)
     elif key.events != events:
