@@ -11,6 +11,7 @@ import argparse
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from . import options
 from .errors import UsageError
@@ -116,6 +117,16 @@ def x11_size(text: str) -> tuple[int, int]:
     return w, h
 
 
+def _present(ns: argparse.Namespace, table: tuple[options.Option, ...]) -> dict[str, Any]:
+    """field -> value for the options of `table` this verb's parser has (`prepare` has no files options)."""
+    return {o.target: o.value(ns) for o in table if hasattr(ns, o.dest)}
+
+
+def _files(values: dict[str, Any]) -> FilesRequest:
+    lists = {k: tuple(v) for k, v in values.items() if isinstance(v, list)}
+    return FilesRequest(**{**values, **lists})
+
+
 def from_namespace(ns: argparse.Namespace, argv: tuple[str, ...], cwd: str | None, closed_stdio: int, hostname: str = "") -> RunRequest:
     """The request a parsed `sandbox run` (or `prepare`) command line makes."""
     vm = options.values(ns, options.VM)
@@ -127,10 +138,7 @@ def from_namespace(ns: argparse.Namespace, argv: tuple[str, ...], cwd: str | Non
     return RunRequest(
         command=CommandRequest(argv, None, cwd, get("tty"), closed_stdio, get("timeout"), hostname),
         machine=MachineRequest(**vm),
-        files=FilesRequest(
-            tuple(get("shares") or ()), get("home"), tuple(get("tmpfs") or ()), tuple(get("private") or ()),
-            tuple(get("hide") or ()), tuple(get("unhide") or ()),
-        ),  # fmt: skip
+        files=_files(_present(ns, options.FILES)),
         net=net,
         connect=connect,
         confinement=None if get("no_confine") else ConfinementOptions(**options.values(ns, options.CONFINEMENT)),
