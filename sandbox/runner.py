@@ -623,7 +623,8 @@ def _run(
         boot = boot_spec(opts, prep, plan, nic)
         if backend is not None:
             timeline.start = "cold, libvirt"
-            guest = lambda: backend.guest(boot, rundir, timeline, opts.confinement, opts.verbose)  # noqa: E731
+            overlays = tuple(m.path for m in plan.steps if m.op == protocol.MOP_OVERLAY)
+            guest = lambda: backend.guest(boot, rundir, timeline, opts.confinement, opts.verbose, overlays)  # noqa: E731
             result = boot_once(opts, boot, rundir, timeline, 1, cspec, timeout_at, make_guest=guest)
         else:
             result = _boot(opts, prep, boot, rundir, timeline, cspec, timeout_at, net_wired)

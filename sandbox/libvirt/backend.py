@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import uuid
 import xml.etree.ElementTree as ET
@@ -15,7 +16,7 @@ from ..errors import UsageError
 from ..guestinit import init_binary
 from ..qemu.backend import PORTS, BootSpec
 from ..timings import Timeline
-from . import images
+from . import dac, images
 from .connection import is_remote, open_connection
 from .domain import DomainSpec
 from .guest import LibvirtGuest
@@ -101,7 +102,21 @@ class LibvirtBackend:
         tsc = self._tsc_khz() if accel == "tcg" else None
         return HostImages(accel, qemu, machine, Path(image_on_host), pvh_image is not None, Path(initrd_on_host), tsc)
 
-    def guest(self, boot: BootSpec, rundir: Path, timeline: Timeline, confinement: Confinement | None, verbose: int) -> LibvirtGuest:
+    def qemu_label(self, accel: str, overlays: tuple[str, ...]) -> tuple[int, int] | None:
+        """QEMU's uid and gid as a per-domain DAC label, or None for libvirt's own user (the rule is in libvirt/dac.py)."""
+        if self.remote:
+            return None  # our uid means nothing there; libvirt's user reads that host's files
+        base = dac.default_user(self.caps, "kvm" if accel == "kvm" else "qemu")
+        user = dac.Identity(*base, dac.host_groups(*base)) if base is not None else None
+        choice = dac.qemu_identity((os.getuid(), os.getgid()), user, overlays)
+        who = f"uid {choice.label[0]}, gid {choice.label[1]}" if choice.label is not None else "libvirt's own user"
+        log.info("libvirt runs QEMU as %s: %s", who, choice.why)
+        return choice.label
+
+    def guest(
+        self, boot: BootSpec, rundir: Path, timeline: Timeline, confinement: Confinement | None, verbose: int, overlays: tuple[str, ...] = ()
+    ) -> LibvirtGuest:
+        """The domain for one run; `overlays` are the host directories its guest shows copy-on-write."""
         limits = confinement.limits if confinement is not None else None
         if limits is not None and limits.pids:
             raise UsageError("--pids-limit with --connect: libvirt's domain XML has no pids limit")
@@ -122,11 +137,12 @@ class LibvirtBackend:
             cpu_weight=limits.cpu_weight if limits is not None else None,
             cpu_quota=limits.cpu_quota if limits is not None else None,
             ports=tuple(p for p in PORTS if p != protocol.PORT_X11),  # --x11 is refused with --connect
+            dac_label=self.qemu_label(boot.accel, overlays),
         )
         from ..confinement.audit import summarize_argv
 
         command = summarize_argv(confinement.argv) if confinement is not None else {}
-        return LibvirtGuest(self.conn, spec, rundir, timeline, verbose, command)
+        return LibvirtGuest(self.conn, spec, rundir, timeline, verbose, command, remote=self.remote)
 
 
 def check_options(uri: str, x11: bool, net: str, shares: bool, keyboard: bool) -> None:
