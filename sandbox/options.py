@@ -128,6 +128,8 @@ VM: tuple[Option, ...] = (
     Option(("--net",), "net", {"default": "none", "metavar": "MODE",
                                "help": "none (default), user (passt, anyone), nat[=NAME] or bridge=BRIDGE (root)"}),
     Option(("--mac",), "mac", {"metavar": "MAC", "help": "the guest's MAC address (default: random, 52:54:00:xx:xx:xx)"}),
+    Option(("-w", "--workdir"), "workdir", {"metavar": "DIR",
+                                            "help": "start in DIR, a guest path (default: the working directory; with a remote --connect, the home)"}),
     Option(("--connect",), "connect", {"metavar": "URI",
                                        "help": "run through libvirt (qemu:///system, qemu+ssh://HOST/system; default: SANDBOX_CONNECT)"}),
     Option(("--cold",), "warm", {"action": "store_true", "help": "boot the kernel even when a warm-start template fits"}, inverted=True),

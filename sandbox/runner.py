@@ -65,6 +65,7 @@ class RunOptions:
     x11: X11Session | None = None
     env: tuple[tuple[str, str], ...] | None = None  # None: this process's environment
     cwd: str | None = None
+    workdir: str | None = None  # --workdir: where the command starts (a guest path; relative: to where it would start)
     warm: bool = True  # restore from a template when one fits (--cold: never)
     on_started: Callable[[Started], None] | None = None  # told each time a QEMU runs the guest
     keyboard: bool = False  # a virtio keyboard for `sandbox send-key`
@@ -213,8 +214,53 @@ def user_home(env: dict[str, str]) -> str:
     return home
 
 
-def mount_plan(opts: RunOptions, home: str, cwd: str) -> mounts.Plan:
-    """The guest's filesystem for this run."""
+def start_directory(workdir: str | None, launcher_cwd: str | None, home: str, remote: bool) -> str:
+    """Where the command starts, a guest path.
+
+    Here: the launcher's working directory, at the same path.  On a remote
+    libvirt host, whose files ours mean nothing to: the home.  `--workdir`
+    names another (relative: to that one; `~` is the home); a local one
+    that exists is taken at its real path, as the working directory is.
+    """
+    has_home = home.startswith("/") and home != "/"
+    base = (home if has_home else "/") if remote else (launcher_cwd or working_directory())
+    if workdir is None:
+        return base
+    if workdir == "~" or workdir.startswith("~/"):
+        workdir = (home if has_home else "/") + workdir[1:]
+    path = os.path.normpath(os.path.join(base, workdir))
+    path = "/" + path.lstrip("/")  # normpath keeps a leading '//'
+    if not remote and os.path.isdir(path):
+        path = os.path.realpath(path)
+    return path
+
+
+def start_environment(env: dict[str, str], cwd: str, launcher_cwd: str | None) -> dict[str, str]:
+    """The command's environment: PWD names where it starts.
+
+    Started where the launcher is, the environment is left alone (PWD as
+    the shell set it, symlinks and all, as a direct run sees it); anywhere
+    else PWD is that directory, as `cd` would set it.
+    """
+    if cwd == launcher_cwd:
+        return env
+    return {**env, "PWD": cwd}
+
+
+def mount_plan(opts: RunOptions, home: str, cwd: str, remote: bool = False) -> mounts.Plan:
+    """The guest's filesystem for this run.
+
+    On a remote libvirt host the home is an empty private tmpfs of the
+    user's: the host's own copy of that path (if any) is no more ours than
+    our files are there.
+    """
+    if remote:
+        if home.startswith("/") and home != "/":
+            home = os.path.normpath(home)
+            private: tuple[str, ...] = (*opts.private, home)
+        else:
+            private = opts.private
+        return mounts.plan(home, cwd, tmpfs=opts.tmpfs, private=private, hide=opts.hide, unhide=opts.unhide, local=False)
     real_home = os.path.realpath(home) if home.startswith("/") else home
     shares = list(opts.shares)
     if opts.home is not None:
@@ -559,9 +605,6 @@ def run(opts: RunOptions) -> RunResult:
     timeline.stamp_host("launcher_start", launcher_start_time())
     env = dict(opts.env) if opts.env is not None else dict(os.environ)
     home = user_home(env)
-    cwd = opts.cwd or working_directory()
-    plan = mount_plan(opts, home, cwd)
-    cspec = command_spec(opts, tty_mask(opts.tty), plan, home, cwd, env)
     net_request = None
     if opts.net != "none" or opts.mac is not None:  # sandbox.net costs ~10 ms to import
         from .net import attachment
@@ -575,6 +618,12 @@ def run(opts: RunOptions) -> RunResult:
         check_options(opts.connect, opts.x11 is not None, opts.net, bool(opts.shares or opts.home), opts.keyboard)
         backend = LibvirtBackend(opts.connect)
     try:
+        # A remote host's guest never looks at our working directory: any will do, even one deleted.
+        remote = backend is not None and backend.remote
+        launcher_cwd = None if remote else (opts.cwd or working_directory())
+        cwd = start_directory(opts.workdir, launcher_cwd, home, remote)
+        plan = mount_plan(opts, home, cwd, remote)
+        cspec = command_spec(opts, tty_mask(opts.tty), plan, home, cwd, start_environment(env, cwd, launcher_cwd))
         return _run(opts, timeline, plan, cspec, net_request, backend)
     finally:
         if backend is not None:
@@ -656,7 +705,7 @@ def prepare_template(opts: RunOptions) -> tuple[template.Template, bool]:
     """The template `opts` would restore from, built now if there is none; (template, whether it was built)."""
     env = dict(opts.env) if opts.env is not None else dict(os.environ)
     home = user_home(env)
-    cwd = opts.cwd or working_directory()
+    cwd = start_directory(opts.workdir, opts.cwd, home, remote=False)
     prep = prepare(opts)
     from .net import attachment
 

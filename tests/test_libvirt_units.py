@@ -1,14 +1,15 @@
-"""The pure parts of the libvirt backend: domain XML, QEMU's user, the URI's source, refused options."""
+"""The pure parts of the libvirt backend: domain XML, QEMU's user, where a run starts, the URI's source, refused options."""
 
 from __future__ import annotations
 
 import os
 import stat
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import pytest
 
-from sandbox import protocol
+from sandbox import protocol, runner
 from sandbox.errors import UsageError
 from sandbox.libvirt import connect_uri, dac, images
 from sandbox.libvirt.backend import check_options
@@ -161,3 +162,35 @@ def test_roots_qemu_runs_as_root_only_where_libvirts_user_cannot_read() -> None:
     # No DAC driver, or libvirt's user already the caller: nothing to ask for.
     assert dac.qemu_identity((0, 0), None, ["/root"], exists, read).label is None
     assert dac.qemu_identity((0, 0), dac.Identity(0, 0), ["/root"], exists, read).label is None
+
+
+def test_a_remote_run_starts_in_the_home_unless_told_otherwise() -> None:
+    assert runner.start_directory(None, None, "/root", remote=True) == "/root"
+    assert runner.start_directory("/srv/b", None, "/root", remote=True) == "/srv/b"
+    assert runner.start_directory("build", None, "/home/al", remote=True) == "/home/al/build"
+    assert runner.start_directory("~/x", None, "/home/al", remote=True) == "/home/al/x"
+    assert runner.start_directory(None, None, "/", remote=True) == "/"  # no home: the root
+
+
+def test_a_local_run_starts_where_the_launcher_is_or_in_its_workdir(tmp_path: Path) -> None:
+    assert runner.start_directory(None, "/srv/proj", "/root", remote=False) == "/srv/proj"
+    assert runner.start_directory("sub/../lib", "/srv/proj", "/root", remote=False) == "/srv/proj/lib"
+    real = os.path.realpath(str(tmp_path))
+    link = os.path.join(real, "link")
+    os.symlink(real, link)
+    assert runner.start_directory(link, "/", "/root", remote=False) == real  # as the working directory: its real path
+
+
+def test_pwd_names_where_the_command_starts() -> None:
+    env = {"PWD": "/home/al/link", "HOME": "/home/al"}
+    assert runner.start_environment(env, "/home/al/real", "/home/al/real") == env  # the shell's own PWD, as a direct run
+    assert runner.start_environment(env, "/home/al", None)["PWD"] == "/home/al"  # remote
+    assert runner.start_environment(env, "/tmp", "/home/al/real")["PWD"] == "/tmp"  # --workdir
+
+
+def test_a_remote_runs_home_is_private_and_its_start_is_not_looked_up() -> None:
+    opts = runner.RunOptions(argv=("true",))
+    plan = runner.mount_plan(opts, "/root/", "/root", remote=True)
+    steps = [(m.op, m.path, m.tag) for m in plan.steps]
+    assert (protocol.MOP_TMPFS, "/root", "u") in steps
+    assert not any(op == protocol.MOP_OVERLAY and path == "/root" for op, path, _ in steps)
