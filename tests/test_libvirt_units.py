@@ -13,6 +13,7 @@ from sandbox import protocol, runner
 from sandbox.errors import UsageError
 from sandbox.libvirt import connect_uri, dac, images
 from sandbox.libvirt.backend import check_options
+from sandbox.libvirt.connection import message
 from sandbox.libvirt.domain import DomainSpec, domain_xml
 
 SPEC = DomainSpec(
@@ -194,3 +195,14 @@ def test_a_remote_runs_home_is_private_and_its_start_is_not_looked_up() -> None:
     steps = [(m.op, m.path, m.tag) for m in plan.steps]
     assert (protocol.MOP_TMPFS, "/root", "u") in steps
     assert not any(op == protocol.MOP_OVERLAY and path == "/root" for op, path, _ in steps)
+
+
+def test_a_qemu_that_died_starting_is_reported_by_its_last_line_not_its_first_warning() -> None:
+    text = (
+        "internal error: process exited while connecting to monitor: qemu-system-x86_64: -fsdev local,path=/,readonly: "
+        "warning: short-form boolean option 'readonly' deprecated\nPlease use readonly=on instead\n"
+        "char device redirected to /dev/pts/0 (label charserial0)\nqemu: could not open kernel file '/k': Permission denied\n"
+    )
+    assert message(Exception(text)) == "internal error: process exited while connecting to monitor: qemu: could not open kernel file '/k': Permission denied"
+    assert message(Exception("Domain not found: no domain with matching uuid")) == "Domain not found: no domain with matching uuid"
+    assert message(Exception("")) == "Exception"
