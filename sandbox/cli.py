@@ -201,8 +201,9 @@ def _run(args: argparse.Namespace) -> int:
         raise UsageError(f"--home {args.home}: not a directory")
     from . import mounts
 
-    cwd = runner.working_directory()
-    shares = tuple(mounts.parse_share(text, cwd) for text in args.share)
+    # Only --share needs it here (the runner finds it for a local run; a remote one never looks).
+    cwd = runner.working_directory() if args.share else None
+    shares = tuple(mounts.parse_share(text, cwd) for text in args.share) if cwd is not None else ()
     tmpfs = tuple(mounts.parse_tmpfs(text) for text in args.tmpfs)
     confinement = None
     if not args.no_confine:

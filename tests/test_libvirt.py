@@ -353,9 +353,11 @@ def test_qemu_ssh_from_roots_home_starts_in_an_empty_home_of_its_own(libvirtd: L
     assert proc.stdout.decode().splitlines() == ["/root", "/root", "root 700", "0", "wrote"]
     assert stderr_lines(proc) == ["to-stderr"]
     assert not Path("/root/mine").exists()
-    # --workdir: a directory of that host's, copy-on-write.
-    proc = run_tracked([*SANDBOX, "run", "--connect", sshd.uri, "--workdir", "/var/log", "--", "sh", "-c", 'pwd; echo "$PWD"; touch mine && echo wrote'],
-                       env=env, cwd="/root", timeout=240)  # fmt: skip
+    # --workdir: a directory of that host's, copy-on-write; launched from a directory that no longer exists here.
+    gone = Path(tempfile.mkdtemp(prefix="sandbox-gone-"))
+    run = [*SANDBOX, "run", "--connect", sshd.uri, "--workdir", "/var/log", "--", "sh", "-c", 'pwd; echo "$PWD"; touch mine && echo wrote']
+    proc = run_tracked(["sh", "-c", 'cd "$0" && rmdir "$0" && exec "$@"', str(gone), *run], env=env, cwd="/root", timeout=240)
+    assert not gone.exists()
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")
     assert proc.stdout.decode().splitlines() == ["/var/log", "/var/log", "wrote"]
     assert stderr_lines(proc) == [] and not Path("/var/log/mine").exists()
