@@ -10,7 +10,7 @@ if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
         xvfb xserver-xephyr x11-apps x11-utils xdotool xauth imagemagick \
         selinux-policy-default selinux-utils policycoreutils semodule-utils checkpolicy selinux-policy-dev make \
         passt dnsmasq-base nftables iproute2 radvd iperf3 \
-        libvirt-daemon-system libvirt-dev pkg-config python3-dev \
+        libvirt-daemon-system libvirt-dev pkg-config python3-dev openssh-server \
         man-db bash-completion
     # --x11=xpra: with its recommends (codecs, PIL), as tested; its client
     # paints through cairo, which Debian's package does not pull in.

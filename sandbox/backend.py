@@ -153,6 +153,7 @@ class RunContext:
     confinement: Confinement | None
     verbose: int
     hooks: RunHooks
+    overlays: tuple[str, ...] = ()  # the host directories the guest shows copy-on-write
 
 
 GuestFactory = Callable[[], AbstractContextManager["Guest"]]
@@ -178,6 +179,8 @@ class Backend(Protocol):
     # Whether the launcher's own walls (sandbox/confinement) go around the
     # guest; a backend whose guests run elsewhere has walls of its own.
     confined_here: bool
+    # Whether the guest sees this host's files (not a remote libvirt host's).
+    local_files: bool
 
     def prepare(self, request: RunRequest) -> Prepared:
         """Resolve and place the boot inputs (kernel, initramfs, accelerator, machine)."""

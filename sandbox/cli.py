@@ -209,14 +209,14 @@ def _setup_logging(verbose: int) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from . import mounts, registry, request, runner
+    from . import registry, request, runner
 
     cmd = _command(args)
     if args.detach and (args.tty or args.x11):
         raise UsageError("--detach runs without a terminal or display (drop -t / --x11)")
     entry = registry.Entry.create(args.name, cmd, args.detach, keep=(args.detach or args.name is not None) and not args.rm)
     # Detached, the command's stdio is /dev/null and the log, whatever ours was.
-    req = request.from_namespace(args, cmd, mounts.working_directory(), 0 if args.detach else args.closed_stdio, entry.name)
+    req = request.from_namespace(args, cmd, None, 0 if args.detach else args.closed_stdio, entry.name)
     ready: list[Callable[[], None]] = []
 
     def started(st: Any) -> None:
@@ -365,13 +365,13 @@ def _print_internal_error(exc: BaseException, verbose: int) -> None:
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from . import mounts, request, runner
+    from . import request, runner
 
     # The first run's boot runs `true`: it must not take the user's input.
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)
-    req = request.from_namespace(args, ("true",), mounts.working_directory(), 0)
+    req = request.from_namespace(args, ("true",), None, 0)
     print(runner.prepare(dataclasses.replace(req, command=dataclasses.replace(req.command, tty=False))))
     return 0
 

@@ -192,12 +192,18 @@ def plan(
     kind: Callable[[str], str | None] = host_kind,
     resolve: Callable[[str], str] = os.path.realpath,
     homes: Sequence[str] = (),
+    local: bool = True,
 ) -> Plan:
     """The mount steps for a guest whose user has `home` and starts in `cwd` (real paths).
 
     `homes` are every other home directory on the host (real paths, see
     `host_homes`): their secrets are hidden too, wherever the guest sees
-    them, on the root or in a share.
+    them, on the root or in a share.  `local` False: the root is another
+    host's (a remote libvirt host), whose files the launcher cannot see, so
+    nothing is looked up (`kind`, `resolve`): a mount point that may be
+    missing is made first, a hidden path is hidden as whichever of a
+    directory or a file it turns out to be there, and a working directory
+    in an empty tmpfs stays empty.
     """
     has_home = home.startswith("/") and home != "/"
     private_set = {_guest_path(p, f"--private {p}") for p in private}
@@ -272,22 +278,31 @@ def plan(
             raise UsageError(f"the working directory {cwd} is hidden in the sandbox (--unhide {path} shows it)")
     # The working directory is visible, copy-on-write, wherever it is.
     cover = covering(cwd)
-    if cwd != "/" and (cover is None or cover.op == MOP_TMPFS):
+    if cwd != "/" and (cover is None or (local and cover.op == MOP_TMPFS)):
         steps.append(MountStep(MOP_OVERLAY, cwd))
     user.sort(key=lambda m: _depth(m.path))
     # A user's mount point that the read-only root lacks is made first (the
     # init gives the root a copy-on-write layer for that, then seals it).
     mkdirs = []
     for i, m in enumerate(user):
-        if covering_in(m.path, steps + user[:i]) is None and kind(m.path) != "dir":
-            if kind(m.path) is not None:
+        if covering_in(m.path, steps + user[:i]) is None and (not local or kind(m.path) != "dir"):
+            if local and kind(m.path) is not None:
                 raise UsageError(f"{m.path} exists in the guest's root and is not a directory: cannot mount over it")
             mkdirs.append(MountStep(MOP_MKDIR, m.path))
+    if not local:
+        # Another host's root may lack a private tmpfs's mount point too (a home of ours it does not have).
+        for i, m in enumerate(steps):
+            if m.op == MOP_TMPFS and m.path not in EMPTY_BY_DEFAULT and covering_in(m.path, steps[:i]) is None:
+                mkdirs.append(MountStep(MOP_MKDIR, m.path))
     steps = mkdirs + steps + user
     if has_home:
         steps.append(MountStep(MOP_HOME, home))
     for path in hidden:
         src = source_of(path)
+        if not local:
+            if src is not None and all(m.path != path for m in steps):
+                steps += [MountStep(MOP_HIDE_DIR, path), MountStep(MOP_HIDE_FILE, path)]  # the init applies the one that fits
+            continue
         if src is not None and src == path:
             # A secret that is a symlink (~/.netrc -> dotfiles/netrc) is
             # hidden where it points: the guest never mounts through a link.

@@ -1,7 +1,7 @@
 """Options that shape a sandbox, each declared once.
 
 Each entry gives its flags, its argparse keywords and the field it fills in
-RunOptions (or ConfinementOptions); from the tables come the parser's
+the run request (sandbox/request.py); from the tables come the parser's
 arguments, the values handed to the runner, the arguments `sandbox bench`
 forwards to every run, and the settings of the config file (sandbox/config.py),
 which are read by the option's own parser.  Adding an option is one entry
@@ -208,6 +208,8 @@ VM: tuple[Option, ...] = (
     Option(("--net",), "net", {"default": "none", "metavar": "MODE",
                                "help": "none (default), user (passt, anyone), nat[=NAME] or bridge=BRIDGE (root)"}),
     Option(("--mac",), "mac", {"metavar": "MAC", "help": "the guest's MAC address (default: random, 52:54:00:xx:xx:xx)"}),
+    Option(("-w", "--workdir"), "workdir", {"metavar": "DIR",
+                                            "help": "start in DIR, a guest path (default: the working directory; with a remote --connect, the home)"}),
     Option(("--connect",), "connect", {"metavar": "URI",
                                        "help": "run through libvirt (qemu:///system, qemu+ssh://HOST/system; default: SANDBOX_CONNECT; '': QEMU here)"},
            env="SANDBOX_CONNECT"),

@@ -64,6 +64,7 @@ class CommandRequest:
     closed_stdio: int = 0  # bit 1 << fd: fd 0, 1 or 2 was closed when the launcher started, so it is for the command too
     timeout: float | None = None
     hostname: str = ""  # the guest's (the sandbox's name); "": the kernel's own
+    workdir: str | None = None  # --workdir: where the command starts (a guest path; relative: to where it would start)
 
     def __post_init__(self) -> None:
         if not self.argv:
@@ -130,13 +131,14 @@ def _files(values: dict[str, Any]) -> FilesRequest:
 def from_namespace(ns: argparse.Namespace, argv: tuple[str, ...], cwd: str | None, closed_stdio: int, hostname: str = "") -> RunRequest:
     """The request a parsed `sandbox run` (or `prepare`) command line makes."""
     vm = options.values(ns, options.VM)
+    workdir = vm.pop("workdir")
     net = parse_net(vm.pop("net"), vm.pop("mac"))
     from .libvirt import connect_uri
 
     connect = connect_uri(vm.pop("connect"), dict(os.environ))
     get = ns.__dict__.get
     return RunRequest(
-        command=CommandRequest(argv, None, cwd, get("tty"), closed_stdio, get("timeout"), hostname),
+        command=CommandRequest(argv, None, cwd, get("tty"), closed_stdio, get("timeout"), hostname, workdir),
         machine=MachineRequest(**vm),
         files=_files(_present(ns, options.FILES)),
         net=net,

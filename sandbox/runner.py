@@ -91,8 +91,53 @@ def user_home(env: dict[str, str]) -> str:
     return home
 
 
-def mount_plan(request: RunRequest, home: str, cwd: str) -> mounts.Plan:
-    """The guest's filesystem for this run."""
+def start_directory(workdir: str | None, launcher_cwd: str | None, home: str, remote: bool) -> str:
+    """Where the command starts, a guest path.
+
+    Here: the launcher's working directory, at the same path.  On a remote
+    libvirt host, whose files ours mean nothing to: the home.  `--workdir`
+    names another (relative: to that one; `~` is the home); a local one
+    that exists is taken at its real path, as the working directory is.
+    """
+    has_home = home.startswith("/") and home != "/"
+    base = (home if has_home else "/") if remote else (launcher_cwd or mounts.working_directory())
+    if workdir is None:
+        return base
+    if workdir == "~" or workdir.startswith("~/"):
+        workdir = (home if has_home else "/") + workdir[1:]
+    path = os.path.normpath(os.path.join(base, workdir))
+    path = "/" + path.lstrip("/")  # normpath keeps a leading '//'
+    if not remote and os.path.isdir(path):
+        path = os.path.realpath(path)
+    return path
+
+
+def start_environment(env: dict[str, str], cwd: str, launcher_cwd: str | None) -> dict[str, str]:
+    """The command's environment: PWD names where it starts.
+
+    Started where the launcher is, the environment is left alone (PWD as
+    the shell set it, symlinks and all, as a direct run sees it); anywhere
+    else PWD is that directory, as `cd` would set it.
+    """
+    if cwd == launcher_cwd:
+        return env
+    return {**env, "PWD": cwd}
+
+
+def mount_plan(request: RunRequest, home: str, cwd: str, remote: bool = False) -> mounts.Plan:
+    """The guest's filesystem for this run.
+
+    On a remote libvirt host the home is an empty private tmpfs of the
+    user's: the host's own copy of that path (if any) is no more ours than
+    our files are there.
+    """
+    files = request.files
+    if remote:
+        private = files.private
+        if home.startswith("/") and home != "/":
+            home = os.path.normpath(home)
+            private = (*files.private, home)
+        return mounts.plan(home, cwd, tmpfs=files.tmpfs, private=private, hide=files.hide, unhide=files.unhide, local=False)
     files = request.files
     real_home = os.path.realpath(home) if home.startswith("/") else home
     shares = list(files.shares)
@@ -296,11 +341,15 @@ def run(request: RunRequest, hooks: RunHooks = RunHooks()) -> RunResult:
     timeline.stamp_host("launcher_start", launcher_start_time())
     env = dict(request.command.env) if request.command.env is not None else dict(os.environ)
     home = user_home(env)
-    cwd = request.command.cwd or mounts.working_directory()
-    plan = mount_plan(request, home, cwd)
     walls = _walls(request)
     with contextlib.ExitStack() as stack:
         backend = stack.enter_context(backends.open_backend(request))
+        # A remote host's guest never looks at our working directory: any will do, even one deleted.
+        remote = not backend.local_files
+        launcher_cwd = None if remote else (request.command.cwd or mounts.working_directory())
+        cwd = start_directory(request.command.workdir, launcher_cwd, home, remote)
+        plan = mount_plan(request, home, cwd, remote)
+        env = start_environment(env, cwd, launcher_cwd)
         prep = backend.prepare(request)
         timeline.tsc_khz = prep.tsc_khz
         # --timeout counts from the launcher's start (as `timeout sandbox run` would), across retries.
@@ -325,7 +374,8 @@ def run(request: RunRequest, hooks: RunHooks = RunHooks()) -> RunResult:
 
             net_wired = wired
         boot = boot_spec(request, prep, plan, nic, seccomp=confinement is not None and confinement.seccomp)
-        ctx = RunContext(rundir, timeline, confinement, request.verbose, hooks)
+        overlays = tuple(m.path for m in plan.steps if m.op == protocol.MOP_OVERLAY)
+        ctx = RunContext(rundir, timeline, confinement, request.verbose, hooks, overlays)
         result = backend.run(boot, ctx, Run(request, hooks, ctx, boot, cspec, timeout_at, x11, net_wired).once)
         if confinement is not None:
             confinement.ended(result.status)
@@ -378,7 +428,7 @@ def prepare(request: RunRequest) -> str:
     """`sandbox prepare`: what this request's first run would make, made now; a line saying what is there."""
     env = dict(request.command.env) if request.command.env is not None else dict(os.environ)
     home = user_home(env)
-    cwd = request.command.cwd or mounts.working_directory()
+    cwd = start_directory(request.command.workdir, request.command.cwd, home, remote=False)
     plan = mount_plan(request, home, cwd)
     with backends.open_backend(request) as backend:
         prep = backend.prepare(request)

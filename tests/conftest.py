@@ -221,9 +221,11 @@ class Nobody:
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
             shutil.chown(d, "nobody", "nogroup")
         self.prefix = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
-        if _unreadable_for_others(Path(__file__)) or not os.access(SANDBOX[0], os.X_OK):
-            # The checkout sits where others cannot enter (e.g. /root): let
-            # the launcher read it, without any other privilege.
+        real_python = Path(os.path.realpath(SANDBOX[0]))
+        if _unreadable_for_others(Path(__file__)) or _unreadable_for_others(real_python) or not os.access(SANDBOX[0], os.X_OK):
+            # The checkout, or the interpreter its venv links to (pyenv's),
+            # sits where others cannot enter (e.g. /root): let the launcher
+            # read it, without any other privilege.
             self.prefix += ["--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search"]
 
     def env(self, **extra: str) -> dict[str, str]:

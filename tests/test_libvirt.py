@@ -1,10 +1,13 @@
 """--connect end to end, against a libvirtd the tests start (tools/libvirtd.py --private).
 
-Two transports to one daemon: its UNIX socket (the qemu:///system driver,
-a local host: the cached images are uploaded) and TCP on 127.0.0.1 (a
-remote host to the launcher: it finds and mirrors that host's own kernel
-through libvirt, assuming no shared path).  The launcher runs from a
-directory libvirt's QEMU user can read.
+Three transports to one daemon: its UNIX socket (the qemu:///system driver,
+a local host: the cached images are uploaded; open to root and to the
+`nogroup` group, for the non-root tests), TCP on 127.0.0.1, and ssh through
+a private sshd in the daemon's mount namespace (tools/sshd.py): both remote
+hosts to the launcher, which finds and mirrors that host's own kernel
+through libvirt, assuming no shared path.  Most tests run the launcher
+from a directory libvirt's QEMU user can read; the home-directory tests
+run it from 0700 homes.
 """
 
 from __future__ import annotations
@@ -19,13 +22,15 @@ import subprocess
 import sys
 import tempfile
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from conftest import REPO, SANDBOX, popen, run_tracked
+from conftest import REPO, SANDBOX, Nobody, popen, run_tracked, stderr_lines
 
 pytestmark = pytest.mark.vm
 
@@ -97,11 +102,49 @@ def start_libvirtd(*extra: str) -> Libvirtd:
 
 @pytest.fixture(scope="module")
 def libvirtd() -> Iterator[Libvirtd]:
-    daemon = start_libvirtd()
+    daemon = start_libvirtd("--socket-group", "nogroup")
+    daemon.work.chmod(0o711)  # nobody reaches the socket (the group's), lists nothing
     try:
         yield daemon
     finally:
         daemon.stop()
+
+
+@dataclass
+class Sshd:
+    work: Path
+    uri: str  # qemu+ssh://root@127.0.0.1:PORT/system?keyfile=...&command=... (the daemon's qemu:///system)
+    proc: subprocess.Popen[bytes]
+
+
+@pytest.fixture(scope="module")
+def sshd(libvirtd: Libvirtd) -> Iterator[Sshd]:
+    """A key-only sshd on 127.0.0.1 whose sessions reach the private libvirtd (tools/sshd.py)."""
+    if shutil.which("sshd", path="/usr/sbin:/usr/bin") is None:
+        pytest.fail("the qemu+ssh tests need sshd (setup.sh installs openssh-server)")
+    work = Path(tempfile.mkdtemp(prefix="sandbox-sshd-"))
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "tools" / "sshd.py"), str(work), str(port), "--mount-ns-of", str(libvirtd.proc.pid)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        uri = proc.stdout.readline().decode().strip()
+        deadline = time.monotonic() + 20
+        while proc.poll() is None and time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.1)
+        if not uri or proc.poll() is not None:
+            log = (work / "sshd.log").read_text(errors="replace") if (work / "sshd.log").exists() else ""
+            pytest.fail(f"sshd did not come up: {log}")
+        yield Sshd(work, uri, proc)
+    finally:
+        proc.terminate()
+        proc.wait(20)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
@@ -211,7 +254,8 @@ def test_info_names_the_domain_and_its_label(libvirtd: Libvirtd, where: tuple[Pa
         assert info["state"] == "running" and info["start"] == "cold, libvirt"
         # The domain libvirtd runs, and the label its security driver gave it (DAC here: no SELinux).
         assert info["machine"] in [f"libvirt domain {d}" for d in libvirtd.domains()], info
-        assert info["label"].startswith("dac +"), info
+        # Root's QEMU runs as libvirt's own user where that user can read what the guest overlays.
+        assert info["label"] == f"dac {libvirt_user(libvirtd)}", info
     finally:
         p.send_signal(signal.SIGINT)
         p.wait(60)
@@ -233,6 +277,90 @@ def test_a_killed_launcher_leaves_no_domain(libvirtd: Libvirtd, where: tuple[Pat
     # Its runtime dir is the next run's to reclaim (as with the direct backend).
     assert lv_run(where, libvirtd.local, "--", "true").returncode == 0
     assert not list(Path("/run/sandbox").glob(f"run-{p.pid}-*"))
+
+
+def libvirt_user(daemon: Libvirtd) -> str:
+    """The DAC label libvirt gives QEMU by default (+UID:+GID), from its capabilities."""
+    import libvirt
+
+    conn = libvirt.open(daemon.local)
+    try:
+        label = ET.fromstring(conn.getCapabilities()).findtext("host/secmodel[model='dac']/baselabel[@type='qemu']")
+    finally:
+        conn.close()
+    assert label and label != "+0:+0", label
+    return label
+
+
+def _info(name: str, env: dict[str, str], cwd: Path | str, as_user: Nobody | None = None) -> dict[str, Any]:
+    if as_user is not None:
+        proc = as_user.run("info", "--json", name, env=env, cwd=cwd)
+        as_user.run("rm", name, env=env, cwd=cwd)
+    else:
+        proc = run_tracked([*SANDBOX, "info", "--json", name], env=env, cwd=cwd)
+        run_tracked([*SANDBOX, "rm", name], env=env, cwd=cwd)
+    assert proc.returncode == 0, proc.stderr
+    info: dict[str, Any] = json.loads(proc.stdout)
+    return info
+
+
+HOME_SCRIPT = 'pwd; echo "$PWD"; stat -c "%U %a" .; echo to-stderr >&2; exit 5'
+
+
+@pytest.mark.parametrize("which", ["private", "qemu:///system"])
+def test_root_runs_from_its_own_0700_home(libvirtd: Libvirtd, which: str) -> None:
+    """Issue 21 item 6: `mount overlay on /newroot/root: Permission denied` from /root."""
+    if os.geteuid() != 0 or Path("/root").stat().st_mode & 0o077:
+        pytest.fail("this test runs as root, whose /root is 0700 (Debian's)")
+    uri = libvirtd.local if which == "private" else "qemu:///system"
+    env = {k: v for k, v in os.environ.items() if k not in ("SANDBOX_CONNECT", "PWD")} | {"HOME": "/root"}
+    name = f"lv-root-{os.getpid()}-{which[:4]}"
+    proc = run_tracked([*SANDBOX, "run", "--connect", uri, "--name", name, "--", "sh", "-c", HOME_SCRIPT], env=env, cwd="/root", timeout=240)
+    assert proc.returncode == 5, proc.stderr.decode(errors="replace")
+    assert proc.stdout.decode().splitlines() == ["/root", "/root", "root 700"]
+    assert stderr_lines(proc) == ["to-stderr"]
+    # libvirt's own user cannot read /root: this QEMU ran as root (see libvirt/dac.py).
+    assert _info(name, env, "/root")["label"] == "dac +0:+0"
+
+
+def test_a_normal_user_runs_git_from_their_0700_home(libvirtd: Libvirtd, nobody: Nobody) -> None:
+    """QEMU runs as the user: the guest reads a 0700 home, and shows real owners (git refuses a repository that is not yours)."""
+    repo = nobody.home / "repo"
+    repo.mkdir()
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@example.org"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    (repo / "README").write_text("hello\n")
+    subprocess.run([*git, "add", "README"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "first"], check=True)
+    subprocess.run(["chown", "-R", "nobody:nogroup", str(repo)], check=True)
+    assert nobody.home.stat().st_mode & 0o777 == 0o700
+    env = nobody.env()
+    name = f"lv-user-{os.getpid()}"
+    script = 'pwd; id -u; stat -c "%U %a" "$HOME"; git log --format=%s; git status --porcelain; echo to-stderr >&2'
+    proc = nobody.run("run", "--connect", libvirtd.local, "--name", name, "--", "sh", "-c", script, env=env, cwd=repo)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    assert proc.stdout.decode().splitlines() == [str(repo), "65534", "nobody 700", "first"]
+    assert stderr_lines(proc) == ["to-stderr"]
+    assert _info(name, env, repo, as_user=nobody)["label"] == "dac +65534:+65534"
+
+
+def test_qemu_ssh_from_roots_home_starts_in_an_empty_home_of_its_own(libvirtd: Libvirtd, sshd: Sshd) -> None:
+    """A remote host: nothing of ours is there, whatever our working directory; the command starts in its private home."""
+    env = {k: v for k, v in os.environ.items() if k not in ("SANDBOX_CONNECT", "PWD")} | {"HOME": "/root"}
+    script = 'pwd; echo "$PWD"; stat -c "%U %a" .; ls -A | wc -l; touch mine && echo wrote; echo to-stderr >&2; exit 3'
+    proc = run_tracked([*SANDBOX, "run", "--connect", sshd.uri, "--", "sh", "-c", script], env=env, cwd="/root", timeout=240)
+    assert proc.returncode == 3, proc.stderr.decode(errors="replace")
+    assert proc.stdout.decode().splitlines() == ["/root", "/root", "root 700", "0", "wrote"]
+    assert stderr_lines(proc) == ["to-stderr"]
+    assert not Path("/root/mine").exists()
+    # --workdir: a directory of that host's, copy-on-write; launched from a directory that no longer exists here.
+    gone = Path(tempfile.mkdtemp(prefix="sandbox-gone-"))
+    run = [*SANDBOX, "run", "--connect", sshd.uri, "--workdir", "/var/log", "--", "sh", "-c", 'pwd; echo "$PWD"; touch mine && echo wrote']
+    proc = run_tracked(["sh", "-c", 'cd "$0" && rmdir "$0" && exec "$@"', str(gone), *run], env=env, cwd="/root", timeout=240)
+    assert not gone.exists()
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    assert proc.stdout.decode().splitlines() == ["/var/log", "/var/log", "wrote"]
+    assert stderr_lines(proc) == [] and not Path("/var/log/mine").exists()
 
 
 def _one_line(proc: subprocess.CompletedProcess[bytes], expect: str) -> None:

@@ -1,9 +1,10 @@
-"""The pure parts of the libvirt backend: domain XML, the URI's source, refused options."""
+"""The pure parts of the libvirt backend: domain XML, QEMU's user, where a run starts, the URI's source, refused options."""
 
 from __future__ import annotations
 
 import dataclasses
-
+import os
+import stat
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -13,10 +14,11 @@ from sandbox.mounts import Share
 from sandbox.net.request import NetRequest
 from sandbox.request import CommandRequest, FilesRequest, MachineRequest, RunRequest, X11Request
 
-from sandbox import protocol
+from sandbox import protocol, runner
 from sandbox.errors import UsageError
-from sandbox.libvirt import connect_uri
+from sandbox.libvirt import connect_uri, dac, images
 from sandbox.libvirt.backend import check_options
+from sandbox.libvirt.connection import message
 from sandbox.libvirt.domain import DomainSpec, domain_xml
 
 SPEC = DomainSpec(
@@ -96,3 +98,118 @@ def test_what_connect_cannot_do_is_one_line(changes: dict[str, object], message:
     request = RunRequest(CommandRequest(("true",)), connect="qemu:///system")
     with pytest.raises(UsageError, match=message):
         check_options(dataclasses.replace(request, **changes))  # type: ignore[arg-type]
+
+
+def test_a_dac_label_runs_qemu_as_that_uid_and_gid_without_relabelling() -> None:
+    dom = ET.fromstring(domain_xml(DomainSpec(**{**SPEC.__dict__, "dac_label": (1000, 1001)})))
+    label = dom.find("seclabel")
+    assert label is not None and label.attrib == {"type": "static", "model": "dac", "relabel": "no"}
+    assert label.findtext("label") == "+1000:+1001"
+    assert ET.fromstring(domain_xml(SPEC)).find("seclabel") is None  # libvirt's own user
+
+
+def test_uploaded_images_are_readable_by_any_qemu_user() -> None:
+    vol = ET.fromstring(images._vol_xml("vmlinux-x", 123))
+    assert vol.findtext("target/permissions/mode") == "0644"
+
+
+CAPS = ET.fromstring(
+    "<capabilities><host><secmodel><model>none</model><doi>0</doi></secmodel>"
+    "<secmodel><model>dac</model><doi>0</doi><baselabel type='kvm'>+64055:+107</baselabel>"
+    "<baselabel type='qemu'>+64055:+64055</baselabel></secmodel></host></capabilities>"
+)
+
+
+def test_libvirts_own_qemu_user_comes_from_its_capabilities() -> None:
+    assert dac.default_user(CAPS, "qemu") == (64055, 64055)
+    assert dac.default_user(CAPS, "kvm") == (64055, 107)
+    assert dac.default_user(ET.fromstring("<capabilities><host/></capabilities>"), "qemu") is None
+    assert dac.parse_label("+0:+0") == (0, 0) and dac.parse_label("libvirt-qemu:kvm") is None
+
+
+def _stat(modes: dict[str, tuple[int, int, int]]):  # type: ignore[no-untyped-def]
+    def fake(path: str) -> os.stat_result:
+        if path not in modes:
+            raise FileNotFoundError(path)
+        mode, uid, gid = modes[path]
+        return os.stat_result((stat.S_IFDIR | mode, 0, 0, 2, uid, gid, 0, 0, 0, 0))
+
+    return fake
+
+
+TREE = {
+    "/": (0o755, 0, 0), "/root": (0o700, 0, 0), "/home": (0o755, 0, 0), "/home/al": (0o750, 1000, 64055),
+    "/home/bo": (0o711, 1001, 1001), "/home/bo/pub": (0o755, 1001, 1001), "/tmp": (0o1777, 0, 0),
+}  # fmt: skip
+LIBVIRT_QEMU = dac.Identity(64055, 64055, (107, 64055))
+
+
+@pytest.mark.parametrize(
+    ("path", "readable"),
+    [("/tmp", True), ("/root", False), ("/home/al", True), ("/home/bo", False), ("/home/bo/pub", True), ("/gone", False)],
+)
+def test_readable_means_listable_and_reachable_by_mode_bits(path: str, readable: bool) -> None:
+    # /home/al through its group; /home/bo can be passed through but not listed.
+    assert dac.can_read(path, LIBVIRT_QEMU, _stat(TREE)) is readable
+    assert dac.can_read(path, dac.Identity(0, 0), _stat(TREE)) is True
+
+
+def test_a_normal_users_qemu_always_runs_as_that_user() -> None:
+    choice = dac.qemu_identity((1000, 1000), LIBVIRT_QEMU, ["/tmp"], exists=lambda p: True, readable=lambda p, who: True)
+    assert choice.label == (1000, 1000)
+
+
+def test_roots_qemu_runs_as_root_only_where_libvirts_user_cannot_read() -> None:
+    read = lambda p, who: dac.can_read(p, who, _stat(TREE))  # noqa: E731
+    exists = lambda p: p in TREE  # noqa: E731
+    assert dac.qemu_identity((0, 0), LIBVIRT_QEMU, ["/home", "/tmp"], exists, read).label is None
+    choice = dac.qemu_identity((0, 0), LIBVIRT_QEMU, ["/home", "/tmp", "/root"], exists, read)
+    assert choice.label == (0, 0) and "cannot read /root" in choice.why
+    # A directory the host lacks is not overlaid (the guest skips it), so it needs no reading.
+    assert dac.qemu_identity((0, 0), LIBVIRT_QEMU, ["/tmp", "/nonexistent"], exists, read).label is None
+    # No DAC driver, or libvirt's user already the caller: nothing to ask for.
+    assert dac.qemu_identity((0, 0), None, ["/root"], exists, read).label is None
+    assert dac.qemu_identity((0, 0), dac.Identity(0, 0), ["/root"], exists, read).label is None
+
+
+def test_a_remote_run_starts_in_the_home_unless_told_otherwise() -> None:
+    assert runner.start_directory(None, None, "/root", remote=True) == "/root"
+    assert runner.start_directory("/srv/b", None, "/root", remote=True) == "/srv/b"
+    assert runner.start_directory("build", None, "/home/al", remote=True) == "/home/al/build"
+    assert runner.start_directory("~/x", None, "/home/al", remote=True) == "/home/al/x"
+    assert runner.start_directory(None, None, "/", remote=True) == "/"  # no home: the root
+
+
+def test_a_local_run_starts_where_the_launcher_is_or_in_its_workdir(tmp_path: Path) -> None:
+    assert runner.start_directory(None, "/srv/proj", "/root", remote=False) == "/srv/proj"
+    assert runner.start_directory("sub/../lib", "/srv/proj", "/root", remote=False) == "/srv/proj/lib"
+    real = os.path.realpath(str(tmp_path))
+    link = os.path.join(real, "link")
+    os.symlink(real, link)
+    assert runner.start_directory(link, "/", "/root", remote=False) == real  # as the working directory: its real path
+
+
+def test_pwd_names_where_the_command_starts() -> None:
+    env = {"PWD": "/home/al/link", "HOME": "/home/al"}
+    assert runner.start_environment(env, "/home/al/real", "/home/al/real") == env  # the shell's own PWD, as a direct run
+    assert runner.start_environment(env, "/home/al", None)["PWD"] == "/home/al"  # remote
+    assert runner.start_environment(env, "/tmp", "/home/al/real")["PWD"] == "/tmp"  # --workdir
+
+
+def test_a_remote_runs_home_is_private_and_its_start_is_not_looked_up() -> None:
+    opts = RunRequest(CommandRequest(("true",)))
+    plan = runner.mount_plan(opts, "/root/", "/root", remote=True)
+    steps = [(m.op, m.path, m.tag) for m in plan.steps]
+    assert (protocol.MOP_TMPFS, "/root", "u") in steps
+    assert not any(op == protocol.MOP_OVERLAY and path == "/root" for op, path, _ in steps)
+
+
+def test_a_qemu_that_died_starting_is_reported_by_its_last_line_not_its_first_warning() -> None:
+    text = (
+        "internal error: process exited while connecting to monitor: qemu-system-x86_64: -fsdev local,path=/,readonly: "
+        "warning: short-form boolean option 'readonly' deprecated\nPlease use readonly=on instead\n"
+        "char device redirected to /dev/pts/0 (label charserial0)\nqemu: could not open kernel file '/k': Permission denied\n"
+    )
+    assert message(Exception(text)) == "internal error: process exited while connecting to monitor: qemu: could not open kernel file '/k': Permission denied"
+    assert message(Exception("Domain not found: no domain with matching uuid")) == "Domain not found: no domain with matching uuid"
+    assert message(Exception("")) == "Exception"

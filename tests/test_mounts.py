@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -195,3 +196,40 @@ def test_host_homes_are_real_existing_directories_with_root() -> None:
     homes = mounts.host_homes()
     assert "/root" in homes
     assert all(h.startswith("/") and h != "/" and Path(h).is_dir() and str(Path(h).resolve()) == h for h in homes)
+
+
+def _no_lookup(path: str) -> NoReturn:
+    raise AssertionError(f"a remote host's plan looked up {path} here")
+
+
+def test_a_remote_hosts_plan_looks_nothing_up_here_and_keeps_an_empty_start_empty() -> None:
+    # The runner's remote plan: the home an empty private tmpfs, the command starting in it.
+    plan = mounts.plan("/root", "/root", private=("/root",), kind=_no_lookup, resolve=_no_lookup, homes=(), local=False)
+    steps = ops(plan)
+    assert (T, "/root") in steps and (O, "/root") not in steps  # never the host's /root: libvirt's QEMU user may not read it
+    home = next(m for m in plan.steps if m.op == T and m.path == "/root")
+    assert (home.tag, home.mode) == ("u", 0o700)  # the caller's own (the init chowns a "u" tmpfs to the command's user)
+    assert steps[0] == (D, "/root")  # made first: that host may have no such directory
+    assert (O, "/tmp") in steps and (O, "/home") in steps
+    assert [s for s in steps if s[0] in (H, F)] == []  # the home's secrets: nothing there to hide
+
+
+def test_a_remote_home_under_home_needs_no_mount_point_made() -> None:
+    plan = mounts.plan("/home/al", "/home/al", private=("/home/al",), kind=_no_lookup, resolve=_no_lookup, local=False)
+    assert (T, "/home/al") in ops(plan) and D not in [op for op, _ in ops(plan)]
+
+
+def test_a_remote_workdir_outside_the_home_is_shown_copy_on_write() -> None:
+    plan = mounts.plan("/root", "/srv/build", private=("/root",), kind=_no_lookup, resolve=_no_lookup, local=False)
+    assert (O, "/srv/build") in ops(plan)
+
+
+def test_remote_hidden_paths_and_mount_points_are_left_to_the_guest() -> None:
+    plan = mounts.plan(
+        "/root", "/root", private=("/root",), tmpfs=(("/scratch", ""),), hide=("/etc/secret",),
+        kind=_no_lookup, resolve=_no_lookup, local=False,
+    )  # fmt: skip
+    steps = ops(plan)
+    # Whichever of a directory or a file it is there, the init applies the step that fits.
+    assert (H, "/etc/secret") in steps and (F, "/etc/secret") in steps
+    assert (D, "/scratch") in steps

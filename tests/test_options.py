@@ -27,8 +27,8 @@ def test_forwarded_arguments_reproduce_the_values() -> None:
 
 
 def test_every_option_fills_a_field_of_its_target() -> None:
-    # The VM table fills the machine request, but for the network and --connect, which the request holds itself.
-    assert {o.target for o in options.VM} == {f.name for f in fields(MachineRequest)} | {"net", "mac", "connect"}
+    # The VM table fills the machine request, but for the network, --connect and --workdir, which the request holds itself.
+    assert {o.target for o in options.VM} == {f.name for f in fields(MachineRequest)} | {"net", "mac", "connect", "workdir"}
     assert {o.target for o in options.FILES} == {f.name for f in fields(FilesRequest)}
     assert {o.target for o in options.CONFINEMENT} == {f.name for f in fields(ConfinementOptions)}
     assert {"net", "connect", "confinement", "x11"} <= {f.name for f in fields(RunRequest)}

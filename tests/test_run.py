@@ -160,6 +160,22 @@ def test_home_share_persists_writes(visible_dir: Path) -> None:
         assert (p.stat().st_uid, p.stat().st_gid) == owner, p
 
 
+def test_workdir_starts_the_command_there_copy_on_write(visible_dir: Path) -> None:
+    (visible_dir / "sub").mkdir()
+    (visible_dir / "sub" / "kept").write_text("host\n")
+    script = 'pwd; echo "$PWD"; cat kept; echo guest > kept; rm kept; touch new; ls'
+    for workdir in (str(visible_dir / "sub"), "sub"):  # absolute, or relative to where it would start
+        proc = run_sandbox("sh", "-c", script, run_opts=("--workdir", workdir), cwd=visible_dir, env=dict(os.environ, PWD=str(visible_dir)))
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.decode().splitlines() == [str(visible_dir / "sub"), str(visible_dir / "sub"), "host", "new"]
+        assert stderr_lines(proc) == []
+    # Shown copy-on-write, as the working directory is: the host's files are as they were.
+    assert sorted(p.name for p in (visible_dir / "sub").iterdir()) == ["kept"] and (visible_dir / "sub" / "kept").read_text() == "host\n"
+    missing = run_sandbox("true", run_opts=("--workdir", "/no/such/dir"))
+    assert missing.returncode == 125
+    assert stderr_lines(missing) == ["sandbox: cannot enter the working directory /no/such/dir in the sandbox: No such file or directory"]
+
+
 def test_runs_as_a_non_root_user(nobody: Nobody) -> None:
     env = nobody.env(HOME="/home/sbuser")  # a home the host does not have: made, empty, in the guest
     proc = nobody.run("run", "--", "sh", "-c", 'id -u; id -g; echo "$HOME"; touch "$HOME/x" && echo home-ok', env=env)

@@ -8,7 +8,7 @@
         proves nothing: a daemon killed with its session leaves it behind.
     tools/libvirtd.py --background
         The host's own daemons, detached, without waiting.
-    unshare --mount --propagation private tools/libvirtd.py --private WORKDIR TCP_PORT [--empty-boot] [--auth-sasl]
+    unshare --mount --propagation private tools/libvirtd.py --private WORKDIR TCP_PORT [--empty-boot] [--auth-sasl] [--socket-group GROUP]
         A private one for the tests: in its own mount namespace it binds
         WORKDIR/{run,lib,cache,log,etc} over /run/libvirt, /var/lib/libvirt,
         /var/cache/libvirt, /var/log/libvirt and /etc/libvirt, so that it
@@ -16,7 +16,9 @@
         auth.  Clients: qemu+unix:///system?socket=WORKDIR/run/libvirt-sock or
         qemu+tcp://127.0.0.1:TCP_PORT/system.  --empty-boot hides /boot (a
         host with no kernel to offer); --auth-sasl asks TCP clients for SASL
-        credentials (which nobody has: authentication refused).
+        credentials (which nobody has: authentication refused);
+        --socket-group lets that group's members use the UNIX socket too
+        (read-write, as a libvirt group would; WORKDIR must let them reach it).
 
 This process is the daemons' reaper (PR_SET_CHILD_SUBREAPER): the QEMUs
 libvirtd daemonizes are reaped at once, not by a slow PID 1 (which cost
@@ -41,7 +43,7 @@ SYSTEM_SOCKET = "/run/libvirt/libvirt-sock"
 BINDS = {"run": "/run/libvirt", "lib": "/var/lib/libvirt", "cache": "/var/cache/libvirt", "log": "/var/log/libvirt", "etc": "/etc/libvirt"}
 
 
-def private(work: Path, port: str, empty_boot: bool, sasl: bool, libc: ctypes.CDLL) -> None:
+def private(work: Path, port: str, empty_boot: bool, sasl: bool, group: str, libc: ctypes.CDLL) -> None:
     if empty_boot:
         # A libvirt host without a kernel to offer (for the error's test).
         (work / "boot").mkdir(parents=True, exist_ok=True)
@@ -58,7 +60,7 @@ def private(work: Path, port: str, empty_boot: bool, sasl: bool, libc: ctypes.CD
     Path("/var/lib/libvirt/qemu").mkdir(exist_ok=True)
     Path("/etc/libvirt/libvirtd.conf").write_text(
         f'listen_tls = 0\nlisten_tcp = 1\ntcp_port = "{port}"\nlisten_addr = "127.0.0.1"\nauth_tcp = "{"sasl" if sasl else "none"}"\n'
-        'unix_sock_group = "root"\nunix_sock_rw_perms = "0700"\nauth_unix_rw = "none"\n'
+        f'unix_sock_group = "{group}"\nunix_sock_rw_perms = "{"0770" if group != "root" else "0700"}"\nauth_unix_rw = "none"\n'
     )
 
 
@@ -93,7 +95,8 @@ def main() -> int:
     libc = ctypes.CDLL(None, use_errno=True)
     if args[:1] == ["--private"]:
         work = Path(args[1])
-        private(work, args[2], "--empty-boot" in args, "--auth-sasl" in args, libc)
+        group = args[args.index("--socket-group") + 1] if "--socket-group" in args else "root"
+        private(work, args[2], "--empty-boot" in args, "--auth-sasl" in args, group, libc)
         daemon_args = ["--listen", "--pid-file", str(work / "libvirtd.pid")]
         logd_args = ["--pid-file", str(work / "virtlogd.pid")]
     elif args == ["--background"]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import uuid
 import xml.etree.ElementTree as ET
@@ -15,7 +16,7 @@ from ..backend import PORTS, Attempt, BootOnce, BootSpec, Prepared, RunContext, 
 from ..errors import UsageError
 from ..guestinit import init_binary
 from ..request import RunRequest
-from . import images
+from . import dac, images
 from .connection import is_remote, open_connection
 from .domain import DomainSpec
 from .guest import LibvirtGuest
@@ -38,6 +39,7 @@ class LibvirtBackend:
         self.remote = is_remote(self.conn)
         self.caps = ET.fromstring(self.conn.getCapabilities())
         self.request = request
+        self.local_files = not self.remote
 
     def __enter__(self) -> LibvirtBackend:
         return self
@@ -108,6 +110,17 @@ class LibvirtBackend:
         where = "remote host, its own kernel" if self.remote else "this host"
         return f"libvirt {self.uri} ({where}): kernel {boot.kernel_image}, initramfs {boot.initrd}, {boot.machine}, {boot.accel}"
 
+    def qemu_label(self, accel: str, overlays: tuple[str, ...]) -> tuple[int, int] | None:
+        """QEMU's uid and gid as a per-domain DAC label, or None for libvirt's own user (the rule is in libvirt/dac.py)."""
+        if self.remote:
+            return None  # our uid means nothing there; libvirt's user reads that host's files
+        base = dac.default_user(self.caps, "kvm" if accel == "kvm" else "qemu")
+        user = dac.Identity(*base, dac.host_groups(*base)) if base is not None else None
+        choice = dac.qemu_identity((os.getuid(), os.getgid()), user, overlays)
+        who = f"uid {choice.label[0]}, gid {choice.label[1]}" if choice.label is not None else "libvirt's own user"
+        log.info("libvirt runs QEMU as %s: %s", who, choice.why)
+        return choice.label
+
     def guest(self, boot: BootSpec, ctx: RunContext) -> LibvirtGuest:
         limits = self.request.confinement
         if limits is not None and limits.pids_limit:
@@ -129,11 +142,12 @@ class LibvirtBackend:
             cpu_weight=limits.cpu_weight if limits is not None else None,
             cpu_quota=limits.cpu_quota if limits is not None else None,
             ports=tuple(p for p in PORTS if p != protocol.PORT_X11),  # --x11 is refused with --connect
+            dac_label=self.qemu_label(boot.accel, ctx.overlays),
         )
         from ..confinement.audit import summarize_argv
 
         command = summarize_argv(self.request.command.argv) if self.request.confinement is not None else {}
-        return LibvirtGuest(self.conn, spec, ctx.rundir, ctx.timeline, ctx.verbose, command)
+        return LibvirtGuest(self.conn, spec, ctx.rundir, ctx.timeline, ctx.verbose, command, remote=self.remote)
 
 
 def check_options(request: RunRequest) -> None:

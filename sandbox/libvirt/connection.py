@@ -48,9 +48,19 @@ def event_loop() -> None:
 
 
 def message(exc: Exception) -> str:
+    """libvirt's error as one line.
+
+    When QEMU died starting, libvirt quotes its stderr, whose first lines
+    are often warnings (a deprecated option): the last line is the error.
+    """
     get = getattr(exc, "get_error_message", None)
-    text = get() if get is not None else None
-    return (text or str(exc)).strip().splitlines()[0] if (text or str(exc)).strip() else type(exc).__name__
+    lines = [line.strip() for line in ((get() if get is not None else None) or str(exc)).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    if len(lines) == 1:
+        return lines[0]
+    head = lines[0].split(": qemu-system", 1)[0]  # libvirt's own words, before QEMU's first line
+    return f"{head}: {lines[-1]}"
 
 
 def open_connection(uri: str) -> libvirt.virConnect:

@@ -29,6 +29,7 @@ class DomainSpec:
     cpu_weight: int | None = None  # <cputune><shares>
     cpu_quota: float | None = None  # CPUs, as <period>/<quota>
     ports: tuple[int, ...] = ()  # virtio-serial port numbers (protocol.PORT_*)
+    dac_label: tuple[int, int] | None = None  # QEMU's uid and gid; None: libvirt's own user (qemu.conf)
 
 
 def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) -> ET.Element:
@@ -86,6 +87,10 @@ def domain_xml(spec: DomainSpec) -> str:
             period = 100_000
             _sub(tune, "period", str(period))
             _sub(tune, "quota", str(int(spec.cpu_quota * period)))
+    if spec.dac_label is not None:
+        uid, gid = spec.dac_label
+        label = _sub(dom, "seclabel", type="static", model="dac", relabel="no")
+        _sub(label, "label", f"+{uid}:+{gid}")
     devices = _sub(dom, "devices")
     if spec.emulator:
         _sub(devices, "emulator", spec.emulator)

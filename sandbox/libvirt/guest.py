@@ -168,9 +168,17 @@ class LibvirtGuest:
     """One transient domain running the guest init (implements backend.Guest)."""
 
     def __init__(
-        self, conn: libvirt.virConnect, spec: DomainSpec, rundir: Path, timeline: Timeline, verbose: int = 0, command: dict[str, Any] | None = None
+        self,
+        conn: libvirt.virConnect,
+        spec: DomainSpec,
+        rundir: Path,
+        timeline: Timeline,
+        verbose: int = 0,
+        command: dict[str, Any] | None = None,
+        remote: bool = False,
     ) -> None:
         self.conn = conn
+        self.remote = remote
         self.command = command or {}
         self._started = time.time()
         self.spec = spec
@@ -333,10 +341,14 @@ class LibvirtGuest:
 
     def explain(self, fatal: str) -> str:
         """A hint for a set-up failure that is libvirt's doing."""
-        if "Permission denied" in fatal:
-            return (" (libvirt runs QEMU as its own user, libvirt-qemu on Debian, which cannot read that"
-                    " directory on the libvirt host: run from one it can read, or set HOME to one)")  # fmt: skip
-        return ""
+        if "Permission denied" not in fatal:
+            return ""
+        if self.remote:
+            return (" (libvirt runs QEMU as its own user on that host, libvirt-qemu on Debian, which cannot read"
+                    " that directory there: start somewhere it can read, with --workdir)")  # fmt: skip
+        if self.spec.dac_label is None:
+            return " (libvirt runs QEMU as its own user, libvirt-qemu on Debian, which cannot read that directory)"
+        return f" (libvirt runs QEMU as uid {self.spec.dac_label[0]}, which cannot read that directory)"
 
     def _close(self) -> None:
         lv = _lv()

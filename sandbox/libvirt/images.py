@@ -74,12 +74,25 @@ def _volume(pool: libvirt.virStoragePool, name: str) -> libvirt.virStorageVol | 
         return None
 
 
+# Readable by every QEMU user: a run's QEMU may be libvirt's own user or
+# the caller (a per-domain DAC label that libvirt does not relabel images
+# for).  Kernel and initramfs hold nothing secret.
+VOLUME_MODE = 0o644
+
+
 def _vol_xml(name: str, size: int) -> str:
     vol = ET.Element("volume")
     ET.SubElement(vol, "name").text = name
     ET.SubElement(vol, "capacity", unit="bytes").text = str(size)
-    ET.SubElement(ET.SubElement(vol, "target"), "format", type="raw")
+    target = ET.SubElement(vol, "target")
+    ET.SubElement(target, "format", type="raw")
+    ET.SubElement(ET.SubElement(target, "permissions"), "mode").text = f"{VOLUME_MODE:04o}"
     return ET.tostring(vol, encoding="unicode")
+
+
+def _mode(vol: libvirt.virStorageVol) -> int | None:
+    text = ET.fromstring(vol.XMLDesc(0)).findtext("target/permissions/mode")
+    return int(text, 8) if text else None
 
 
 def upload(conn: libvirt.virConnect, pool: libvirt.virStoragePool, path: Path) -> str:
@@ -87,7 +100,8 @@ def upload(conn: libvirt.virConnect, pool: libvirt.virStoragePool, path: Path) -
     lv = _lv()
     name = path.name
     vol, done = _volume(pool, name), _volume(pool, name + COMPLETE)
-    if vol is not None and done is not None:
+    # An upload of an earlier version (mode 0600) is replaced: QEMU running as the caller could not read it.
+    if vol is not None and done is not None and _mode(vol) == VOLUME_MODE:
         return str(vol.path())
     data = path.read_bytes()
     try:

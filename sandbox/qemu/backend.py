@@ -36,6 +36,7 @@ class DirectBackend:
 
     name = "direct"
     confined_here = True
+    local_files = True
 
     def __init__(self, request: RunRequest) -> None:
         self.request = request
