@@ -250,7 +250,7 @@ def parse_line(line: bytes) -> tuple[int, GuestMessage] | None:
             exec_stage = _number(stage)
             if exec_stage not in _EXEC_STAGES:
                 return None
-            return when, ExecFailed(_number(code, 126, 128), _number(err, 0, 4096), exec_stage)
+            return when, ExecFailed(_number(code, 125, 128), _number(err, 0, 4096), exec_stage)
         if kind == "N":
             return when, LookedUp(printable(rest, 255))
         if kind == "O":

@@ -144,7 +144,7 @@ def test_constants_match_the_guest_header() -> None:
         b"1 T ready 99999999999999999999999",  # beyond 64 bits
         b"1 S 256 0 0",  # no status is that large
         b"1 S -1 0 0",
-        b"1 X 1 2 2",  # exec failures are 126 or 127
+        b"1 X 1 2 2",  # exec failures are 125 (set-up), 126 or 127
         b"1 X 127 2 9",  # no such stage
         b"1 O -3",
         b"x T ready 5",
