@@ -31,7 +31,9 @@ log = logging.getLogger(__name__)
 CHUNK = 256 * 1024
 ESCALATE_AFTER = 5.0  # s after a forwarded signal before the VM is killed
 SHUTDOWN_GRACE = 3.0  # s for the guest to power off after our ack
-DRAIN_TIMEOUT = 10.0  # s without output after the status, for output the guest said it wrote
+DRAIN_TIMEOUT = 5.0  # s without output after the status, for output the guest said it wrote
+BOOT_TOTAL_FACTOR = 4  # a boot may make progress, stamp by stamp, for this many boot timeouts in all
+GUEST_LOG_LINES = 20  # the guest's log lines shown; past this, the rest are not
 CONSOLE_LOG_MAX = 8 << 20  # bytes of console kept on disk: a guest cannot fill the disk through it
 MAX_WAIT = 3600.0  # s: poll() takes an int of ms; a far deadline is waited for in steps
 
@@ -162,6 +164,9 @@ class Relay:
         self.state = State.BOOTING
         self.deadlines = Deadlines()
         self.deadlines.set("progress", boot_timeout)
+        # Progress alone is no bound: a guest could stamp forever and never start the command.
+        self.deadlines.set("boot_total", boot_timeout * BOOT_TOTAL_FACTOR)
+        self.guest_log_lines = 0
         # --timeout counts from the launcher's start, across boot retries.
         self.deadlines.set_at("timeout", timeout_at)
         self.end: End | None = None
@@ -346,6 +351,7 @@ class Relay:
                 self.started = True
                 self.state = State.RUNNING
                 self.deadlines.clear("progress")
+                self.deadlines.clear("boot_total")
                 self._enable_stdin()
                 # `sandbox exec` requests wait in the socket's backlog until
                 # now: nothing of them may reach the guest before its
@@ -361,16 +367,21 @@ class Relay:
         elif isinstance(msg, protocol.Fatal):
             self.fatal = msg.message
             self.deadlines.clear("progress")
+            self.deadlines.clear("boot_total")
         elif isinstance(msg, protocol.Finished):
             self.finished = msg
             self.state = State.FINISHED
-            for name in ("progress", "timeout", "escalate"):
+            for name in ("progress", "boot_total", "timeout", "escalate"):
                 self.deadlines.clear(name)
             self.deadlines.set("drain", DRAIN_TIMEOUT)
             self.qemu_peak_rss_kb = self.guest.peak_rss_kb()
             self._maybe_ack()
         elif isinstance(msg, protocol.LogLine):
-            log.warning("guest: %s", msg.message)
+            self.guest_log_lines += 1
+            if self.guest_log_lines <= GUEST_LOG_LINES:
+                log.warning("guest: %s", msg.message)
+            elif self.guest_log_lines == GUEST_LOG_LINES + 1:
+                log.warning("guest: (more messages, not shown)")
 
     def _maybe_ack(self) -> None:
         """Ack once every byte the guest wrote has arrived, so powering off loses none."""
@@ -564,6 +575,9 @@ class Relay:
             return
         if self.deadlines.expired("progress"):
             self._kill(End.STALL)
+        elif self.deadlines.expired("boot_total"):
+            self.fatal = f"the guest never started the command in {self.boot_timeout * BOOT_TOTAL_FACTOR:g} s of booting"
+            self._kill(End.DIED)
         elif self.deadlines.expired("timeout"):
             self._kill(End.TIMEOUT)
         elif self.deadlines.expired("escalate"):

@@ -16,7 +16,6 @@ import os
 import socket
 import sys
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -190,13 +189,17 @@ class HostileBackend:
 
 
 def main() -> int:
-    """The CLI, with the hostile backend in front of the real ones."""
+    """The CLI, with the hostile backend in front of the real ones; its peak memory goes to SANDBOX_HOSTILE_PEAK."""
     from sandbox import cli
+    from sandbox.process import status_fields
 
     backends.BACKENDS.insert(0, backends.Registered("hostile", lambda r: True, "hostile:HostileBackend"))
-    return cli.main(sys.argv[1:])
+    try:
+        return cli.main(sys.argv[1:])
+    finally:
+        # VmHWM: this program's own peak (the rusage of a child counts its parent's pages from before the exec).
+        Path(os.environ["SANDBOX_HOSTILE_PEAK"]).write_text(status_fields(os.getpid()).get("VmHWM", "0 kB").split()[0])
 
 
 if __name__ == "__main__":
-    started = time.monotonic()
     sys.exit(main())

@@ -5,7 +5,7 @@ the launcher must end within a few seconds, with one line and status 125
 (or the timeout's 124, or a status the guest was allowed to give), never
 print a traceback, never grow past a fixed memory bound, and never write
 outside its own run directory.  Hypothesis generates the cases: a bounded
-number in CI, more with SANDBOX_HOSTILE_EXAMPLES=N.
+number in CI, more with SANDBOX_HOSTILE_EXAMPLES=N (SANDBOX_HOSTILE_REPORT=FILE appends each case's peak MB, seconds and status).
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ from hostile import STARTED, Script, Write, line
 from sandbox import protocol
 
 HERE = Path(__file__).resolve().parent
-EXAMPLES = int(os.environ.get("SANDBOX_HOSTILE_EXAMPLES", "25"))
-TIME_BOUND = 15.0  # s: every case ends by then (the timeout below is 5 s, the boot stall 2 s)
-MEMORY_BOUND_MB = 120  # the launcher's peak RSS; a plain run of the harness peaks at ~45 MB (see the note in README)
-OPTIONS = ("--no-confine", "--boot-timeout", "2", "--timeout", "5")
+EXAMPLES = int(os.environ.get("SANDBOX_HOSTILE_EXAMPLES", "15"))
+TIME_BOUND = 10.0  # s: every case ends by then (the timeout below is 3 s, a boot stall 0.5 s, a boot 2 s at most, the drain 5 s)
+MEMORY_BOUND_MB = 64  # the launcher's peak RSS (VmHWM): 24.1-25.6 MB over 110 generated and named cases (2026-12-04)
+OPTIONS = ("--no-confine", "--boot-timeout", "0.5", "--timeout", "3")
 
 
 @dataclass(frozen=True)
@@ -44,22 +44,18 @@ class Ran:
 
 def run(script: Script, workdir: Path) -> Ran:
     """`sandbox run -- true` with the hostile guest playing `script`; how the launcher ended."""
-    env = dict(os.environ, SANDBOX_HOSTILE_SCRIPT=script.to_json(), HOME=str(workdir), PYTHONPATH=f"{HERE}:{HERE.parent}")
+    peak = Path(tempfile.mkdtemp(prefix="sandbox-hostile-peak-")) / "kb"
+    env = dict(os.environ, SANDBOX_HOSTILE_SCRIPT=script.to_json(), SANDBOX_HOSTILE_PEAK=str(peak), HOME=str(workdir),
+               PYTHONPATH=f"{HERE}:{HERE.parent}")  # fmt: skip
     start = time.monotonic()
-    with open(workdir / ".out", "w+b") as out, open(workdir / ".err", "w+b") as err:
-        proc = subprocess.Popen([sys.executable, str(HERE / "hostile.py"), "run", *OPTIONS, "--", "true"],
-                                stdin=subprocess.DEVNULL, stdout=out, stderr=err, cwd=workdir, env=env)  # fmt: skip
-        try:
-            _, wait_status, usage = os.wait4(proc.pid, 0)  # not proc.wait: rusage is this child's alone
-        finally:
-            proc.returncode = 0  # reaped above
-        seconds = time.monotonic() - start
-        out.seek(0)
-        err.seek(0)
-        data, text = out.read(), err.read().decode(errors="replace")
-    (workdir / ".out").unlink()
-    (workdir / ".err").unlink()
-    return Ran(os.waitstatus_to_exitcode(wait_status), data, text, seconds, usage.ru_maxrss / 1024)
+    proc = subprocess.run([sys.executable, str(HERE / "hostile.py"), "run", *OPTIONS, "--", "true"],
+                          stdin=subprocess.DEVNULL, capture_output=True, cwd=workdir, env=env, timeout=60)  # fmt: skip
+    seconds = time.monotonic() - start
+    try:
+        peak_mb = int(peak.read_text()) / 1024
+    finally:
+        shutil.rmtree(peak.parent)
+    return Ran(proc.returncode, proc.stdout, proc.stderr.decode(errors="replace"), seconds, peak_mb)
 
 
 @pytest.fixture
@@ -71,11 +67,14 @@ def check(ran: Ran, workdir: Path, allowed: frozenset[int] = frozenset({124, 125
     """What every case must hold to."""
     assert ran.seconds < TIME_BOUND, ran
     assert "Traceback" not in ran.stderr and "internal error" not in ran.stderr, ran.stderr
-    ours = [ln for ln in ran.stderr.splitlines() if ln.startswith("sandbox:") and "KVM unavailable" not in ln]
+    ours = [ln for ln in ran.stderr.splitlines() if ln.startswith("sandbox:") and "KVM unavailable" not in ln and not ln.startswith("sandbox: guest:")]
     assert ran.status in allowed, ran
     if ran.status in (124, 125):
         assert len(ours) == 1, ran.stderr  # one line says why
     assert ran.peak_rss_mb < MEMORY_BOUND_MB, ran
+    if os.environ.get("SANDBOX_HOSTILE_REPORT"):
+        with open(os.environ["SANDBOX_HOSTILE_REPORT"], "a") as f:
+            f.write(f"{ran.peak_rss_mb:.1f} {ran.seconds:.2f} {ran.status}\n")
     assert list(workdir.iterdir()) == [], list(workdir.iterdir())  # nothing written where it ran
     shutil.rmtree(workdir)
 
@@ -110,7 +109,7 @@ def test_log_lines_forever_are_said_a_bounded_number_of_times(workdir: Path) -> 
     script = Script((*STARTED, Write("control", line("L look at me"), forever=True)), hang=True)
     ran = run(script, workdir)
     check(ran, workdir, frozenset({124}))  # the command runs on: --timeout ends it
-    assert ran.stderr.count("guest: look at me") <= 100
+    assert ran.stderr.count("guest: look at me") <= 20
 
 
 def test_a_well_behaved_guest_gets_its_status(workdir: Path) -> None:
