@@ -115,7 +115,8 @@ static size_t question(const unsigned char *q, size_t n, char *name, size_t name
 			unsigned char c = q[off + 1 + i];
 			name[(*nl)++] = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '-' || c == '_' ? (char)c : '?';
 		}
-		name[(*nl)++] = '.';
+		if (*nl + 1 < namesz)
+			name[(*nl)++] = '.';
 		off += 1 + q[off];
 	}
 	if (off < n && q[off] == 0 && off + 5 <= n)

@@ -203,8 +203,12 @@ const char *spec_parse(char *buf, size_t len, struct spec *s)
 	for (char *p = buf; p < buf + len; p += strlen(p) + 1)
 		counts[(unsigned char)*p]++;
 	const char *why = spec_alloc(s, counts) ? "out of memory reading the spec" : NULL;
-	for (char *p = buf; !why && p < buf + len; p += strlen(p) + 1)
+	for (char *p = buf, *next; !why && p < buf + len; p = next) {
+		/* Taken before the record is parsed: parse_mop cuts its record
+		 * up with NULs, whose pieces are no records of their own. */
+		next = p + strlen(p) + 1;
 		why = record(s, p);
+	}
 	if (!why && !s->argc)
 		why = "empty command";
 	if (why)
