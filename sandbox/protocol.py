@@ -203,7 +203,7 @@ class LogLine:
 GuestMessage = Stamp | ExecFailed | Finished | LogLine | LookedUp | OomKilled | Fatal
 
 
-# The init's phase stamps (guest-init/init.c): any other name is not ours.
+# The init's phase stamps (guest-init/, stamp()): any other name is not ours.
 GUEST_PHASES = frozenset(
     {"init_start", "tsc", "modules_loaded", "root_mounted", "ready", "spec_read", "net_ready", "command_exec", "command_exit", "poweroff"}
 )
