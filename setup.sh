@@ -30,4 +30,4 @@ python3 -m venv .venv
 # /usr/bin/sandbox and sandbox(8)): /usr/local/bin comes first on Debian's
 # PATH, and man reads section 1 before 8.  Links .venv/bin/sandbox, writes
 # the man page and the bash completion, generated from the parser.
-if [ "$(id -u)" -eq 0 ]; then .venv/bin/python -m sandbox.install --prefix /usr/local; fi
+if [ "$(id -u)" -eq 0 ]; then .venv/bin/python -m sandbox.cli.install --prefix /usr/local; fi

@@ -6,7 +6,7 @@
  * Every step is on the start-up path, so it does no more than it must.
  *
  * One file per concern; this header holds what they share (protocol.h is
- * the host/guest protocol, kept in step with sandbox/protocol.py):
+ * the host/guest protocol, kept in step with sandbox/wire/protocol.py):
  *   main.c     the steps from boot to power-off, and the event loop
  *   utils.c    the clock, whole reads and writes
  *   control.c  the control port: lines to and from the host, fatal errors,
@@ -50,7 +50,7 @@ struct rlim {
 	struct rlimit lim;
 };
 
-/* One step of the host's mount plan (sandbox/mounts.py), done in order. */
+/* One step of the host's mount plan (sandbox/plan/mounts.py), done in order. */
 struct mop {
 	char op;
 	const char *tag, *path;

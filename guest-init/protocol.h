@@ -1,5 +1,5 @@
 /* Host <-> guest protocol of the sandbox init.  The Python side lives in
- * sandbox/protocol.py; keep the two in step.
+ * sandbox/wire/protocol.py; keep the two in step.
  *
  * Every channel is a virtio-serial port, found in the guest as
  * /dev/vport<dev>p<NR> (the device index varies, the port number does not).

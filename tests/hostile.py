@@ -19,12 +19,12 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sandbox import backend as backends
-from sandbox import protocol
-from sandbox.backend import Attempt, BootOnce, BootSpec, Channels, Prepared, RunContext, RunResult
-from sandbox.errors import MachineError
-from sandbox.host import QemuInfo
-from sandbox.request import RunRequest
+from sandbox.backends import base as backends
+from sandbox.wire import protocol
+from sandbox.backends.base import Attempt, BootOnce, BootSpec, Channels, Prepared, RunContext, RunResult
+from sandbox.core.errors import MachineError
+from sandbox.image.host import QemuInfo
+from sandbox.plan.request import RunRequest
 
 CHANNELS = ("control", "stdin", "stdout", "stderr", "console", "exec")
 
@@ -190,8 +190,8 @@ class HostileBackend:
 
 def main() -> int:
     """The CLI, with the hostile backend in front of the real ones; its peak memory goes to SANDBOX_HOSTILE_PEAK."""
-    from sandbox import cli
-    from sandbox.process import status_fields
+    from sandbox.cli import main as cli
+    from sandbox.core.process import status_fields
 
     backends.BACKENDS.insert(0, backends.Registered("hostile", lambda r: True, "hostile:HostileBackend"))
     try:

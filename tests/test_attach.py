@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import SANDBOX, run_tracked
-from sandbox import attach
+from sandbox.features import attach
 
 HAND = ["-machine", "microvm", "-m", "256", "-smp", "1", "-nodefaults", "-display", "none", "-S"]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sandbox.qemu.bootimages import BootImage
+from sandbox.backends.direct.bootimages import BootImage
 
 
 def test_private_copy_is_sealed_and_release_drops_mapped_pages(tmp_path: Path) -> None:

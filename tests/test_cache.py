@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from sandbox import cache
+from sandbox.core import cache
 
 
 @pytest.fixture

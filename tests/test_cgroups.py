@@ -9,7 +9,7 @@ import pytest
 
 from conftest import REPO, run_guest_python
 from sandbox.confinement import cgroups
-from sandbox.errors import ConfinementError
+from sandbox.core.errors import ConfinementError
 
 
 def test_v2_limits_on_the_guest_kernels_cgroup2_tree() -> None:

@@ -1,6 +1,6 @@
-from sandbox.protocol import TTY_STDIN, TTY_STDOUT
-from sandbox.kernel import kernel_cmdline
-from sandbox.runner import tty_mask
+from sandbox.wire.protocol import TTY_STDIN, TTY_STDOUT
+from sandbox.image.kernel import kernel_cmdline
+from sandbox.run.runner import tty_mask
 
 
 def test_kernel_cmdline_knobs() -> None:

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from conftest import SANDBOX, run_sandbox, run_tracked
-from sandbox import completion
-from sandbox.cli import build_parser
+from sandbox.cli import completion
+from sandbox.cli.main import build_parser
 
 # The venv's own command, as a user's shell would run it (COMP_WORDS[0]).
 COMMAND = str(Path(sys.executable).parent / "sandbox")

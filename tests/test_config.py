@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from conftest import SANDBOX, run_sandbox
-from sandbox import cli, config, options
-from sandbox.errors import UsageError
+from sandbox.cli import main as cli, config, options
+from sandbox.core.errors import UsageError
 
 PATH = "/home/u/.config/sandbox/config.toml"
 

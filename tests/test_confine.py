@@ -115,7 +115,7 @@ def test_qemu_is_confined_as_libvirt_would(boot: str, capsys: pytest.CaptureFixt
         assert fds[0] == "/dev/null" and fds[1].endswith("/qemu.log") and fds[2] == fds[1]
         images = sorted(t for t in fds.values() if t.startswith("/memfd:"))
         if boot == "cold":
-            # The boot images: sealed in-memory copies (sandbox/qemu/bootimages.py),
+            # The boot images: sealed in-memory copies (sandbox/backends/direct/bootimages.py),
             # the one file QEMU shares with the launcher, which empties them.
             assert [Path(t.split(" ")[0]).suffix for t in images] == [".cpio", ".pvh"], images
         else:

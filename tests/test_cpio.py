@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from sandbox.cpio import CpioWriter
+from sandbox.image.cpio import CpioWriter
 
 
 def sample() -> bytes:

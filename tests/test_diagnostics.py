@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import errno
 
-from sandbox import diagnostics, protocol
+from sandbox.run import diagnostics
+from sandbox.wire import protocol
 
 
 def test_shell_quote() -> None:

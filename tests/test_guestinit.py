@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, SANDBOX, run_tracked
-from sandbox import guestinit
+from sandbox.image import guestinit
 
 
 def test_the_sources_compile_without_a_warning(tmp_path: Path) -> None:
@@ -19,7 +19,7 @@ def test_the_sources_compile_without_a_warning(tmp_path: Path) -> None:
     init_sources, _ = guestinit.init_sources()
     assert {f.name for f in init_sources} == {f.name for f in (REPO / "guest-init").glob("*.c")}
     assert len(init_sources) > 10  # one file per concern, all of them built
-    for name, sources, flags in (("init", init_sources, guestinit.INIT_CFLAGS), ("tsc_khz", [REPO / "sandbox" / "tsc_khz.c"], guestinit.TSC_CFLAGS)):
+    for name, sources, flags in (("init", init_sources, guestinit.INIT_CFLAGS), ("tsc_khz", [REPO / "sandbox" / "image" / "tsc_khz.c"], guestinit.TSC_CFLAGS)):
         proc = subprocess.run(["cc", *flags, "-Werror", "-o", str(tmp_path / name), *map(str, sources)], capture_output=True, text=True, check=False)
         assert proc.returncode == 0, proc.stderr
 

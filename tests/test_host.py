@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from sandbox import host
-from sandbox.errors import UsageError
+from sandbox.image import host
+from sandbox.core.errors import UsageError
 
 
 def test_kvm_needs_extension_vendor_module_and_device() -> None:

@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hostile import STARTED, Script, Write, line
-from sandbox import protocol
+from sandbox.wire import protocol
 
 HERE = Path(__file__).resolve().parent
 EXAMPLES = int(os.environ.get("SANDBOX_HOSTILE_EXAMPLES", "15"))

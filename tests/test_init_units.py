@@ -3,7 +3,7 @@
 Built under AddressSanitizer and UndefinedBehaviorSanitizer where gcc has
 them (every read past an input's end, every overflow aborts the binary).
 The spec parser and the frame decoder take what the host's own encoders
-(sandbox/protocol.py, sandbox/mux.py) make of generated values, and
+(sandbox/wire/protocol.py, sandbox/wire/mux.py) make of generated values, and
 must give those values back; cut, mutated and random inputs must never
 crash them.  No VM.
 """
@@ -22,7 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import REPO
-from sandbox import mux, protocol
+from sandbox.wire import mux, protocol
 
 SANITIZERS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
 FLAGS = ["-std=gnu11", "-g", "-O1", "-Wall", "-Wextra", "-Werror"]

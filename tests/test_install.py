@@ -123,7 +123,7 @@ def test_the_wheel_holds_every_package_and_file_of_the_tree(wheel: Path) -> None
     source_packages = {str(Path(f).parent) for f in expected if f.endswith("/__init__.py")}
     wheel_packages = {str(Path(f).parent) for f in names if f.endswith("/__init__.py")}
     # sandbox/libvirt was once missing: every `sandbox run` died importing it.
-    assert {"sandbox/libvirt", "sandbox/guest_init"} <= source_packages
+    assert {"sandbox/backends/libvirt", "sandbox/guest_init"} <= source_packages
     assert source_packages - wheel_packages == set()
     assert sorted(expected - names) == []
 
@@ -166,7 +166,7 @@ def _login_path(key: str) -> str:
 
 def test_setup_makes_sandbox_and_man_sandbox_ours(tmp_path: Path) -> None:
     # setup.sh's own line, staged under DESTDIR instead of writing /usr/local.
-    lines = [line for line in (REPO / "setup.sh").read_text().splitlines() if "sandbox.install" in line and not line.startswith("#")]
+    lines = [line for line in (REPO / "setup.sh").read_text().splitlines() if "sandbox.cli.install" in line and not line.startswith("#")]
     assert len(lines) == 1, lines
     proc = subprocess.run(["sh", "-c", lines[0]], cwd=REPO, env=dict(os.environ, DESTDIR=str(tmp_path)),
                           capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
@@ -203,7 +203,7 @@ def test_setup_makes_sandbox_and_man_sandbox_ours(tmp_path: Path) -> None:
 def test_install_refuses_to_replace_a_file_it_did_not_put_there(tmp_path: Path) -> None:
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "sandbox").write_text("#!/bin/sh\n")
-    proc = subprocess.run([sys.executable, "-m", "sandbox.install", "--prefix", str(tmp_path)], capture_output=True, text=True, timeout=60, check=False)
+    proc = subprocess.run([sys.executable, "-m", "sandbox.cli.install", "--prefix", str(tmp_path)], capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 125
     assert proc.stderr == f"sandbox: {tmp_path}/bin/sandbox exists and is not a link (another installation?): remove it, or choose another --prefix\n"
     assert (tmp_path / "bin" / "sandbox").read_text() == "#!/bin/sh\n"
@@ -217,7 +217,7 @@ def test_install_says_when_another_sandbox_comes_first_on_path(tmp_path: Path) -
     other.chmod(0o755)
     prefix = tmp_path / "prefix"
     env = dict(os.environ, PATH=f"{other.parent}:{prefix / 'bin'}")
-    proc = subprocess.run([sys.executable, "-m", "sandbox.install", "--prefix", str(prefix)], env=env, capture_output=True, text=True, timeout=60, check=False)
+    proc = subprocess.run([sys.executable, "-m", "sandbox.cli.install", "--prefix", str(prefix)], env=env, capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[-1] == f"note: `sandbox` on this PATH is {other}: put {prefix / 'bin'} first"
     assert (prefix / "bin" / "sandbox").resolve() == (Path(sys.executable).parent / "sandbox").resolve()

@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from sandbox import kernel
-from sandbox.errors import KernelError
+from sandbox.image import kernel
+from sandbox.core.errors import KernelError
 
 FULL_DEP = (
     "kernel/fs/9p/9p.ko: kernel/net/9p/9pnet.ko\n"

@@ -9,8 +9,8 @@ from collections.abc import Callable
 import manpages
 import pytest
 
-from sandbox import keycodes
-from sandbox.errors import UsageError
+from sandbox.features import keycodes
+from sandbox.core.errors import UsageError
 
 
 def rows() -> list[dict[str, str]]:

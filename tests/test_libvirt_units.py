@@ -10,16 +10,17 @@ from pathlib import Path
 
 import pytest
 
-from sandbox.mounts import Share
-from sandbox.net.request import NetRequest
-from sandbox.request import CommandRequest, FilesRequest, MachineRequest, RunRequest, X11Request
+from sandbox.plan.mounts import Share
+from sandbox.plan.request import NetRequest
+from sandbox.plan.request import CommandRequest, FilesRequest, MachineRequest, RunRequest, X11Request
 
-from sandbox import protocol, runner
-from sandbox.errors import UsageError
-from sandbox.libvirt import connect_uri, dac, images
-from sandbox.libvirt.backend import check_options
-from sandbox.libvirt.connection import message
-from sandbox.libvirt.domain import DomainSpec, domain_xml
+from sandbox.wire import protocol
+from sandbox.run import runner
+from sandbox.core.errors import UsageError
+from sandbox.backends.libvirt import connect_uri, dac, images
+from sandbox.backends.libvirt.backend import check_options
+from sandbox.backends.libvirt.connection import message
+from sandbox.backends.libvirt.domain import DomainSpec, domain_xml
 
 SPEC = DomainSpec(
     name="sandbox-abc", uuid="8b2f5a52-5f9e-4a53-9a55-4f2c1f0e7d11", accel="tcg", machine="microvm",

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import CLOSED_FD_SCRIPTS, read_pty, SANDBOX, STARTED, popen, run_tracked, run_with_fd_closed
-from sandbox import keycodes, sendkey
+from sandbox.features import keycodes, sendkey
 
 pytestmark = [pytest.mark.vm]
 

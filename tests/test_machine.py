@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from sandbox.qemu.machine import Machine
-from sandbox.qemu.monitor import Monitor, MonitorError
+from sandbox.backends.direct.machine import Machine
+from sandbox.backends.direct.monitor import Monitor, MonitorError
 
 
 def test_monitor_gives_up_on_a_silent_peer() -> None:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from sandbox import manpage
-from sandbox.cli import build_parser
+from sandbox.cli import manpage
+from sandbox.cli.main import build_parser
 
 
 def verbs(parser: argparse.ArgumentParser, words: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], argparse.ArgumentParser]]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from sandbox.confinement import cgroups, mcs as labels
-from sandbox.errors import ConfinementError
+from sandbox.core.errors import ConfinementError
 
 
 def test_levels_and_contexts() -> None:

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from sandbox import modules
-from sandbox.errors import InitramfsError
+from sandbox.image import modules
+from sandbox.core.errors import InitramfsError
 
 DEP = """\
 kernel/fs/9p/9p.ko.xz: kernel/net/9p/9pnet.ko.xz kernel/fs/fscache/fscache.ko kernel/fs/netfs/netfs.ko

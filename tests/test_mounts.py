@@ -7,9 +7,9 @@ from typing import NoReturn
 
 import pytest
 
-from sandbox import mounts
-from sandbox.errors import UsageError
-from sandbox.protocol import MountStep
+from sandbox.plan import mounts
+from sandbox.core.errors import UsageError
+from sandbox.wire.protocol import MountStep
 
 O, T, H, F, D = "O", "T", "H", "F", "D"
 

@@ -1,4 +1,4 @@
-"""The multiplexed ports' frames (sandbox/mux.py): bounded, checked, and flow-controlled both ways."""
+"""The multiplexed ports' frames (sandbox/wire/mux.py): bounded, checked, and flow-controlled both ways."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sandbox import mux, protocol
-from sandbox.errors import GuestProtocolError
+from sandbox.wire import mux, protocol
+from sandbox.core.errors import GuestProtocolError
 
 KINDS = (b"O", b"R", b"X")
 

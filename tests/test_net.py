@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from conftest import SANDBOX, Nobody, popen, run_sandbox, run_tracked
-from sandbox.process import start_ticks
+from sandbox.core.process import start_ticks
 import netlab
 
 pytestmark = pytest.mark.vm

@@ -9,15 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from sandbox import protocol
-from sandbox.errors import UsageError
+from sandbox.wire import protocol
+from sandbox.core.errors import UsageError
 from sandbox.net import addresses, attachment, nft, passt
 from sandbox.net.addresses import IPv4Network, IPv6Network, Route
 from sandbox.net.networks import Network, check_name, dnsmasq_argv
-from sandbox.qemu import argv as qemuargv
-from sandbox.backend import BootSpec, NetDevice
-from sandbox.net.request import NetRequest, parse_net
-from sandbox.qemu.guest import template_argv
+from sandbox.backends.direct import argv as qemuargv
+from sandbox.backends.base import BootSpec, NetDevice
+from sandbox.net.request import parse_net
+from sandbox.plan.request import NetRequest
+from sandbox.backends.direct.guest import template_argv
 
 
 def test_eui64_and_slaac_follow_rfc_4291() -> None:

@@ -7,8 +7,9 @@ from dataclasses import fields
 
 import pytest
 
-from sandbox import options, sizes
-from sandbox.request import ConfinementOptions, FilesRequest, MachineRequest, RunRequest
+from sandbox.cli import options
+from sandbox.core import sizes
+from sandbox.plan.request import ConfinementOptions, FilesRequest, MachineRequest, RunRequest
 
 
 def parse(table: tuple[options.Option, ...], argv: list[str]) -> argparse.Namespace:

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from conftest import SANDBOX, popen, read_pty, run_sandbox
-from sandbox import host, progress
+from sandbox.image import host
+from sandbox.core import progress
 
 
 def screen(raw: bytes) -> list[str]:

@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from sandbox import protocol
-from sandbox.protocol import CommandSpec
+from sandbox.wire import protocol
+from sandbox.wire.protocol import CommandSpec
 
 
 def decode(msg: bytes) -> tuple[int, list[tuple[str, str]]]:
@@ -98,7 +98,7 @@ def test_hostname_record_only_when_named() -> None:
 
 
 def test_exec_start_records() -> None:
-    from sandbox import execs
+    from sandbox.features import execs
 
     payload = execs.start_payload(["sh", "-c", "a b"], {"K": "v"}, "/w", (24, 80), closed=0b010)
     assert payload.split(b"\0")[:-1] == [b"Ash", b"A-c", b"Aa b", b"EK=v", b"C/w", b"T1", b"R24", b"W80", b"F2"]

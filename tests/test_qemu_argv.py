@@ -1,8 +1,8 @@
 from pathlib import Path
 
-from sandbox.qemu import argv as qemucmd
-from sandbox.backend import Share
-from sandbox.qemu.argv import MachineSpec, Port
+from sandbox.backends.direct import argv as qemucmd
+from sandbox.backends.base import Share
+from sandbox.backends.direct.argv import MachineSpec, Port
 
 
 def spec(**kw: object) -> MachineSpec:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sandbox import runtime
+from sandbox.core import runtime
 
 
 def test_a_fresh_dir_is_made_private(tmp_path: Path) -> None:

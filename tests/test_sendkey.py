@@ -16,9 +16,9 @@ from pathlib import Path
 import manpages
 import pytest
 
-from sandbox import keycodes, sendkey
-from sandbox.errors import UsageError
-from sandbox.qemu.monitor import Monitor
+from sandbox.features import keycodes, sendkey
+from sandbox.core.errors import UsageError
+from sandbox.backends.direct.monitor import Monitor
 
 
 @contextmanager

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from sandbox import protocol, timings
-from sandbox.qemu import argv as qemuargv
-from sandbox.qemu import template
-from sandbox.backend import BootSpec, Share
-from sandbox.qemu.guest import template_argv
+from sandbox.wire import protocol
+from sandbox.plan import timings
+from sandbox.backends.direct import argv as qemuargv
+from sandbox.backends.direct import template
+from sandbox.backends.base import BootSpec, Share
+from sandbox.backends.direct.guest import template_argv
 
 BOOT = BootSpec(
     qemu="/usr/bin/qemu-system-x86_64", accel="tcg", machine="microvm", kernel_image=Path("/cache/vmlinux.pvh"),

@@ -1,7 +1,7 @@
 import json
 
-from sandbox import timings
-from sandbox.timings import Timeline
+from sandbox.plan import timings
+from sandbox.plan.timings import Timeline
 
 
 def test_offset_is_the_tightest_bound_over_all_lines() -> None:

@@ -2,7 +2,8 @@
 
 import struct
 
-from sandbox import mux, x11
+from sandbox.wire import mux
+from sandbox.features import x11
 
 
 def client_setup(order: bytes, name: bytes, data: bytes) -> bytes:
@@ -38,7 +39,7 @@ def test_frames_and_xauth_records() -> None:
 
 
 def test_xpra_mode_runs_the_command_under_the_wrapper() -> None:
-    from sandbox.x11 import XPRA_DISPLAY, XPRA_WRAPPER, XpraSession
+    from sandbox.features.x11 import XPRA_DISPLAY, XPRA_WRAPPER, XpraSession
 
     session = XpraSession("800x600", "/usr/bin/xpra")
     argv = session.guest_argv(("xmessage", "-name", "a b", "hi"))

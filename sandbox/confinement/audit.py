@@ -11,7 +11,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from .. import cache
+from sandbox.core import cache
 
 
 def log_path() -> Path:

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ConfinementError
+from sandbox.core.errors import ConfinementError
 
 log = logging.getLogger(__name__)
 

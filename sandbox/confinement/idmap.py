@@ -28,7 +28,7 @@ from __future__ import annotations
 import ctypes
 import os
 
-from ..errors import ConfinementError
+from sandbox.core.errors import ConfinementError
 
 _libc = ctypes.CDLL(None, use_errno=True)
 

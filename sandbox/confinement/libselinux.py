@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..errors import ConfinementError
+from sandbox.core.errors import ConfinementError
 
 _lib: ctypes.CDLL | None = None
 

@@ -10,8 +10,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ConfinementError
-from . import reservations
+from sandbox.core.errors import ConfinementError
+from sandbox.confinement import reservations
 
 CATEGORIES = 1024  # c0..c1023, as libvirt uses
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ConfinementError
+from sandbox.core.errors import ConfinementError
 
 
 @dataclass

@@ -19,11 +19,12 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import mounts, runtime
-from ..errors import ConfinementError, UsageError
-from ..request import ConfinementOptions
-from ..process import FORWARDED, ignore, set_name, set_parent_death_signal
-from . import audit, cgroups, idmap, libselinux, mcs, reservations
+from sandbox.plan import mounts
+from sandbox.core import runtime
+from sandbox.core.errors import ConfinementError, UsageError
+from sandbox.plan.request import ConfinementOptions
+from sandbox.core.process import FORWARDED, ignore, set_name, set_parent_death_signal
+from sandbox.confinement import audit, cgroups, idmap, libselinux, mcs, reservations
 
 log = logging.getLogger(__name__)
 

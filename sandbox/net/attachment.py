@@ -10,10 +10,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import UsageError
-from ..protocol import GuestNet
-from . import addresses
-from .request import NetRequest
+from sandbox.core.errors import UsageError
+from sandbox.wire.protocol import GuestNet
+from sandbox.net import addresses
+from sandbox.plan.request import NetRequest
 
 # The guest waits this long for usable addresses before it gives up.
 WAIT_MS = 10_000
@@ -48,7 +48,7 @@ class _Background:
         self.thread.start()
 
     def _run(self, tap: str, bridge: str) -> None:
-        from . import links
+        from sandbox.net import links
 
         try:
             with links.netlink() as ipr:
@@ -74,7 +74,7 @@ def attach(req: NetRequest, rundir: Path) -> Iterator[Attachment | None]:
     if req.mode == "none":
         yield None
     elif req.mode == "user":
-        from . import passt
+        from sandbox.net import passt
 
         with passt.start(rundir, host=req.host) as p:
             dns = (passt.DNS,) if p.ipv4 else ()
@@ -83,7 +83,7 @@ def attach(req: NetRequest, rundir: Path) -> Iterator[Attachment | None]:
                 "stream", p.fd, GuestNet(req.label, _mac(req), ipv4, passt.GATEWAY if p.ipv4 else None, int(p.ipv6), dns, (), WAIT_MS, passt.MTU)
             )
     elif req.mode == "nat":
-        from . import links, networks
+        from sandbox.net import links, networks
 
         networks.require_root("--net nat")
         net = networks.get_or_create(req.name)
@@ -105,7 +105,7 @@ def attach(req: NetRequest, rundir: Path) -> Iterator[Attachment | None]:
         finally:
             os.close(fd)
     else:  # bridge
-        from . import links
+        from sandbox.net import links
 
         if os.geteuid() != 0:
             raise UsageError("--net bridge needs root (it makes a tap); --net user works for anyone")

@@ -16,8 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import SandboxError
-from .addresses import Route
+from sandbox.core.errors import SandboxError
+from sandbox.net.addresses import Route
 
 if TYPE_CHECKING:
     from pyroute2 import IPRoute

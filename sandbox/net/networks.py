@@ -26,11 +26,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..process import start_ticks
-from ..errors import UsageError
-from . import addresses, links, nft
-from .addresses import IPv4Network, IPv6Network
-from .links import NetworkError
+from sandbox.core.process import start_ticks
+from sandbox.core.errors import UsageError
+from sandbox.net import addresses, links, nft
+from sandbox.net.addresses import IPv4Network, IPv6Network
+from sandbox.net.links import NetworkError
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
-from .addresses import IPv4Network, IPv6Network
-from .links import NetworkError
+from sandbox.net.addresses import IPv4Network, IPv6Network
+from sandbox.net.links import NetworkError
 
 
 def table_name(network: str) -> str:

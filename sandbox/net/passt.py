@@ -18,10 +18,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import process
-from ..process import set_parent_death_signal
-from . import wall
-from .links import NetworkError, has_default_route
+from sandbox.core import process
+from sandbox.core.process import set_parent_death_signal
+from sandbox.net import wall
+from sandbox.net.links import NetworkError, has_default_route
 
 # What the guest sees (QEMU's slirp numbers, which users know).
 GUEST_IPV4 = "10.0.2.15"

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from sandbox.confinement import libselinux as seclabel, mcs as labels
-from sandbox.qemu.bootimages import BootImage
+from sandbox.backends.direct.bootimages import BootImage
 
 
 def main() -> int:

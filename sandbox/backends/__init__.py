@@ -1,0 +1,1 @@
+"""What runs the guest: the Backend interface (base.py), QEMU run here (direct/), libvirtd here or elsewhere (libvirt/)."""

@@ -1,0 +1,1 @@
+"""What every layer uses: the one exception hierarchy, child processes, runtime and cache dirs, sizes, the progress line."""
