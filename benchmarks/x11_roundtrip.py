@@ -31,7 +31,10 @@ def main() -> None:
     s = socket.socket(socket.AF_UNIX)
     s.connect(f"/tmp/.X11-unix/X{display}")
     name = b"MIT-MAGIC-COOKIE-1" if cookie else b""
-    pad = lambda b: b + b"\0" * ((4 - len(b) % 4) % 4)  # noqa: E731
+
+    def pad(b: bytes) -> bytes:
+        return b + b"\0" * ((4 - len(b) % 4) % 4)
+
     s.sendall(struct.pack("<ccHHHHH", b"l", b"\0", 11, 0, len(name), len(cookie), 0) + pad(name) + pad(cookie))
     head = s.recv(8, socket.MSG_WAITALL)
     assert head[0] == 1, f"connection refused: {head!r}"

@@ -2,6 +2,7 @@
 
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -16,20 +17,18 @@ from conftest import SANDBOX
         (["run", "--cpus", "0", "--", "true"], "bad CPU count"),
         (["run", "--kernel", "/nonexistent/vmlinuz", "--", "true"], "does not exist"),
         (["run", "--home", "/nonexistent/dir", "--", "true"], "not a directory"),
-        (["run", "--accel", "kvm", "--", "true"], "hardware KVM is not usable"),
         (["run", "--qemu", "no-such-qemu", "--", "true"], "apt-get install qemu-system-x86"),
         (["run", "--frobnicate", "--", "true"], "unrecognized arguments: --frobnicate (see sandbox --help)"),
         (["run", "--timeout", "inf", "--", "true"], "must be a finite positive number: 'inf'"),
         (["run", "--timeout", "nan", "--", "true"], "must be a finite positive number: 'nan'"),
         (["run", "--memory", "64M", "--", "true"], "the guest kernel needs 96M at least"),
-        (["run", "--cpus", "64", "--", "true"], "this host offers"),
+        (["run", "--cpus", str(len(os.sched_getaffinity(0)) + 1), "--", "true"], "this host offers"),
         (["run", "--kernel", "/etc/passwd", "--", "true"], "is not a Linux kernel image"),
         (["run", "--kernel", "/boot", "--", "true"], "is a directory, not a kernel image"),
         (["run", "--share", "/nonexistent/x", "--", "true"], "is not a directory"),
         (["run", "--share", "/tmp:rel", "--", "true"], "is not absolute"),
         (["run", "--tmpfs", "/x:lots", "--", "true"], "expected PATH[:SIZE]"),
         (["run", "--tmpfs", "/etc/passwd", "--", "true"], "is not a directory: cannot mount over it"),
-        (["bench", "--plot", "/tmp/x.png", "--", "true"], "--plot needs matplotlib"),
         (["nonsense"], "invalid choice"),
     ],
 )
@@ -40,6 +39,27 @@ def test_bad_input_is_one_line_and_125(args: list[str], needle: str) -> None:
     assert len(lines) == 1 and lines[0].startswith("sandbox: ") and needle in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
     assert "sandbox sandbox" not in proc.stderr
+
+
+def test_kvm_asked_for_where_it_does_not_work_is_one_line() -> None:
+    from sandbox.image import host
+
+    problem = host.kvm_problem(host.cpu_flags(), host.loaded_modules(), os.access("/dev/kvm", os.R_OK | os.W_OK))
+    proc = subprocess.run([*SANDBOX, "run", "--accel", "kvm", "--", "true"], capture_output=True, text=True, timeout=300)
+    if problem is None:  # a host with working KVM: it is no bad input there
+        assert proc.returncode == 0, proc.stderr
+        return
+    lines = proc.stderr.splitlines()
+    assert proc.returncode == 125 and len(lines) == 1 and "hardware KVM is not usable" in lines[0] and problem in lines[0], proc.stderr
+
+
+def test_a_plot_without_matplotlib_is_one_line(tmp_path: Path) -> None:
+    # Whatever this machine has installed: a matplotlib that cannot be imported stands in for none.
+    (tmp_path / "matplotlib").mkdir()
+    (tmp_path / "matplotlib" / "__init__.py").write_text("raise ImportError('no matplotlib here')\n")
+    env = dict(os.environ, PYTHONPATH=f"{tmp_path}:{os.environ.get('PYTHONPATH', '')}")
+    proc = subprocess.run([*SANDBOX, "bench", "--plot", str(tmp_path / "x.png"), "--", "true"], capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 125 and len(proc.stderr.splitlines()) == 1 and "--plot needs matplotlib" in proc.stderr, proc.stderr
 
 
 def test_a_bad_accelerator_setting_names_its_source() -> None:
