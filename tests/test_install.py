@@ -141,7 +141,7 @@ def test_the_installed_wheel_runs_a_sandbox(wheel: Path, workdir: Path) -> None:
     # As a user's shell would have it: no path into the checkout, a cwd outside it.
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
     where = subprocess.run(
-        [str(venv / "bin" / "python"), "-c", "import sandbox.guestinit as g; print(g._source_dir())"],
+        [str(venv / "bin" / "python"), "-c", "import sandbox.image.guestinit as g; print(g._source_dir())"],
         cwd=workdir, env=env, capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert where.returncode == 0, where.stderr

@@ -8,6 +8,7 @@ import os
 import select
 import signal
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -145,6 +146,19 @@ def wait(proc: subprocess.Popen[bytes], timeout: float | None) -> int | None:
         return proc.wait(timeout)
     except subprocess.TimeoutExpired:
         return None
+
+
+def stop_pid(pid: int, timeout: float = 2.0) -> None:
+    """End a process that is not our child (a daemon): SIGTERM, up to `timeout` s to go (a zombie has), then SIGKILL."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while start_ticks(pid) is not None:
+        if time.monotonic() > deadline:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            return
+        time.sleep(0.005)
 
 
 def stop(

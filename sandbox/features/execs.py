@@ -185,6 +185,12 @@ class ExecBridge:
                 self.port.send(SIGNAL, sid, line[2:].encode())
 
     def _stdin(self, sid: int) -> None:
+        if not self._stdin_chunk(sid):
+            assert self.sel is not None
+            self.sel.unregister(self.sessions[sid].fds[0])
+
+    def _stdin_chunk(self, sid: int) -> bool:
+        """One chunk of a client's stdin to the guest; False (and EOF told) once it has ended."""
         s = self.sessions[sid]
         try:
             data = os.read(s.fds[0], CHUNK)
@@ -192,26 +198,17 @@ class ExecBridge:
             data = b""
         if data:
             self.port.send(STDIN, sid, data)
-            return
+            return True
         log.debug("exec: session %d: stdin EOF", sid)
-        assert self.sel is not None
-        self.sel.unregister(s.fds[0])
         s.stdin_open = False
         self.port.send(STDIN_EOF, sid)
+        return False
 
     def _feed_files(self) -> None:
         """Regular files on stdin, a chunk at a time while the guest keeps up (never all at once)."""
         for sid, s in list(self.sessions.items()):
-            while s.stdin_file and s.stdin_open and not self.port.congested:
-                try:
-                    data = os.read(s.fds[0], CHUNK)
-                except OSError:
-                    data = b""
-                if data:
-                    self.port.send(STDIN, sid, data)
-                else:
-                    s.stdin_open = False
-                    self.port.send(STDIN_EOF, sid)
+            while s.stdin_file and s.stdin_open and not self.port.congested and self._stdin_chunk(sid):
+                pass
 
     def _write_out(self, sid: int, n: int) -> None:
         """Output for the client's stdout (1) or stderr (2), one pipe buffer's worth once it is writable.

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from sandbox.core.process import start_ticks
+from sandbox.core.process import start_ticks, stop_pid
 from sandbox.core.errors import UsageError
 from sandbox.net import addresses, links, nft
 from sandbox.net.addresses import IPv4Network, IPv6Network
@@ -203,15 +203,7 @@ def _stop_dnsmasq(name: str) -> int | None:
     pid = _dnsmasq_pid(name)
     if pid is None:
         return None
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-    for _ in range(400):
-        if _start_time(pid) is None:
-            break
-        time.sleep(0.005)
-    else:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+    stop_pid(pid)
     return pid
 
 

@@ -225,6 +225,12 @@ class LibvirtGuest:
         pass  # created and resumed on entry; the relay's progress deadline covers the boot
 
     def stop(self, soft_timeout: float = 1.0) -> int:
+        """As the direct backend's: a polite stop (libvirt's graceful destroy: SIGTERM to QEMU), then the forced one."""
+        lv = _lv()
+        if self.dom is not None and not self._ended.is_set():
+            with contextlib.suppress(lv.libvirtError):
+                # Graceful: libvirt asks QEMU to quit, and gives up (an error) rather than kill it.
+                self.dom.destroyFlags(lv.VIR_DOMAIN_DESTROY_GRACEFUL)
         if not self._ended.wait(soft_timeout):
             self.kill()
             self._ended.wait(10)
