@@ -120,6 +120,8 @@ void load_modules(void);
 void module_params(const char *cmdline, const char *mod, char *out, size_t outsz);
 int open_port(int nr, int flags, int timeout_ms);
 void template_prepare(void);
+void pool_prepare(void);
+void mount_host_root(void);
 unsigned long oom_kills(void);
 
 /* ---- filesystems (mounts.c) ---------------------------------------------- */

@@ -239,11 +239,21 @@ static void move_into_root(const char *from, const char *to)
 		die("move %s: %s", from, strerror(errno));
 }
 
+static int host_root_mounted;
+
+/* The host's tree as it is, for the overlays' lower layers. */
+void mount_host_root(void)
+{
+	if (host_root_mounted)
+		return;
+	xmount(ROOT_TAG, "/hostroot", "9p", MS_RDONLY | MS_NOSUID, NINEP_RO);
+	host_root_mounted = 1;
+	stamp("root_mounted");
+}
+
 void setup_root(const struct spec *s)
 {
-	/* The host's tree as it is, for the overlays' lower layers. */
-	xmount(ROOT_TAG, "/hostroot", "9p", MS_RDONLY | MS_NOSUID, NINEP_RO);
-	stamp("root_mounted");
+	mount_host_root();
 	tmpfs("/stage", "mode=755");
 	root_layer(s);
 	/* /dev moves with its /dev/pts and /dev/shm (early_mounts). */

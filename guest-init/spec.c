@@ -37,17 +37,23 @@ static void read_header(char *hdr, size_t sz)
 }
 
 /* "SPEC <len>\n" and the records.  Before it, "ZERO\n" asks for the free
- * memory to be cleared for a template, which is then taken at "ready". */
+ * memory to be cleared for a template, which is then taken at "ready";
+ * "PREP\n" readies a pooled guest for a run to come ("prepped"). */
 void read_spec(struct spec *s)
 {
 	char hdr[32];
 	size_t len;
 	for (;;) {
 		read_header(hdr, sizeof hdr);
-		if (strcmp(hdr, "ZERO\n") != 0)
+		if (strcmp(hdr, "ZERO\n") == 0) {
+			template_prepare();
+			stamp("ready");
+		} else if (strcmp(hdr, "PREP\n") == 0) {
+			pool_prepare();
+			stamp("prepped");
+		} else {
 			break;
-		template_prepare();
-		stamp("ready");
+		}
 	}
 	if (sscanf(hdr, "SPEC %zu", &len) != 1 || len == SIZE_MAX)
 		die("bad spec header");

@@ -1,5 +1,5 @@
 import sys
 
-from sandbox.cli.main import main
+from sandbox.cli.launch import main
 
 sys.exit(main())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -17,6 +18,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 SANDBOX = [sys.executable, "-m", "sandbox"]
+# No test meets a pool it did not start (the user's own, or one a run
+# would start for the next runs): the pool's tests start theirs, in a
+# runtime dir of their own (PoolForTests).
+os.environ["SANDBOX_POOL"] = "0"
 # Host directories for tests that need a path outside /tmp and the home
 # (each run of the suite its own, so that two runs never meet).
 VISIBLE_BASE = Path("/var/lib/sandbox-tests") / f"session-{os.getpid()}"
@@ -27,7 +32,17 @@ STARTED: list[int] = []
 
 
 def popen(argv: list[str], **kw: Any) -> subprocess.Popen[bytes]:
-    """Start a launcher (the whole command line, wrappers included) and track it."""
+    """Start a launcher (the whole command line, wrappers included) and track it.
+
+    An environment of the test's own still says whether there is a pool
+    (SANDBOX_POOL, and under start_mode's pooled runs where it is): no
+    run a test starts leaves a pool of its own behind.
+    """
+    env = kw.get("env")
+    if env is not None and "SANDBOX_POOL" not in env:
+        pooled = os.environ.get("SANDBOX_POOL", "0") != "0"
+        kw["env"] = {**env, "SANDBOX_POOL": os.environ.get("SANDBOX_POOL", "0"),
+                     **({"XDG_RUNTIME_DIR": os.environ["XDG_RUNTIME_DIR"]} if pooled and "XDG_RUNTIME_DIR" not in env else {})}  # fmt: skip
     proc: subprocess.Popen[bytes] = subprocess.Popen(argv, **kw)
     STARTED.append(proc.pid)
     return proc
@@ -100,7 +115,7 @@ def _qemus_of(launchers: set[int]) -> dict[int, int]:
 
 
 def _runtime_dirs_of(launchers: set[int]) -> list[Path]:
-    bases = [Path("/run/sandbox"), *Path(tempfile.gettempdir()).glob("sandbox-*")]
+    bases = [Path("/run/sandbox"), *Path(tempfile.gettempdir()).glob("sandbox-*"), *(p.runtime / "sandbox" for p in POOLS)]
     return [d for base in bases for pid in launchers for d in base.glob(f"run-{pid}-*")]
 
 
@@ -199,6 +214,7 @@ def session_leftovers() -> Iterator[None]:
     yield
     problems = clean_up(set(STARTED))
     assert not problems, problems
+    shutil.rmtree(COLD_CONFIG, ignore_errors=True)
     if VISIBLE_BASE.exists():
         VISIBLE_BASE.rmdir()  # fails (and so reports) if a test left something in it
     try:
@@ -228,10 +244,14 @@ class Nobody:
             # read it, without any other privilege.
             self.prefix += ["--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search"]
 
+    # Under start_mode's pooled runs: the environment that meets nobody's own pool.
+    pool_env: dict[str, str] = {}
+
     def env(self, **extra: str) -> dict[str, str]:
         env = {
             "PATH": os.environ["PATH"], "HOME": str(self.home), "USER": "nobody", "XDG_CACHE_HOME": str(self.base),
-            "XDG_STATE_HOME": str(self.base / "state"), "XDG_RUNTIME_DIR": str(self.base / "run"),
+            "XDG_STATE_HOME": str(self.base / "state"), "XDG_RUNTIME_DIR": str(self.base / "run"), "SANDBOX_POOL": "0",
+            **self.pool_env,
         }  # fmt: skip
         env.update(extra)
         return {k: v for k, v in env.items() if v}
@@ -254,3 +274,154 @@ def nobody() -> Iterator[Nobody]:
         yield user
     finally:
         user.close()
+
+
+# ---- the pool (sandbox/backends/pool/) ------------------------------------------
+
+POOLS: list[PoolForTests] = []  # the pools tests started, for the leftover checks
+
+
+class PoolForTests:
+    """A pool of a test's own, in a runtime dir of its own (XDG_RUNTIME_DIR): `env` runs meet it; `stop` checks what it leaves."""
+
+    def __init__(self, runtime: Path, size: int = 2, user: Nobody | None = None) -> None:
+        self.runtime, self.size, self.user = runtime, size, user
+        runtime.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if user is not None:
+            shutil.chown(runtime, "nobody", "nogroup")
+            self.env = {**user.env(), "XDG_RUNTIME_DIR": str(runtime), "SANDBOX_POOL": str(size)}
+        else:
+            self.env = dict(os.environ, XDG_RUNTIME_DIR=str(runtime), SANDBOX_POOL=str(size))
+        self.pid = 0
+        POOLS.append(self)
+
+    def sandbox(self, *args: str, timeout: float = 240, **kw: Any) -> subprocess.CompletedProcess[bytes]:
+        """`sandbox ARGS...` with this pool's environment (as its user)."""
+        prefix = self.user.prefix if self.user is not None else []
+        kw.setdefault("env", self.env)
+        kw.setdefault("cwd", "/" if self.user is not None else None)
+        return run_tracked([*prefix, *SANDBOX, *args], timeout=timeout, **kw)
+
+    def start(self, *options: str) -> dict[str, Any]:
+        proc = self.sandbox("pool", "start", "--size", str(self.size), "--idle", "3600", *options, timeout=600)
+        assert proc.returncode == 0, proc.stderr.decode()
+        status = self.wait_ready()
+        self.pid = int(status["pid"])
+        return status
+
+    def status(self) -> dict[str, Any] | None:
+        proc = self.sandbox("pool", "status", "--json")
+        assert proc.returncode == 0, proc.stderr.decode()
+        found: dict[str, Any] = json.loads(proc.stdout)
+        return found if found.get("ok") else None
+
+    def wait_ready(self, guests: int | None = None, timeout: float = 240) -> dict[str, Any]:
+        """The status once `guests` (default: all) are ready and a launcher is."""
+        want = self.size if guests is None else guests
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.status()
+            assert status is not None, "the pool is not running"
+            if len(status["ready"]) >= want and status["launchers_ready"] >= 1:
+                return status
+            assert time.monotonic() < deadline, f"the pool was not ready in {timeout:g} s: {status}"
+            time.sleep(0.2)
+
+    def processes(self) -> list[int]:
+        """Every process of this pool: itself, its launchers (its environment) and its QEMUs (their runtime dirs)."""
+        found = []
+        marker = f"XDG_RUNTIME_DIR={self.runtime}".encode()
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                if marker in (entry / "environ").read_bytes().split(b"\0") or os.readlink(entry / "cwd").startswith(str(self.runtime) + "/"):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+        return [p for p in found if _alive(p)]
+
+    def stop(self) -> list[str]:
+        """Stop it; what it left behind (then removed)."""
+        problems = []
+        proc = self.sandbox("pool", "stop")
+        if proc.returncode != 0:
+            problems.append(f"pool stop: {proc.stderr.decode().strip()}")
+        deadline = time.monotonic() + 20
+        while self.processes() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for pid in self.processes():
+            problems.append(f"process {pid} ({Path(f'/proc/{pid}/comm').read_text().strip()}) of the pool outlived it")
+            os.kill(pid, signal.SIGKILL)
+        base = self.runtime / "sandbox"
+        left = [p.name for p in base.iterdir() if p.name.startswith("run-") or p.name == "pool.sock"] if base.exists() else []
+        if left:
+            problems.append(f"left in {base}: {left}")
+        return problems
+
+    def close(self) -> list[str]:
+        problems = self.stop()
+        shutil.rmtree(self.runtime, ignore_errors=True)
+        POOLS.remove(self)
+        return problems
+
+
+@pytest.fixture(scope="module")
+def test_pool() -> Iterator[PoolForTests]:
+    """A pool of two guests made for the default options, for one test module's pooled runs."""
+    pool = PoolForTests(VISIBLE_BASE / f"pool-{os.getpid()}-{time.monotonic_ns()}")
+    try:
+        pool.start()
+        yield pool
+    finally:
+        problems = pool.close()
+    assert not problems, problems
+
+
+@pytest.fixture(scope="module")
+def nobody_pool(nobody: Nobody) -> Iterator[PoolForTests]:
+    """nobody's own pool, for one test module's pooled runs as nobody."""
+    pool = PoolForTests(VISIBLE_BASE / f"nobody-pool-{time.monotonic_ns()}", user=nobody)
+    try:
+        pool.start()
+        yield pool
+    finally:
+        problems = pool.close()
+    assert not problems, problems
+
+
+# What each start mode puts in the environment of the runs a test starts.
+COLD_CONFIG = VISIBLE_BASE / "cold-config"
+
+
+@pytest.fixture(params=["pooled", "warm", "cold"])
+def start_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Runs the test's sandboxes pooled, warm or cold (every run test, in all three: issue 23).
+
+    Pooled: its runs meet a pool of the module's (their environment names
+    it); the test fails if none of them went through it, unless it is
+    marked `unpooled` with the reason.  Cold: a config file says --cold.
+    """
+    mode: str = request.param
+    before = None
+    pool: PoolForTests | None = None
+    if mode == "pooled":
+        if "nobody" in request.fixturenames:
+            pool = request.getfixturevalue("nobody_pool")
+            monkeypatch.setattr(Nobody, "pool_env", {k: pool.env[k] for k in ("XDG_RUNTIME_DIR", "SANDBOX_POOL")})
+        else:
+            pool = request.getfixturevalue("test_pool")
+            for k in ("XDG_RUNTIME_DIR", "SANDBOX_POOL"):
+                monkeypatch.setenv(k, pool.env[k])
+        status = pool.wait_ready(1)
+        before = status["served"] + status["launches"]
+    elif mode == "cold":
+        (COLD_CONFIG / "sandbox").mkdir(parents=True, exist_ok=True)
+        (COLD_CONFIG / "sandbox" / "config.toml").write_text("cold = true\n")
+        monkeypatch.setenv("XDG_CONFIG_HOME", str(COLD_CONFIG))
+    first = len(STARTED)
+    yield mode
+    if pool is not None and len(STARTED) > first and request.node.get_closest_marker("unpooled") is None:
+        status = pool.status()
+        assert status is not None, "the pool ended"
+        assert status["served"] + status["launches"] > (before or 0), "none of the test's runs went through the pool"

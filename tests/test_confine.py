@@ -7,11 +7,12 @@ import json
 import os
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from conftest import SANDBOX, popen
+from conftest import SANDBOX, VISIBLE_BASE, PoolForTests, popen
 
 pytestmark = [pytest.mark.vm]
 
@@ -66,22 +67,43 @@ def status(pid: int) -> dict[str, str]:
     return dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":\t" in line)
 
 
-@pytest.mark.parametrize("boot", ["cold", "warm"])
-def test_qemu_is_confined_as_libvirt_would(boot: str, capsys: pytest.CaptureFixture[str]) -> None:
+LIMITS = ("--pids-limit", "64", "--memory-limit", "1G", "--cpu-weight", "50")
+
+
+@pytest.fixture(scope="module")
+def limited_pool() -> Iterator[PoolForTests]:
+    """A pool whose guests have the walls this module's runs ask for."""
+    pool = PoolForTests(VISIBLE_BASE / f"confine-pool-{time.monotonic_ns()}")
+    try:
+        pool.start(*LIMITS)
+        yield pool
+    finally:
+        problems = pool.close()
+    assert not problems, problems
+
+
+@pytest.mark.parametrize("boot", ["cold", "warm", "pooled"])
+def test_qemu_is_confined_as_libvirt_would(boot: str, capsys: pytest.CaptureFixture[str], request: pytest.FixtureRequest) -> None:
     if os.geteuid() != 0:
         pytest.fail("confinement as root is what this checks")
     if boot == "warm":  # the template, built if this cache has none yet
         subprocess.run([*SANDBOX, "run", "--", "true"], check=True, capture_output=True, timeout=120)
+    pool: PoolForTests | None = request.getfixturevalue("limited_pool") if boot == "pooled" else None
+    waiting = {g["qemu_pid"] for g in pool.wait_ready()["ready"]} if pool is not None else set()
     proc = popen(
-        [*SANDBOX, "run", "--timings=json", *(["--cold"] if boot == "cold" else []),
-         "--pids-limit", "64", "--memory-limit", "1G", "--cpu-weight", "50",
+        [*SANDBOX, "run", "--timings=json", *(["--cold"] if boot == "cold" else []), *LIMITS,
          "--", "sh", "-c", "echo ready; read line; echo got $line"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=pool.env if pool is not None else None,
     )  # fmt: skip
     assert proc.stdin is not None and proc.stdout is not None
     try:
-        qemu = find_qemu(proc.pid)
         assert proc.stdout.readline() == b"ready\n"  # the guest runs: QEMU is fully set up
+        if pool is not None:  # the guest the pool handed over: the one no longer waiting
+            now = pool.status()
+            assert now is not None
+            (qemu,) = waiting - {g["qemu_pid"] for g in now["ready"]}
+        else:
+            qemu = find_qemu(proc.pid)
         st = status(qemu)
         evidence = {k: st[k] for k in ("Uid", "Gid", "Groups", "Seccomp", "NoNewPrivs")}
         # DAC: nobody/nogroup, no supplementary groups
@@ -110,7 +132,7 @@ def test_qemu_is_confined_as_libvirt_would(boot: str, capsys: pytest.CaptureFixt
         env = Path(f"/proc/{qemu}/environ").read_bytes().split(b"\0")
         assert sorted(e.split(b"=")[0] for e in env if e) == [b"LC_ALL", b"PATH"]
         cwd = os.readlink(f"/proc/{qemu}/cwd")
-        assert cwd.startswith("/run/sandbox/run-"), cwd
+        assert cwd.startswith(f"{pool.runtime}/sandbox/run-" if pool is not None else "/run/sandbox/run-"), cwd
         fds = {int(fd): os.readlink(f"/proc/{qemu}/fd/{fd}") for fd in os.listdir(f"/proc/{qemu}/fd")}
         assert fds[0] == "/dev/null" and fds[1].endswith("/qemu.log") and fds[2] == fds[1]
         images = sorted(t for t in fds.values() if t.startswith("/memfd:"))
@@ -162,10 +184,18 @@ def test_qemu_is_confined_as_libvirt_would(boot: str, capsys: pytest.CaptureFixt
     # The audit trail has this sandbox's start and stop.
     # (Other sandboxes on the machine write to the same trail meanwhile: this one's are found by its QEMU.)
     audit = subprocess.run([*SANDBOX, "audit", "-n", "200"], capture_output=True, text=True, check=True).stdout
-    start, stop = (r for r in map(json.loads, audit.splitlines()) if r.get("qemu_pid") == qemu)
+    records = [r for r in map(json.loads, audit.splitlines()) if r.get("qemu_pid") == qemu]
+    if pool is not None:  # made before any run asked (start), handed to this one (serve)
+        start, serve, stop = records
+        assert serve["event"] == "serve" and serve["launcher_pid"] == proc.pid and serve["run"] == start["run"]
+        assert start["command"]["argv"] == ["(pool guest, waiting)"]
+        command = serve["command"]
+    else:
+        start, stop = records
+        command = start["command"]
     assert start["event"] == "start" and stop["event"] == "stop"
     assert start["qemu_pid"] == qemu == stop["qemu_pid"] and start["qemu_uid"] == 65534
-    assert start["command"]["argv"][:2] == ["sh", "-c"] and start["shares"] == ["/ (read-only)"]
+    assert command["argv"][:2] == ["sh", "-c"] and start["shares"] == ["/ (read-only)"]
     assert "command" not in stop and stop["run"] == start["run"]  # the argv is logged once
     assert stop["exit_status"] == 0 and stop["duration_s"] > 0 and "user" in start and "label" in start
     with capsys.disabled():

@@ -87,4 +87,4 @@ def test_the_run_sees_backends_only_through_their_interface() -> None:
     # The runner meets a backend through sandbox/backends/base.py and its registry: adding one edits neither.
     graph = import_graph()
     for module in ("sandbox.run.runner", "sandbox.run.relay"):
-        assert not {d for d in graph[module] if d.startswith(("sandbox.backends.direct", "sandbox.backends.libvirt"))}, module
+        assert not {d for d in graph[module] if d.startswith(("sandbox.backends.direct", "sandbox.backends.libvirt", "sandbox.backends.pool"))}, module

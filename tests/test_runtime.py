@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from sandbox.core import runtime
+from sandbox.core import runbase, runtime
 
 
 def test_a_fresh_dir_is_made_private(tmp_path: Path) -> None:
     path = tmp_path / "sandbox-1000"
-    assert runtime.private_dir(path)
+    assert runbase.private_dir(path)
     assert path.stat().st_mode & 0o777 == 0o700
-    assert runtime.private_dir(path)  # and is accepted again
+    assert runbase.private_dir(path)  # and is accepted again
 
 
 @pytest.mark.parametrize("planted", ["symlink", "world-writable", "other-owner", "file"])
@@ -34,7 +34,7 @@ def test_a_planted_dir_is_refused_and_left_alone(tmp_path: Path, planted: str) -
         os.chown(path, 65534, 65534)
     else:
         path.write_text("")
-    assert not runtime.private_dir(path)
+    assert not runbase.private_dir(path)
     assert list(victim.iterdir()) == []
     assert path.is_symlink() == (planted == "symlink")
 

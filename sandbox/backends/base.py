@@ -27,6 +27,7 @@ from sandbox.plan.timings import Timeline
 if TYPE_CHECKING:
     from sandbox.confinement.walls import Confinement
     from sandbox.image.host import QemuInfo
+    from sandbox.plan.mounts import Plan
     from sandbox.plan.request import RunRequest
 
 # The CPU a TCG guest gets, from either backend: x86-64-v2 (what
@@ -142,6 +143,7 @@ class RunHooks:
     monitor_socket: Path | None = None  # a QMP socket for other commands (send-key), bound here
     exec_socket: Path | None = None  # where `sandbox exec` reaches this run (sandbox/features/execs.py)
     stop_grace: Callable[[], float | None] = lambda: None  # what `sandbox stop -t` gives the command, once asked
+    launcher_pid: int | None = None  # the process the user started, when it is not this one (a pooled launch)
 
 
 @dataclass(frozen=True)
@@ -198,6 +200,28 @@ class Backend(Protocol):
 
     def __exit__(self, *exc: object) -> None: ...
 
+def boot_spec(request: RunRequest, prep: Prepared, plan: Plan, net: NetDevice | None = None, seccomp: bool = False) -> BootSpec:
+    """The machine for this run (the same for every attempt)."""
+    m = request.machine
+    return BootSpec(
+        qemu=prep.qemu.path,
+        accel=prep.accel,
+        machine=prep.machine,
+        kernel_image=prep.kernel_image,
+        pvh=prep.pvh,
+        initrd=prep.initrd,
+        cmdline=prep.cmdline,
+        memory_mb=m.memory_mb,
+        cpus=m.cpus,
+        tb_size_mb=m.tb_size_mb if prep.accel == "tcg" else None,
+        cpu_model=m.cpu_model,
+        seccomp=seccomp and prep.qemu.seccomp,
+        x11=request.x11 is not None,
+        shares=tuple(Share(tag, share.host, readonly=not share.writable) for tag, share in plan.shares),
+        keyboard=m.keyboard,
+        net=net,
+    )
+
 
 @dataclass(frozen=True)
 class Registered:
@@ -210,6 +234,8 @@ class Registered:
 
 BACKENDS: list[Registered] = [
     Registered("libvirt", lambda r: r.connect is not None, "sandbox.backends.libvirt.backend:LibvirtBackend"),
+    # A ready guest from the user's pool when it has one for this request, else the direct backend's own.
+    Registered("pool", lambda r: r.pool > 0, "sandbox.backends.pool.client:PoolBackend"),
     Registered("direct", lambda r: True, "sandbox.backends.direct.backend:DirectBackend"),
 ]
 

@@ -52,6 +52,9 @@ def _verb_parsers(defaults: Mapping[str, Any]) -> dict[str, Callable[[Any], None
         run = sub.add_parser("run", help="run one command in a fresh VM")
         _add_vm_options(run, defaults)
         options.add(run, options.RUN, defaults)
+        pool = run.add_argument_group("pool (see sandbox pool)")
+        options.add(pool, options.POOL, defaults)
+        pool.add_argument("--no-pool", dest="pool", action="store_const", const=0, help="restore a guest for this run (as --pool 0)")
         tty = run.add_mutually_exclusive_group()
         tty.add_argument("-t", "--tty", dest="tty", action="store_const", const=True, default=None,
                          help="give the command a terminal (default: when stdin is one)")
@@ -156,15 +159,31 @@ def _verb_parsers(defaults: Mapping[str, Any]) -> dict[str, Callable[[Any], None
         cfg = sub.add_parser("config", help="the defaults of run's options and where each comes from (config file, environment)")
         cfg.add_argument("--json", action="store_true", help="as JSON")
 
+    def _add_pool(sub: Any) -> None:
+        pool = sub.add_parser("pool", help="the guests kept ready for your runs: start, status, stop")
+        psub = pool.add_subparsers(dest="pool_verb", required=True, parser_class=_Parser)
+        for verb, text in (("start", "start your pool (the first run starts one too, unless pool = 0)"),
+                           ("serve", "run the pool in the foreground, logging to stderr (what start starts)")):  # fmt: skip
+            p = psub.add_parser(verb, help=text)
+            p.add_argument("--size", type=options.pool_size, metavar="N", help="guests kept ready (default: the pool setting, else 2)")
+            p.add_argument("--idle", type=options.positive, metavar="S", help="end after S seconds without a run (default: pool-idle, 600)")
+            _add_vm_options(p, defaults)
+            _add_confinement_options(p, defaults)
+            if verb == "serve":
+                p.add_argument("--request", help=argparse.SUPPRESS)  # a run's machine and walls (start and a run's auto-start give it)
+        status = psub.add_parser("status", help="ready guests, their memory, runs served, refills and misses")
+        status.add_argument("--json", action="store_true", help="as JSON")
+        psub.add_parser("stop", help="end the pool and its ready guests (runs it serves finish first)")
+
     def _add_audit(sub: Any) -> None:
         audit = sub.add_parser("audit", help="show the last sandbox start/stop records")
         audit.add_argument("-n", type=int, default=20, help="how many entries")
 
-    return {"run": _add_run, "bench": _add_bench, "prepare": _add_prepare, "list": _add_list, "info": _add_info, "logs": _add_logs, "wait": _add_wait, "stop": _add_stop, "kill": _add_kill, "send-key": _add_send_key, "exec": _add_exec, "attach": _add_attach, "rm": _add_rm, "net": _add_net, "config": _add_config, "audit": _add_audit}  # fmt: skip
+    return {"run": _add_run, "bench": _add_bench, "prepare": _add_prepare, "list": _add_list, "info": _add_info, "logs": _add_logs, "wait": _add_wait, "stop": _add_stop, "kill": _add_kill, "send-key": _add_send_key, "exec": _add_exec, "attach": _add_attach, "rm": _add_rm, "net": _add_net, "config": _add_config, "pool": _add_pool, "audit": _add_audit}  # fmt: skip
 
 
 # The verbs whose options take their defaults from the config file and the environment.
-CONFIGURED = ("run", "bench", "prepare")
+CONFIGURED = ("run", "bench", "prepare", "pool")
 
 
 def build_parser(verb: str | None = None, defaults: Mapping[str, Any] | None = None) -> argparse.ArgumentParser:
@@ -201,11 +220,13 @@ class _LogHandler(logging.StreamHandler):  # type: ignore[type-arg]
 def _setup_logging(verbose: int) -> None:
     # -v's own lines say what is going on; otherwise a terminal gets the progress line of slow first-time work.
     progress.use(sys.stderr if not verbose and sys.stderr is not None and sys.stderr.isatty() else None)
+    root = logging.getLogger("sandbox")
+    for old in [h for h in root.handlers if isinstance(h, _LogHandler)]:
+        root.removeHandler(old)  # set up again by the pool's launcher, for the run it takes (sandbox/cli/worker.py)
     handler = _LogHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("sandbox: %(message)s"))
     # In tty mode the terminal is raw while we run: lines need their \r.
     handler.terminator = "\r\n" if sys.stdin is not None and sys.stdin.isatty() else "\n"
-    root = logging.getLogger("sandbox")
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbose > 2 else logging.INFO if verbose else logging.WARNING)
 
@@ -230,7 +251,7 @@ def _run(args: argparse.Namespace) -> int:
         while ready:
             ready.pop()()
 
-    hooks = entry.hooks(started)
+    hooks = dataclasses.replace(entry.hooks(started), launcher_pid=args.launcher_pid)
     if req.machine.keyboard:
         entry.update(keyboard=True)
     if args.detach:
@@ -419,24 +440,45 @@ def _config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pool(args: argparse.Namespace) -> int:
+    from sandbox.backends.pool import control, paths
+
+    if args.pool_verb == "status":
+        found = control.ask({"op": "status"})
+        print(json.dumps(found or {"ok": False}, indent=2) if args.json else control.format_status(found))
+        return 0
+    if args.pool_verb == "stop":
+        pid = control.stop()
+        print(f"pool {pid} stopped" if pid is not None else "no pool runs")
+        return 0
+    from sandbox.cli import config, requests
+
+    settings = config.defaults()
+    size = args.size if args.size is not None else (settings.get("pool") or 2)
+    idle = args.idle if args.idle is not None else float(settings.get("pool-idle") or 600.0)
+    if args.pool_verb == "serve":
+        from sandbox.backends.pool import daemon, key
+        from sandbox.run import runner
+
+        req = key.request_from(args.request) if args.request else control.pool_request(requests.from_namespace(args, ("true",), None, 0))
+        # The template pool guests restore from: made first, as `sandbox prepare` makes it.
+        status = daemon.run_pool(req, size, idle, before=lambda: log.info("%s", runner.prepare(req)))
+        if status != 0:
+            raise UsageError(f"a pool of yours runs already (sandbox pool status; its log: {paths.log_path()})")
+        return 0
+    found = control.start(control.pool_request(requests.from_namespace(args, ("true",), None, 0)), size, idle)
+    print(("already running: " if found.get("already") else "") + control.format_status(found))
+    if not settings.get("pool", 2):
+        print("note: pool = 0 in your settings, so runs do not use it (sandbox config)")
+    return 0
+
+
 def _audit(args: argparse.Namespace) -> int:
     from sandbox.confinement import audit
 
     for line in audit.tail(args.n):
         print(line)
     return 0
-
-
-def _reserve_stdio() -> int:
-    """Put /dev/null on a closed fd 0, 1 or 2, so that no socket of ours lands there; which were closed (bit 1 << fd)."""
-    closed = 0
-    for fd in (0, 1, 2):
-        try:
-            os.fstat(fd)
-        except OSError:
-            os.open("/dev/null", os.O_RDWR)  # the lowest free number: this one
-            closed |= 1 << fd
-    return closed
 
 
 def _interrupt(signo: int, _frame: object) -> None:
@@ -460,8 +502,18 @@ def _print_error(exc: SandboxError, verbose: int) -> None:
             print("sandbox: last console lines:\n  " + "\n  ".join(tail), file=sys.stderr)
 
 
-def main(argv: list[str] | None = None) -> int:
-    closed_stdio = _reserve_stdio()
+def main(argv: list[str] | None = None, closed_stdio: int | None = None, launcher_pid: int | None = None) -> int:
+    """`sandbox ARGV...`; its exit status.
+
+    `closed_stdio` and `launcher_pid` come from the pool's launcher
+    (sandbox/cli/worker.py), which runs a command line for the process
+    that the user started (and that took its stdio and was started without
+    some of it).
+    """
+    if closed_stdio is None:
+        from sandbox.cli import stdio
+
+        closed_stdio = stdio.reserve()
     for sig in UNWINDING:
         signal.signal(sig, _interrupt)
     verbose = 0
@@ -476,11 +528,12 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser(verb, defaults).parse_args(argv)
         verbose = getattr(args, "verbose", 0)
         args.closed_stdio = closed_stdio
+        args.launcher_pid = launcher_pid
         _setup_logging(verbose)
         handler = {
             "run": _run, "bench": _bench, "prepare": _prepare, "audit": _audit, "list": _list, "info": _info,
             "logs": _logs, "wait": _wait, "stop": _stop, "kill": _kill, "rm": _rm, "send-key": _send_key,
-            "attach": _attach, "exec": _exec, "net": _net, "config": _config,
+            "attach": _attach, "exec": _exec, "net": _net, "config": _config, "pool": _pool,
         }[args.verb]  # fmt: skip
         return handler(args)
     except SandboxError as exc:

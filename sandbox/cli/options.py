@@ -72,6 +72,15 @@ def positive(text: str) -> float:
     return value
 
 
+MAX_POOL = 16  # guests kept ready: each holds its QEMU and a share of the host's CPU to make
+
+
+def pool_size(text: str) -> int:
+    if not text.isdigit() or int(text) > MAX_POOL:
+        raise argparse.ArgumentTypeError(f"bad pool size {text!r} (0 to {MAX_POOL}; 0: no pool)")
+    return int(text)
+
+
 def cpus(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"bad CPU count {text!r}")
@@ -250,10 +259,19 @@ FILES: tuple[Option, ...] = (
     Option(("--home",), "home", {"type": directory, "metavar": "DIR", "help": "share DIR read-write as the home directory"}),
 )  # fmt: skip
 
+# The pool of ready guests (sandbox/backends/pool/): how many a run keeps
+# ready for the runs after it, and for how long without a run.
+POOL: tuple[Option, ...] = (
+    Option(("--pool",), "pool", {"type": pool_size, "default": 2, "metavar": "N",
+                                 "help": "use, or start, a pool of N guests kept ready for runs (default 2; 0: no pool)"}, env="SANDBOX_POOL"),
+    Option(("--pool-idle",), "pool_idle", {"type": positive, "default": 600.0, "metavar": "S",
+                                           "help": "a pool this run starts ends after S seconds without a run (default 600)"}),
+)  # fmt: skip
+
 # What the config file can set: every option of `sandbox run` but those of
-# one invocation (--name, -d, --rm, -t/-T, --timings, -v) and --no-confine
-# (the walls are never off by default).
-SETTABLE: tuple[Option, ...] = VM + CONFINEMENT + RUN + FILES
+# one invocation (--name, -d, --rm, -t/-T, --timings, -v, --no-pool) and
+# --no-confine (the walls are never off by default).
+SETTABLE: tuple[Option, ...] = VM + CONFINEMENT + RUN + FILES + POOL
 
 
 def add(parser: argparse.ArgumentParser | argparse._ArgumentGroup, table: Sequence[Option], defaults: Mapping[str, Any] | None = None) -> None:

@@ -39,4 +39,6 @@ def from_namespace(ns: argparse.Namespace, argv: tuple[str, ...], cwd: str | Non
         confinement=None if get("no_confine") else ConfinementOptions(**options.values(ns, options.CONFINEMENT)),
         x11=X11Request(str(get("x11")), x11_size(get("x11_size") or "1024x768")) if get("x11") else None,
         verbose=get("verbose") or 0,
+        pool=get("pool") or 0,
+        pool_idle=get("pool_idle") or 600.0,
     )

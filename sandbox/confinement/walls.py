@@ -23,7 +23,8 @@ from sandbox.plan import mounts
 from sandbox.core import runtime
 from sandbox.core.errors import ConfinementError, UsageError
 from sandbox.plan.request import ConfinementOptions
-from sandbox.core.process import FORWARDED, ignore, set_name, set_parent_death_signal
+from sandbox.core.process import ignore, set_name, set_parent_death_signal
+from sandbox.core.signals import FORWARDED
 from sandbox.confinement import audit, cgroups, idmap, libselinux, mcs, reservations
 
 log = logging.getLogger(__name__)
@@ -346,6 +347,11 @@ class Confinement:
             shares=["/ (read-only)", *self.shares],
             rundir=str(rundir),
         )
+
+    def served(self, command: dict[str, object], client_pid: int) -> None:
+        """A pooled QEMU (started for no command yet) was handed to a run of `command` (summarized), launched as `client_pid`."""
+        self._audit("serve", user=_username(os.getuid()), label=self.process_label, qemu_pid=self.qemu_pid, run=self._run,
+                    command=command, launcher_pid=client_pid)  # fmt: skip
 
     # ---- after QEMU ---------------------------------------------------------
 

@@ -5,39 +5,18 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from sandbox.core.process import start_ticks
+from sandbox.core.runbase import private_dir
+from sandbox.core import runbase
 
 log = logging.getLogger(__name__)
 
 _fallback: Path | None = None  # this process's own base when the usual one is unsafe
-
-
-def private_dir(path: Path) -> bool:
-    """Make `path` a 0700 directory of ours, or say it cannot be trusted.
-
-    True if `path` is (now) a real directory, not a symlink, owned by this
-    user and closed to everyone else.  Anything else (another user's
-    directory, a world-writable one, a symlink planted in /tmp) is left
-    untouched and False returned: the launcher must not put its logs and
-    sockets where someone else can read, replace or redirect them.
-    """
-    try:
-        os.mkdir(path, 0o700)
-    except FileExistsError:
-        pass
-    except OSError:
-        return False
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return False
-    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and st.st_mode & 0o077 == 0
 
 
 def runtime_base() -> Path:
@@ -49,13 +28,7 @@ def runtime_base() -> Path:
     global _fallback
     if _fallback is not None:
         return _fallback
-    xdg = os.environ.get("XDG_RUNTIME_DIR")
-    if xdg and os.path.isdir(xdg):
-        base = Path(xdg) / "sandbox"
-    elif os.geteuid() == 0:
-        base = Path("/run/sandbox")
-    else:
-        base = Path(tempfile.gettempdir()) / f"sandbox-{os.getuid()}"
+    base = runbase.candidate()
     if not base.parent.exists():
         base.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
     if private_dir(base):
@@ -63,6 +36,11 @@ def runtime_base() -> Path:
     _fallback = Path(tempfile.mkdtemp(prefix=f"sandbox-{os.getuid()}-"))
     log.warning("%s is not a private directory of yours; using %s for this run", base, _fallback)
     return _fallback
+
+
+def is_fallback() -> bool:
+    """Whether runtime_base() gave this process a base of its own (nothing there is shared with other processes)."""
+    return _fallback is not None
 
 
 def reclaim_stale(base: Path) -> None:

@@ -330,7 +330,7 @@ def exec_command(name: str, argv: list[str], env: dict[str, str], cwd: str | Non
     import json
     import socket
 
-    from sandbox.core.process import FORWARDED
+    from sandbox.core.signals import FORWARDED
 
     entry = registry.find(name)
     r = entry.record()

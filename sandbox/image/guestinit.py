@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
+import secrets
 import shutil
 import subprocess
 from pathlib import Path
@@ -37,7 +39,8 @@ def _compile(what: str, out: Path, sources: list[Path], flags: list[str]) -> Non
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         raise ToolMissingError(f"no C compiler (cc or gcc) on PATH to build {what}: {COMPILER_HINT}")
-    tmp = out.with_name(f".tmp-{out.name}")
+    # A name of this build's own: two launchers building the same binary at once (two first runs) must not share it.
+    tmp = out.with_name(f".tmp-{out.name}-{os.getpid()}-{secrets.token_hex(4)}")
     proc = subprocess.run([cc, *flags, "-o", str(tmp), *map(str, sources)], capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         tmp.unlink(missing_ok=True)

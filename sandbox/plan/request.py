@@ -123,6 +123,8 @@ class RunRequest:
     confinement: ConfinementOptions | None = None  # None: --no-confine
     x11: X11Request | None = None
     verbose: int = 0
+    pool: int = 0  # guests a pool keeps ready for runs like this one (0: no pool, the guest is restored for this run)
+    pool_idle: float = 600.0  # s without a run before a pool this run starts ends
 
 
 def x11_size(text: str) -> tuple[int, int]:

@@ -22,7 +22,7 @@ from typing import Any, BinaryIO, Protocol
 from sandbox.wire import protocol
 from sandbox.core.errors import GuestProtocolError
 from sandbox.backends.base import Guest
-from sandbox.core.process import FORWARDED
+from sandbox.core.signals import FORWARDED
 from sandbox.wire.streams import recv_some, send_some, watch_writable
 from sandbox.plan.timings import Timeline, monotonic_boottime
 

@@ -32,11 +32,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def launcher_start_time() -> float:
-    """When this process started, on the CLOCK_BOOTTIME scale (interpreter start-up included)."""
+def launcher_start_time(pid: int | None = None) -> float:
+    """When the launcher (this process, or the one the user started) started, on the CLOCK_BOOTTIME scale (interpreter start-up included)."""
     from sandbox.core.process import started_at
 
-    return started_at(os.getpid()) or monotonic_boottime()
+    return started_at(pid or os.getpid()) or monotonic_boottime()
 
 
 def _winsize(fd: int) -> tuple[int, int]:
@@ -196,27 +196,6 @@ def command_spec(request: RunRequest, tty: int, plan: mounts.Plan, home: str, cw
     )
 
 
-def boot_spec(request: RunRequest, prep: Prepared, plan: mounts.Plan, net: NetDevice | None = None, seccomp: bool = False) -> BootSpec:
-    """The machine for this run (the same for every attempt)."""
-    m = request.machine
-    return BootSpec(
-        qemu=prep.qemu.path,
-        accel=prep.accel,
-        machine=prep.machine,
-        kernel_image=prep.kernel_image,
-        pvh=prep.pvh,
-        initrd=prep.initrd,
-        cmdline=prep.cmdline,
-        memory_mb=m.memory_mb,
-        cpus=m.cpus,
-        tb_size_mb=m.tb_size_mb if prep.accel == "tcg" else None,
-        cpu_model=m.cpu_model,
-        seccomp=seccomp and prep.qemu.seccomp,
-        x11=request.x11 is not None,
-        shares=tuple(Share(tag, share.host, readonly=not share.writable) for tag, share in plan.shares),
-        keyboard=m.keyboard,
-        net=net,
-    )
 
 
 def _describe_net(net: protocol.GuestNet | None) -> str:
@@ -341,12 +320,12 @@ class Run:
 def run(request: RunRequest, hooks: RunHooks = RunHooks()) -> RunResult:
     """Run the command in a fresh VM and return how it ended."""
     timeline = Timeline()
-    timeline.stamp_host("launcher_start", launcher_start_time())
+    timeline.stamp_host("launcher_start", launcher_start_time(hooks.launcher_pid))
     env = dict(request.command.env) if request.command.env is not None else dict(os.environ)
     home = user_home(env)
-    walls = _walls(request)
     with contextlib.ExitStack() as stack:
         backend = stack.enter_context(backends.open_backend(request))
+        walls = _walls(request) if backend.confined_here else None
         # A remote host's guest never looks at our working directory: any will do, even one deleted.
         remote = not backend.local_files
         launcher_cwd = None if remote else (request.command.cwd or mounts.working_directory())
@@ -376,7 +355,7 @@ def run(request: RunRequest, hooks: RunHooks = RunHooks()) -> RunResult:
                 timeline.stamp_host("net_attached", monotonic_boottime())
 
             net_wired = wired
-        boot = boot_spec(request, prep, plan, nic, seccomp=confinement is not None and confinement.seccomp)
+        boot = backends.boot_spec(request, prep, plan, nic, seccomp=confinement is not None and confinement.seccomp)
         overlays = tuple(m.path for m in plan.steps if m.op == protocol.MOP_OVERLAY)
         ctx = RunContext(rundir, timeline, confinement, request.verbose, hooks, overlays)
         result = backend.run(boot, ctx, Run(request, hooks, ctx, boot, cspec, timeout_at, x11, net_wired).once)
@@ -437,7 +416,7 @@ def prepare(request: RunRequest) -> str:
         prep = backend.prepare(request)
         # The NIC's kind shapes a template; its descriptor and MAC do not.
         kind = request.net.nic_kind
-        boot = boot_spec(request, prep, plan, NetDevice(kind, 0, "") if kind is not None else None, seccomp=True)
+        boot = backends.boot_spec(request, prep, plan, NetDevice(kind, 0, "") if kind is not None else None, seccomp=True)
         there = backend.ready(request, boot)
         if there is not None:
             return there

@@ -205,7 +205,7 @@ GuestMessage = Stamp | ExecFailed | Finished | LogLine | LookedUp | OomKilled | 
 
 # The init's phase stamps (guest-init/, stamp()): any other name is not ours.
 GUEST_PHASES = frozenset(
-    {"init_start", "tsc", "modules_loaded", "root_mounted", "ready", "spec_read", "net_ready", "command_exec", "command_exit", "poweroff"}
+    {"init_start", "tsc", "modules_loaded", "root_mounted", "ready", "prepped", "spec_read", "net_ready", "command_exec", "command_exit", "poweroff"}
 )
 MAX_LINE = 4096  # a control line from the guest is never longer (the init's are at most 1 KiB)
 MAX_TEXT = 400  # characters of a guest's message shown to the user
@@ -293,3 +293,7 @@ ACK = b"A\n"
 # Instead of a spec, to a guest about to be snapshotted: zero your free
 # memory (so the template holds no stale pages), then stamp "ready" again.
 ZERO_FREE_MEMORY = b"ZERO\n"
+# Instead of a spec, to a guest restored for the pool (sandbox/backends/pool/):
+# mount the host's root and run a few programs from it (so that QEMU has
+# translated what every run does), then stamp "prepped" and wait for one.
+PREPARE = b"PREP\n"

@@ -78,9 +78,9 @@ class DirectBackend:
 
     def run(self, boot: BootSpec, ctx: RunContext, once: BootOnce) -> RunResult:
         """Warm when a template fits, else cold (building the template on the way); a stalled boot is retried."""
-        store = self._store(boot)
+        store = self.store(boot)
         if store is not None:
-            with _restore_inputs(store, boot.memory_mb) as warm:
+            with restore_inputs(store, boot.memory_mb) as warm:
                 if warm is not None:
                     try:
                         attempt = Attempt(1, "warm", WARM_PROGRESS_TIMEOUT, fallback=True, what="the restored guest")
@@ -121,7 +121,7 @@ class DirectBackend:
                 ctx.timeline.new_boot()
                 return None
 
-    def _store(self, boot: BootSpec) -> template.Store | None:
+    def store(self, boot: BootSpec) -> template.Store | None:
         """Where this run's template lives, or None when this run boots cold whatever there is."""
         prep = self.prepared
         assert prep is not None
@@ -143,7 +143,7 @@ class DirectBackend:
 
     def ready(self, request: RunRequest, boot: BootSpec) -> str | None:
         """The template this request restores from, if it is there (a line saying so); None when a run must build it."""
-        store = self._store(boot)
+        store = self.store(boot)
         if store is None:
             raise UsageError("warm start is off for these options (--cold, or -vv which shows a whole boot)")
         found = store.load(boot.memory_mb << 20)
@@ -155,7 +155,7 @@ class DirectBackend:
 
 
 @contextlib.contextmanager
-def _restore_inputs(store: template.Store, memory_mb: int) -> Iterator[WarmStart | None]:
+def restore_inputs(store: template.Store, memory_mb: int) -> Iterator[WarmStart | None]:
     """The template's RAM and device state for one restore (None: there is no template to use)."""
     found = store.load(memory_mb << 20)
     if found is None:

@@ -12,20 +12,10 @@ from types import TracebackType
 
 from sandbox.core import process
 from sandbox.core.errors import MachineError
+from sandbox.core.logs import log_tail
 from sandbox.backends.direct.monitor import Monitor
 
 log = logging.getLogger(__name__)
-
-
-def log_tail(path: Path, limit: int = 2000) -> str:
-    """The last `limit` bytes of a log file, as text."""
-    try:
-        with path.open("rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - limit))
-            return f.read().decode("utf-8", "replace")
-    except OSError:
-        return ""
 
 
 class Machine:
