@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -366,28 +367,30 @@ class PoolForTests:
         return problems
 
 
-@pytest.fixture(scope="module")
-def test_pool() -> Iterator[PoolForTests]:
-    """A pool of two guests made for the default options, for one test module's pooled runs."""
-    pool = PoolForTests(VISIBLE_BASE / f"pool-{os.getpid()}-{time.monotonic_ns()}")
+@contextlib.contextmanager
+def running_pool(name: str, user: Nobody | None = None) -> Iterator[PoolForTests]:
+    """A started pool in a runtime dir of its own, closed after (the close must find nothing left behind)."""
+    pool = PoolForTests(VISIBLE_BASE / f"{name}-{os.getpid()}-{time.monotonic_ns()}", user=user)
     try:
         pool.start()
         yield pool
     finally:
         problems = pool.close()
     assert not problems, problems
+
+
+@pytest.fixture(scope="module")
+def test_pool() -> Iterator[PoolForTests]:
+    """A pool of two guests made for the default options, for one test module's pooled runs."""
+    with running_pool("pool") as pool:
+        yield pool
 
 
 @pytest.fixture(scope="module")
 def nobody_pool(nobody: Nobody) -> Iterator[PoolForTests]:
     """nobody's own pool, for one test module's pooled runs as nobody."""
-    pool = PoolForTests(VISIBLE_BASE / f"nobody-pool-{time.monotonic_ns()}", user=nobody)
-    try:
-        pool.start()
+    with running_pool("nobody-pool", user=nobody) as pool:
         yield pool
-    finally:
-        problems = pool.close()
-    assert not problems, problems
 
 
 # What each start mode puts in the environment of the runs a test starts.

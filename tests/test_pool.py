@@ -18,9 +18,10 @@ from collections.abc import Iterator
 from typing import Any
 from pathlib import Path
 
+import psutil
 import pytest
 
-from conftest import SANDBOX, VISIBLE_BASE, Nobody, PoolForTests, popen, run_tracked
+from conftest import SANDBOX, VISIBLE_BASE, Nobody, PoolForTests, popen, run_tracked, running_pool
 
 pytestmark = [pytest.mark.vm]
 
@@ -28,13 +29,8 @@ pytestmark = [pytest.mark.vm]
 @pytest.fixture
 def own_pool() -> Iterator[PoolForTests]:
     """A pool for one test (one that kills or stops it)."""
-    pool = PoolForTests(VISIBLE_BASE / f"own-pool-{time.monotonic_ns()}")
-    try:
-        pool.start()
+    with running_pool("own-pool") as pool:
         yield pool
-    finally:
-        problems = pool.close()
-    assert not problems, problems
 
 
 def pooled(pool: PoolForTests, *argv: str, opts: tuple[str, ...] = (), **kw: Any) -> subprocess.CompletedProcess[bytes]:
@@ -82,6 +78,21 @@ def test_a_guest_serves_one_run_and_carries_nothing_to_the_next(test_pool: PoolF
     assert lines[0] == "3"  # none of the files the run before wrote
     assert lines[1] != first.stdout.decode().strip()  # another guest
     assert not (Path(os.environ.get("HOME", "/root")) / "left").exists()
+
+
+def test_waiting_guests_cost_next_to_no_cpu(test_pool: PoolForTests) -> None:
+    # A guest's kernel stops its tick when idle (the TCG CPU has ARAT); without that, 250 timer
+    # interrupts a second cost each waiting guest ~5% of a core under TCG.
+    proc = pooled(test_pool, "sh", "-c", "grep LOC: /proc/interrupts; sleep 2; grep LOC: /proc/interrupts")
+    assert proc.returncode == 0 and start_of(proc) == "pooled", proc.stderr
+    before, after = (int(line.split()[1]) for line in proc.stdout.decode().splitlines())
+    assert after - before < 200, f"{after - before} local timer interrupts in 2 s of sleep: the guest ticks periodically"
+    status = test_pool.wait_ready()
+    guests = [psutil.Process(g["qemu_pid"]) for g in status["ready"]]
+    used_before = [sum(p.cpu_times()[:2]) for p in guests]
+    time.sleep(10)
+    used = [sum(p.cpu_times()[:2]) - b for p, b in zip(guests, used_before)]
+    assert all(u < 0.15 for u in used), f"CPU seconds over 10 s of waiting, per guest: {used}"
 
 
 def test_status_says_what_is_ready_and_what_was_served(own_pool: PoolForTests) -> None:

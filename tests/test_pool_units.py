@@ -183,3 +183,17 @@ def test_which_command_lines_the_client_hands_to_the_pool(argv: list[str], poole
     assert launch._for_pool(argv) is pooled
     monkeypatch.setenv("SANDBOX_POOL", "0")
     assert launch._for_pool(argv) is False
+
+
+def test_status_for_people_names_every_counter_and_what_guests_are_made_for() -> None:
+    from sandbox.backends.pool.control import format_status
+
+    assert "no pool runs" in format_status(None)
+    status = {"pid": 7, "size": 2, "ready": [{"qemu_pid": 9, "pss_mib": 55.5, "waiting_s": 3.0}], "serving": 1, "served": 4,
+              "refills": 5, "misses": 1, "failures": 0, "stale": 2, "launchers_ready": 1, "launches": 4, "uptime_s": 30.0,
+              "idle_s": 600, "pool_pss_mib": 10.0, "memory_mb": 512, "accel": "tcg", "kernel": "/boot/vmlinuz-x", "key": "abc",
+              "last_error": "boom"}  # fmt: skip
+    text = format_status(status)
+    for fragment in ("pool 7: 1 of 2 guests ready, 1 serving", "served 4, refills 5, misses 1", "ended stale 2",
+                     "QEMU 9, 55.5 MiB PSS", "512 MiB, tcg, /boot/vmlinuz-x", "last failure: boom"):  # fmt: skip
+        assert fragment in text, (fragment, text)

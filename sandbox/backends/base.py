@@ -34,8 +34,12 @@ if TYPE_CHECKING:
 # distributions build for, and then some) on the plain qemu64 model.
 # "max" boots ~120 ms slower (benchmarks/README.md): the guest then sets up
 # 5-level paging, XSAVE state for AVX-512 and more, all of which TCG
-# emulates at a cost.
-TCG_CPU = "qemu64,+ssse3,+sse4.1,+sse4.2,+popcnt,+cx16"
+# emulates at a cost.  ARAT (the APIC timer keeps running in deep idle)
+# lets the guest stop its tick when idle: without it the kernel wants a
+# broadcast timer (an HPET or PIT, which microvm does not have) for
+# one-shot mode, stays on a 250 Hz periodic tick, and each idle guest costs
+# ~5% of a core under TCG (a waiting pool guest most of all).
+TCG_CPU = "qemu64,+ssse3,+sse4.1,+sse4.2,+popcnt,+cx16,+arat"
 
 
 @dataclass(frozen=True)

@@ -196,8 +196,6 @@ def command_spec(request: RunRequest, tty: int, plan: mounts.Plan, home: str, cw
     )
 
 
-
-
 def _describe_net(net: protocol.GuestNet | None) -> str:
     if net is None:
         return "none"

@@ -143,6 +143,8 @@ def format_status(status: dict[str, Any] | None) -> str:
         f"  served {status['served']}, refills {status['refills']}, misses {status['misses']}, failures {status['failures']},"
         f" ended stale {status['stale']}; launcher ready: {'yes' if status['launchers_ready'] else 'no'}, launches {status['launches']}",
         f"  up {status['uptime_s']:.0f} s, ends after {status['idle_s']:g} s without a run; pool process {status['pool_pss_mib']} MiB PSS",
+        f"  guests made for: {status.get('memory_mb')} MiB, {status.get('accel')}, {status.get('kernel')} (key {status.get('key')});"
+        " runs that ask for other machine or wall settings restore",
     ]
     for g in status["ready"]:
         lines.append(f"  guest: QEMU {g['qemu_pid']}, {g['pss_mib']} MiB PSS, waiting {g['waiting_s']:.0f} s")
