@@ -368,9 +368,9 @@ class PoolForTests:
 
 
 @contextlib.contextmanager
-def running_pool(name: str, user: Nobody | None = None) -> Iterator[PoolForTests]:
+def running_pool(name: str, user: Nobody | None = None, size: int = 2) -> Iterator[PoolForTests]:
     """A started pool in a runtime dir of its own, closed after (the close must find nothing left behind)."""
-    pool = PoolForTests(VISIBLE_BASE / f"{name}-{os.getpid()}-{time.monotonic_ns()}", user=user)
+    pool = PoolForTests(VISIBLE_BASE / f"{name}-{os.getpid()}-{time.monotonic_ns()}", size=size, user=user)
     try:
         pool.start()
         yield pool

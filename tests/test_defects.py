@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Nobody, run_sandbox, stderr_lines
+from conftest import SANDBOX, Nobody, run_sandbox, run_tracked, running_pool, stderr_lines
 
 pytestmark = [pytest.mark.vm]
 
@@ -138,3 +138,28 @@ def test_choosing_the_accelerator_silences_the_notice() -> None:
     proc = run_sandbox("true", env=env, run_opts=("-v",))
     assert proc.returncode == 0
     assert "KVM unavailable" not in proc.stderr.decode()
+
+
+def test_a_long_runtime_dir_works_for_runs_named_sandboxes_and_the_pool(tmp_path: Path) -> None:
+    # Every run failed with "AF_UNIX path too long" when $XDG_RUNTIME_DIR was long (the exec
+    # socket of its registry entry, the pool's socket): found by the suite's own long test dirs.
+    runtime = tmp_path / ("r" * 120)
+    runtime.mkdir(mode=0o700)
+    env = dict(os.environ, XDG_RUNTIME_DIR=str(runtime), SANDBOX_POOL="0")
+    proc = run_sandbox("echo", "hi", env=env)
+    assert proc.returncode == 0 and proc.stdout == b"hi\n", proc.stderr
+    name = f"long-{os.getpid()}"
+    started = run_sandbox("sleep", "60", env=env, run_opts=("-d", "--name", name))
+    try:
+        assert started.returncode == 0, started.stderr
+        execd = run_tracked([*SANDBOX, "exec", name, "--", "echo", "inside"], env=env, timeout=120)
+        assert execd.returncode == 0 and execd.stdout == b"inside\n", execd.stderr
+    finally:
+        run_tracked([*SANDBOX, "stop", name], env=env, timeout=120)
+    with running_pool("long-" + "l" * 100, size=1) as pool:
+        assert len(str(pool.runtime / "sandbox" / "pool.sock")) > 107
+        pool.wait_ready()
+        pooled = pool.sandbox("run", "--timings=json", "--", "echo", "pooled")
+        assert pooled.returncode == 0 and pooled.stdout == b"pooled\n", pooled.stderr
+        err = pooled.stderr.decode()
+        assert json.loads(err[err.index("{\n") :])["start"] == "pooled"

@@ -62,7 +62,7 @@ def test_channels_keep_the_guests_port_numbers_and_names() -> None:
 def test_tcg_cpu_model_and_kvm_passthrough() -> None:
     dom = ET.fromstring(domain_xml(SPEC))
     assert dom.findtext("cpu/model") == "qemu64"
-    assert {f.get("name") for f in dom.iterfind("cpu/feature")} == {"ssse3", "sse4.1", "sse4.2", "popcnt", "cx16"}
+    assert {f.get("name") for f in dom.iterfind("cpu/feature")} == {"ssse3", "sse4.1", "sse4.2", "popcnt", "cx16", "arat"}
     kvm = ET.fromstring(domain_xml(DomainSpec(**{**SPEC.__dict__, "accel": "kvm", "tb_size_mb": None})))
     assert kvm.get("type") == "kvm" and kvm.find("cpu").get("mode") == "host-passthrough"  # type: ignore[union-attr]
     assert kvm.find("features/tcg") is None

@@ -29,6 +29,7 @@ from sandbox.backends.pool import paths, wire
 from sandbox.cli import stdio
 from sandbox.core.identity import identity
 from sandbox.core.signals import FORWARDED
+from sandbox.core import unixsock
 
 # What the guest command is given from the launcher's limits (sandbox/run/runner.py's RLIMITS).
 RLIMITS = (resource.RLIMIT_STACK, resource.RLIMIT_NOFILE, resource.RLIMIT_CORE)
@@ -55,7 +56,7 @@ def _connect() -> socket.socket | None:
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     conn.settimeout(HAND_OFF_TIMEOUT)
     try:
-        conn.connect(str(path / "pool.sock"))
+        unixsock.connect(conn, path / "pool.sock")
         if wire.peer_uid(conn) != os.geteuid():
             raise OSError("the pool's socket is another user's")
         wire.send(conn, {"op": "launch"})

@@ -14,6 +14,7 @@ from sandbox.features import registry
 from sandbox.core import sizes
 from sandbox.core.process import start_ticks, status_fields
 from sandbox.core.errors import UsageError
+from sandbox.core import unixsock
 
 
 @dataclass(frozen=True)
@@ -141,7 +142,7 @@ def check_monitor(path: str) -> None:
 
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.connect(path)
+        unixsock.connect(sock, path)
     except OSError as exc:
         sock.close()
         raise UsageError(f"its monitor {path} does not answer ({exc.strerror})") from None

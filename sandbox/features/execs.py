@@ -24,6 +24,7 @@ from sandbox.wire import protocol
 from sandbox.core.errors import GuestProtocolError
 from sandbox.wire.mux import MuxPort, encode
 from sandbox.wire.streams import recv_some, watch
+from sandbox.core import unixsock
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ class ExecBridge:
             path.unlink()
         except FileNotFoundError:
             pass
-        self.listener.bind(str(path))
+        unixsock.bind(self.listener, path)
         self.listener.listen(16)
         self.listener.setblocking(False)
         self.sel: selectors.BaseSelector | None = None

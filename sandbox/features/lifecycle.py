@@ -14,6 +14,7 @@ from typing import Any
 from sandbox.core import progress
 from sandbox.features import registry
 from sandbox.core.errors import SandboxError, UsageError
+from sandbox.core import unixsock
 
 STOP_GRACE = 10.0
 
@@ -202,7 +203,7 @@ def open_monitor(path: str) -> Iterator[Any]:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         try:
-            sock.connect(path)
+            unixsock.connect(sock, path)
         except OSError as exc:
             raise UsageError(f"the sandbox's monitor does not answer ({exc.strerror})") from None
         monitor = Monitor(sock)
@@ -346,7 +347,7 @@ def exec_command(name: str, argv: list[str], env: dict[str, str], cwd: str | Non
     deadline = time.monotonic() + EXEC_CONNECT_WAIT
     while True:
         try:
-            sock.connect(str(entry.path / registry.EXEC))
+            unixsock.connect(sock, entry.path / registry.EXEC)
             break
         except OSError as exc:
             absent = isinstance(exc, (FileNotFoundError, ConnectionRefusedError))

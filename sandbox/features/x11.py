@@ -31,6 +31,7 @@ from sandbox.core.errors import GuestProtocolError, SandboxError, ToolMissingErr
 from sandbox.wire.mux import MuxPort
 from sandbox.plan.request import X11Request
 from sandbox.wire.streams import recv_some, send_some, watch_readable
+from sandbox.core import unixsock
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +183,7 @@ class X11Session:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
             probe.settimeout(2)
             try:
-                probe.connect(self.socket_path)
+                unixsock.connect(probe, self.socket_path)
                 probe.sendall(rewrite_setup(hello, self.cookie))
                 return probe.recv(1) == b"\x01"  # 1: success; 0: refused; 2: authenticate
             except OSError:
@@ -274,7 +275,7 @@ class X11Session:
         assert self.sel is not None
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            sock.connect(self.socket_path)
+            unixsock.connect(sock, self.socket_path)
         except OSError as exc:
             log.warning("cannot reach the nested X server: %s", exc)
             sock.close()
@@ -386,7 +387,7 @@ class XpraSession(X11Session):
         self.title = title
         self.dir = Path(tempfile.mkdtemp(prefix="sandbox-xpra-"))
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listener.bind(str(self.dir / "socket"))
+        unixsock.bind(self.listener, self.dir / "socket")
         self.listener.listen(4)
         self.listener.setblocking(False)
 

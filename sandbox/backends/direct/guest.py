@@ -22,6 +22,7 @@ from sandbox.backends.direct.bootimages import BootImage
 from sandbox.backends.direct.machine import Machine
 from sandbox.backends.direct import template
 from sandbox.backends.direct.template import Builder
+from sandbox.core import unixsock
 
 if TYPE_CHECKING:
     from sandbox.confinement.walls import Confinement
@@ -269,7 +270,7 @@ class DirectGuest:
             self._stack.callback(listener.close)
             with contextlib.suppress(FileNotFoundError):
                 self.monitor_socket.unlink()
-            listener.bind(str(self.monitor_socket))
+            unixsock.bind(listener, self.monitor_socket)
             listener.listen(4)
             self._qemu_ends.append(listener)
             extra_monitor = listener.fileno()

@@ -33,6 +33,7 @@ from sandbox.core.logs import log_tail
 from sandbox.core.process import peak_rss_kb
 from sandbox.plan.request import RunRequest
 from sandbox.plan.timings import monotonic_boottime
+from sandbox.core import unixsock
 
 if TYPE_CHECKING:
     from sandbox.backends.base import Backend
@@ -70,7 +71,7 @@ def claim(request: RunRequest) -> tuple[Claim | None, str]:
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     conn.settimeout(CONNECT_TIMEOUT)
     try:
-        conn.connect(str(path))
+        unixsock.connect(conn, path)
         if wire.peer_uid(conn) != os.geteuid():
             raise SandboxError(f"{path} is another user's")  # never used, whatever it says
         wire.send(conn, {"op": "run", "key": keys.key(request), "command": summarize_argv(request.command.argv),

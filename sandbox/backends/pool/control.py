@@ -25,6 +25,7 @@ from sandbox.plan.request import RunRequest
 from sandbox.backends.pool import key as keys
 from sandbox.backends.pool import wire
 from sandbox.backends.pool.paths import log_path, socket_path, usable
+from sandbox.core import unixsock
 
 START_WAIT = 300.0  # s for a started pool to listen (a first one builds the warm-start template: a boot under TCG)
 STOP_WAIT = 60.0  # s for a stopping pool to end (it lets runs it serves finish first)
@@ -41,7 +42,7 @@ def ask(message: dict[str, Any], timeout: float = 5.0) -> dict[str, Any] | None:
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     conn.settimeout(timeout)
     try:
-        conn.connect(str(socket_path()))
+        unixsock.connect(conn, socket_path())
         if wire.peer_uid(conn) != os.geteuid():
             raise PoolError(f"{socket_path()} is another user's")
         wire.send(conn, message)

@@ -40,6 +40,7 @@ from sandbox.core import process
 from sandbox.core.errors import SandboxError
 from sandbox.plan.mounts import Plan
 from sandbox.plan.request import RunRequest
+from sandbox.core import unixsock
 
 log = logging.getLogger(__name__)
 
@@ -392,7 +393,7 @@ def run_pool(request: RunRequest, size: int, idle: float, before: Callable[[], N
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     old_umask = os.umask(0o077)
     try:
-        listener.bind(str(path))
+        unixsock.bind(listener, path)
     finally:
         os.umask(old_umask)
     listener.listen(16)
