@@ -220,3 +220,23 @@ def test_pool_verbs_say_what_they_did(own_pool: PoolForTests) -> None:
     assert stopped.returncode == 0 and stopped.stdout.decode() == f"pool {own_pool.pid} stopped\n"
     none = own_pool.sandbox("pool", "stop")
     assert none.returncode == 0 and none.stdout.decode() == "no pool runs\n"
+
+
+def test_stop_lets_the_runs_it_serves_finish(own_pool: PoolForTests) -> None:
+    own_pool.wait_ready()
+    run = popen([*SANDBOX, "run", "--", "sh", "-c", "sleep 4; echo finished"], env=own_pool.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while (own_pool.status() or {}).get("serving", 0) == 0:
+        assert time.monotonic() < deadline and run.poll() is None, "the run was not served by the pool"
+        time.sleep(0.1)
+    began = time.monotonic()
+    stopped = own_pool.sandbox("pool", "stop")
+    assert time.monotonic() - began < 4, "pool stop waited for the user's run"
+    assert stopped.returncode == 0, stopped.stderr
+    assert stopped.stdout.decode() == f"pool {own_pool.pid} stopping: it takes no more runs, and ends when the 1 it serves end\n"
+    out, err = run.communicate(timeout=120)
+    assert (run.returncode, out) == (0, b"finished\n"), err
+    deadline = time.monotonic() + 30
+    while own_pool.processes() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert own_pool.processes() == []

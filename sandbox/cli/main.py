@@ -448,8 +448,13 @@ def _pool(args: argparse.Namespace) -> int:
         print(json.dumps(found or {"ok": False}, indent=2) if args.json else control.format_status(found))
         return 0
     if args.pool_verb == "stop":
-        pid = control.stop()
-        print(f"pool {pid} stopped" if pid is not None else "no pool runs")
+        stopped = control.stop()
+        if stopped is None:
+            print("no pool runs")
+        elif stopped[1]:
+            print(f"pool {stopped[0]} stopping: it takes no more runs, and ends when the {stopped[1]} it serves end")
+        else:
+            print(f"pool {stopped[0]} stopped")
         return 0
     from sandbox.cli import config, requests
 

@@ -111,8 +111,13 @@ def start(request: RunRequest, size: int, idle: float) -> dict[str, Any]:
     raise PoolError(f"the pool did not listen in {START_WAIT:g} s (see {log_path()})")
 
 
-def stop() -> int | None:
-    """Stop the pool (its runs finish first); its pid, or None when none ran."""
+def stop() -> tuple[int, int] | None:
+    """Stop the pool: it takes no more runs and ends its ready guests.
+
+    Its pid and how many runs it still serves (it ends when they do: a
+    user's running command is never killed by this), or None when no
+    pool ran.  With none, it waits for the pool to end.
+    """
     found = ask({"op": "status"})
     if found is None:
         return None
@@ -120,9 +125,12 @@ def stop() -> int | None:
     try:
         pidfd = os.pidfd_open(pid)
     except ProcessLookupError:
-        return pid
+        return pid, 0
     try:
-        ask({"op": "stop"})
+        answer = ask({"op": "stop"})
+        serving = int(answer.get("serving", 0)) if answer is not None else 0
+        if serving:
+            return pid, serving
         import select
 
         if not select.select([pidfd], [], [], STOP_WAIT)[0]:
@@ -131,7 +139,7 @@ def stop() -> int | None:
                 raise PoolError(f"the pool (pid {pid}) did not stop")
     finally:
         os.close(pidfd)
-    return pid
+    return pid, 0
 
 
 def format_status(status: dict[str, Any] | None) -> str:

@@ -250,7 +250,7 @@ class Pool:
         if op == "status":
             wire.send(conn, self.status())
         elif op == "stop":
-            wire.send(conn, {"ok": True})
+            wire.send(conn, {"ok": True, "serving": len(self.serving)})
             self.stop()
         elif op == "launch":
             self.last_run = time.monotonic()
