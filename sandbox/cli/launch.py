@@ -56,7 +56,7 @@ def _connect() -> socket.socket | None:
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     conn.settimeout(HAND_OFF_TIMEOUT)
     try:
-        unixsock.connect(conn, path / "pool.sock")
+        unixsock.connect(conn, os.path.join(path, "pool.sock"))
         if wire.peer_uid(conn) != os.geteuid():
             raise OSError("the pool's socket is another user's")
         wire.send(conn, {"op": "launch"})

@@ -28,7 +28,7 @@ def runtime_base() -> Path:
     global _fallback
     if _fallback is not None:
         return _fallback
-    base = runbase.candidate()
+    base = Path(runbase.candidate())
     if not base.parent.exists():
         base.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
     if private_dir(base):

@@ -107,7 +107,7 @@ def _forget_dead_pool() -> None:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         with contextlib.suppress(FileNotFoundError):
-            paths.socket_path().unlink()
+            os.unlink(paths.socket_path())
     except OSError:
         pass  # a pool holds it: starting, say
     finally:

@@ -389,7 +389,7 @@ def run_pool(request: RunRequest, size: int, idle: float, before: Callable[[], N
         raise
     path = socket_path()
     with contextlib.suppress(FileNotFoundError):
-        path.unlink()  # a killed pool's (we hold the lock: no live pool has it)
+        os.unlink(path)  # a killed pool's (we hold the lock: no live pool has it)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     old_umask = os.umask(0o077)
     try:
@@ -410,7 +410,7 @@ def run_pool(request: RunRequest, size: int, idle: float, before: Callable[[], N
             pool.serve(listener)
     finally:
         with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+            os.unlink(path)
         listener.close()
         os.close(lock)
     return 0

@@ -18,7 +18,6 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from sandbox.backends.pool import wire
 from sandbox.core import runtime
@@ -39,7 +38,7 @@ class Launcher:
 class Launchers:
     """The ready launcher (at most one), the ones starting, and the ones running a run until reaped."""
 
-    def __init__(self, log_path: Path) -> None:
+    def __init__(self, log_path: str) -> None:
         self.log_path = log_path
         self.starting: list[Launcher] = []
         self.ready: list[Launcher] = []

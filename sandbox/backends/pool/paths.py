@@ -5,12 +5,12 @@ Light (sandbox/core/runbase.py only): the pooled client looks here first.
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
 from sandbox.core import runbase
 
 
-def base() -> Path | None:
+def base() -> str | None:
     """The user's runtime base, when it is a private directory of theirs (None: no pool can live anywhere safe)."""
     path = runbase.candidate()
     return path if runbase.private_dir(path) else None
@@ -20,20 +20,20 @@ def usable() -> bool:
     return base() is not None
 
 
-def _in_base(name: str) -> Path:
+def _in_base(name: str) -> str:
     found = base()
     if found is None:
         raise FileNotFoundError(f"{runbase.candidate()} is not a private directory of yours")
-    return found / name
+    return os.path.join(found, name)
 
 
-def socket_path() -> Path:
+def socket_path() -> str:
     return _in_base("pool.sock")
 
 
-def lock_path() -> Path:
+def lock_path() -> str:
     return _in_base("pool.lock")
 
 
-def log_path() -> Path:
+def log_path() -> str:
     return _in_base("pool.log")
