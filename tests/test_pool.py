@@ -240,3 +240,37 @@ def test_stop_lets_the_runs_it_serves_finish(own_pool: PoolForTests) -> None:
     while own_pool.processes() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert own_pool.processes() == []
+
+
+@pytest.mark.parametrize("delay", [0.1, 0.2, 0.4])
+def test_a_signal_in_the_first_milliseconds_ends_the_run_as_it_would_the_command(test_pool: PoolForTests, delay: float) -> None:
+    # Ctrl-C while the client imported (or before the pool's launcher had handlers) gave a
+    # KeyboardInterrupt traceback, and a pooled run then ended 125, not 130.  (Within Python's
+    # own start-up, before any of sandbox runs, Python's default is all there is: not tested.)
+    for signo in (signal.SIGINT, signal.SIGTERM):
+        test_pool.wait_ready(1)
+        proc = popen([*SANDBOX, "run", "--", "sleep", "30"], env=test_pool.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        time.sleep(delay)
+        proc.send_signal(signo)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode in (128 + signo, -signo), (delay, signo, proc.returncode, err)
+        assert b"Traceback" not in err and b"ended without its status" not in err, err
+
+
+def test_a_working_directory_the_user_cannot_open_is_one_line(nobody_pool: PoolForTests, tmp_path: Path) -> None:
+    closed = tmp_path / "roots-only"
+    closed.mkdir(mode=0o700)
+    nobody_pool.wait_ready(1)
+    proc = nobody_pool.sandbox("run", "--", "pwd", cwd=closed)
+    assert proc.returncode == 125, proc.stderr
+    assert proc.stderr.decode().count("\n") == 1 and "working directory" in proc.stderr.decode(), proc.stderr
+
+
+def test_a_pooled_run_says_what_a_restored_one_says_of_its_accelerator(test_pool: PoolForTests) -> None:
+    from sandbox.image import host
+
+    _accel, warning = host.choose_accel("auto")
+    proc = pooled(test_pool, "true", opts=("-v",))
+    assert proc.returncode == 0 and start_of(proc) == "pooled", proc.stderr
+    said = [line for line in proc.stderr.decode().splitlines() if "KVM unavailable" in line]
+    assert len(said) == (1 if warning else 0), proc.stderr

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sandbox.backends.pool import freshness, key, wire
-from sandbox.cli import launch
+from sandbox.cli import handoff
 from sandbox.core.errors import UsageError
 from sandbox.plan.request import CommandRequest, ConfinementOptions, FilesRequest, MachineRequest, NetRequest, RunRequest, X11Request
 
@@ -180,9 +180,9 @@ def test_the_pool_watches_every_program_its_guests_exercise() -> None:
 )
 def test_which_command_lines_the_client_hands_to_the_pool(argv: list[str], pooled: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("SANDBOX_POOL", raising=False)
-    assert launch._for_pool(argv) is pooled
+    assert handoff._for_pool(argv) is pooled
     monkeypatch.setenv("SANDBOX_POOL", "0")
-    assert launch._for_pool(argv) is False
+    assert handoff._for_pool(argv) is False
 
 
 def test_status_for_people_names_every_counter_and_what_guests_are_made_for() -> None:

@@ -386,3 +386,34 @@ def test_an_unrelated_qemu_is_neither_reported_nor_touched() -> None:
     finally:
         other.kill()
         other.wait()
+
+
+def test_the_environment_is_the_callers_even_in_the_c_locale() -> None:
+    # Python, started under the C locale, adds LC_CTYPE=C.UTF-8 to its own environment (PEP 538):
+    # the command got it too.  The oracle: env run directly with the same environment.
+    env = {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/root"), "LANG": "C"}
+    env |= {k: os.environ[k] for k in ("XDG_RUNTIME_DIR", "SANDBOX_POOL", "XDG_CONFIG_HOME") if k in os.environ}
+    host = subprocess.run(["env"], env=env, capture_output=True, check=True).stdout
+    proc = run_tracked([*SANDBOX, "run", "--", "env"], env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(proc.stdout.splitlines()) == sorted(host.splitlines())
+
+
+def test_nohup_keeps_the_command_deaf_to_a_hangup() -> None:
+    # A launcher started with SIGHUP ignored passed the hangup on all the same: the command died (129).
+    script = "echo started; sleep 3; echo survived"
+    proc = popen(["nohup", *SANDBOX, "run", "--", "sh", "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == b"started\n"
+    proc.send_signal(signal.SIGHUP)
+    out, err = proc.communicate(timeout=60)
+    assert (proc.returncode, out) == (0, b"survived\n"), err
+
+
+def test_supplementary_groups_arrive_as_they_are() -> None:
+    # The primary gid was dropped from the supplementary groups (root's 0 here, as a user's own gid elsewhere).
+    wrap = ["setpriv", "--groups", "0,29"]
+    host = subprocess.run([*wrap, "grep", "^Groups", "/proc/self/status"], capture_output=True, check=True).stdout
+    proc = run_tracked([*wrap, *SANDBOX, "run", "--", "grep", "^Groups", "/proc/self/status"])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == host.split() == [b"Groups:", b"0", b"29"]

@@ -519,7 +519,9 @@ def main(argv: list[str] | None = None, closed_stdio: int | None = None, launche
         from sandbox.cli import stdio
 
         closed_stdio = stdio.reserve()
-    for sig in UNWINDING:
+    from sandbox.core.signals import not_ignored
+
+    for sig in not_ignored(UNWINDING):
         signal.signal(sig, _interrupt)
     verbose = 0
     try:

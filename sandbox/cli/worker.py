@@ -34,6 +34,7 @@ from typing import Any
 
 from sandbox.backends.pool import wire
 from sandbox.core.identity import identity
+from sandbox.core.signals import RELAYING
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,21 @@ def _refusal(argv: list[str]) -> str | None:
     return None
 
 
+def _deliver(signo: int, done: threading.Event) -> None:
+    """Raise a signal the user's process passed on, once the run's relay passes it on to the command.
+
+    Before that, Python's defaults would turn a Ctrl-C into a
+    KeyboardInterrupt traceback in this launcher, or a SIGTERM into its
+    death without a status; so it is held (a run's relay starts within
+    moments), as the user's process held it while it started.
+    """
+    while not RELAYING.wait(0.05):
+        if done.is_set():
+            return  # the run ended before its command started: the signal has nothing left to end
+    with contextlib.suppress(ValueError, OSError):
+        signal.raise_signal(signal.Signals(signo))
+
+
 def _watch(conn: socket.socket, done: threading.Event) -> None:
     """The user's process: its signals raised here; its end (however it died) ends this launcher."""
     while True:
@@ -118,8 +134,7 @@ def _watch(conn: socket.socket, done: threading.Event) -> None:
                 os.kill(os.getpid(), signal.SIGKILL)
             return
         for signo in data:
-            with contextlib.suppress(ValueError, OSError):
-                signal.raise_signal(signal.Signals(signo))
+            _deliver(signo, done)
 
 
 def serve(fd: int) -> int:

@@ -22,7 +22,7 @@ from typing import Any, BinaryIO, Protocol
 from sandbox.wire import protocol
 from sandbox.core.errors import GuestProtocolError
 from sandbox.backends.base import Guest
-from sandbox.core.signals import FORWARDED
+from sandbox.core.signals import FORWARDED, RELAYING, not_ignored
 from sandbox.wire.streams import recv_some, send_some, watch_writable
 from sandbox.plan.timings import Timeline, monotonic_boottime
 
@@ -200,7 +200,8 @@ class Relay:
         wake_r.setblocking(False)
         wake_w.setblocking(False)
         old_wakeup = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
-        old_handlers = {s: signal.signal(s, self._on_signal) for s in (*FORWARDED, signal.SIGWINCH)}
+        old_handlers = {s: signal.signal(s, self._on_signal) for s in (*not_ignored(FORWARDED), signal.SIGWINCH)}
+        RELAYING.set()
         saved_tty = None
         if self.tty & protocol.TTY_STDIN:
             saved_tty = termios.tcgetattr(self.io.stdin)
@@ -212,6 +213,7 @@ class Relay:
         finally:
             if saved_tty is not None:
                 termios.tcsetattr(self.io.stdin, termios.TCSADRAIN, saved_tty)
+            RELAYING.clear()
             for s, h in old_handlers.items():
                 signal.signal(s, h)
             signal.set_wakeup_fd(old_wakeup)

@@ -180,7 +180,7 @@ def command_spec(request: RunRequest, tty: int, plan: mounts.Plan, home: str, cw
         home=home,
         uid=uid,
         gid=gid,
-        groups=tuple(g for g in os.getgroups() if g != gid),
+        groups=tuple(os.getgroups()),  # as they are: the primary gid is in them when the caller has it there
         umask=umask,
         tty=tty,
         rows=rows,

@@ -230,6 +230,13 @@ class PoolBackend:
             return self.fallback.prepare(request)
         assert self.claimed is not None
         info = self.claimed.info
+        if (request.machine.accel or "auto") == "auto":
+            from sandbox.image import host
+
+            # What a restored run says of its accelerator, said by a pooled one too (once per user, and with -v).
+            _accel, warning = host.choose_accel("auto")
+            if warning and host.show_accel_notice(request.verbose):
+                log.warning("%s", warning)
         qemu: QemuInfo = _qemu_info(str(info.get("machine", "")) == "microvm")
         accel = str(info.get("accel", "tcg"))
         return Prepared(accel, qemu, str(info.get("machine", "")), Path(str(info.get("kernel", ""))), True, Path(""), "", None)
