@@ -195,6 +195,7 @@ void resolv_servers(const struct spec *s, const char *const *dns, int ndns);
 struct child {
 	pid_t pid;
 	int in_w, out_r, err_r, pty;
+	int in_keep; /* a read end of the stdin pipe kept (TTY_STDIN_FILE): what the command left unread is counted at its end */
 };
 
 /* What the child tells its parent when it cannot run the command. */

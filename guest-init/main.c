@@ -271,12 +271,23 @@ static void relay(struct run *r)
 
 /* ---- the end ------------------------------------------------------------- */
 
+/* How many bytes of stdin the command took (TTY_STDIN_FILE), -1 when not
+ * counted: what went into its pipe, less what is still unread there. */
+static long long stdin_taken(const struct run *r)
+{
+	int unread = 0;
+	if (r->c.in_keep < 0 || ioctl(r->c.in_keep, FIONREAD, &unread) != 0 || unread < 0)
+		return -1;
+	unsigned long long put = r->pumps[0].count;
+	return put >= (unsigned long long)unread ? (long long)(put - (unsigned long long)unread) : -1;
+}
+
 static _Noreturn void finish(struct run *r, unsigned long ooms)
 {
 	unsigned long killed = oom_kills() - ooms;
 	if (killed)
 		ctl_send("O %lu", killed);
-	ctl_send("S %d %llu %llu", r->status, r->pumps[1].count, r->pumps[2].count);
+	ctl_send("S %d %llu %llu %lld", r->status, r->pumps[1].count, r->pumps[2].count, stdin_taken(r));
 	/* Wait for the host to confirm it has every byte: QEMU drops what is
 	 * still queued when the machine powers off. */
 	set_nonblock(ctl_fd);

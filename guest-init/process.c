@@ -42,7 +42,7 @@ static int open_pty(int rows, int cols, uid_t uid, int *slave, const char *who)
 void child_stdio(struct child *c, struct proc *p, int tty, int rows, int cols, const char *who)
 {
 	int *ours[3] = {&c->in_w, &c->out_r, &c->err_r};
-	c->in_w = c->out_r = c->err_r = c->pty = p->ctty = -1;
+	c->in_w = c->out_r = c->err_r = c->pty = p->ctty = c->in_keep = -1;
 	if (tty & (TTY_STDIN | TTY_STDOUT | TTY_STDERR))
 		c->pty = open_pty(rows, cols, p->s->uid, &p->ctty, who);
 	for (int i = 0; i < 3; i++) {
@@ -55,6 +55,8 @@ void child_stdio(struct child *c, struct proc *p, int tty, int rows, int cols, c
 			die("pipe");
 		p->fds[i] = i ? pp[1] : pp[0];
 		*ours[i] = i ? pp[0] : pp[1];
+		if (i == 0 && (tty & TTY_STDIN_FILE))
+			c->in_keep = fcntl(pp[0], F_DUPFD_CLOEXEC, 3);
 	}
 }
 

@@ -19,7 +19,7 @@
  *   key one letter:
  *     A argv element     E env entry        C cwd        H home directory
  *     U uid   G gid      S supplementary gid (repeated)   M umask (octal)
- *     T tty mask (TTY_* bits)   R rows   W cols
+ *     T tty mask (TTY_* bits, TTY_STDIN_FILE)   R rows   W cols
  *     F closed mask: bit 1 << fd set when the launcher's fd 0, 1 or 2 was
  *       closed; the command gets that fd closed too
  *     X x11 display number   Y xpra mode ("1")
@@ -65,6 +65,11 @@
 #define TTY_STDIN 1
 #define TTY_STDOUT 2
 #define TTY_STDERR 4
+/* In the T mask too: the launcher's stdin is a regular file.  The init
+ * then keeps the command's stdin pipe countable, and its S line says how
+ * many bytes the command took; the launcher gives the rest back to the
+ * file's offset, as the command run directly would have left it. */
+#define TTY_STDIN_FILE 8
 
 #define EXEC_STAGE_CREDS 0
 #define EXEC_STAGE_CWD 1

@@ -123,7 +123,7 @@ static unsigned long long number_max(char key)
 	switch (key) {
 	case 'U': case 'G': case 'S': return UINT32_MAX - 1; /* (uid_t)-1 would change nothing */
 	case 'M': return 0777;
-	case 'T': return TTY_STDIN | TTY_STDOUT | TTY_STDERR;
+	case 'T': return TTY_STDIN | TTY_STDOUT | TTY_STDERR | TTY_STDIN_FILE;
 	case 'F': return 7;
 	case 'R': case 'W': return 65535; /* a field of struct winsize */
 	case 'X': return INT_MAX - 1;

@@ -141,7 +141,7 @@ static void test_spec_errors(void)
 		{"Atrue|G 5|", "bad number in the spec"},
 		{"Atrue|M8|", "bad number in the spec"},
 		{"Atrue|M1000|", "bad number in the spec"},
-		{"Atrue|T8|", "bad number in the spec"},
+		{"Atrue|T16|", "bad number in the spec"},
 		{"Atrue|R65536|", "bad number in the spec"},
 		{"Atrue|S99999999999999999999|", "bad number in the spec"},
 		{"Atrue|Z3 1|", "bad rlimit record"},

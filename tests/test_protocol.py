@@ -150,6 +150,8 @@ def test_constants_match_the_guest_header() -> None:
         b"x T ready 5",
         b"1 T ready " + b"9" * 5000,  # too long a line
         b"1 S 0 1e3 0",
+        b"1 S 0 0 0 -2",  # stdin taken: -1 (not counted) or a count
+        b"1 S 0 0 0 1 2",
     ],
 )
 def test_hostile_control_lines_are_refused(line: bytes) -> None:
@@ -161,3 +163,9 @@ def test_guest_text_is_made_printable_and_short() -> None:
     assert isinstance(msg, protocol.Fatal)
     assert "\x1b" not in msg.message and "\x07" not in msg.message and msg.message.startswith("\\x1b]0;pwned\\x07bad")
     assert len(msg.message) <= protocol.MAX_TEXT + 3
+
+
+def test_the_status_line_says_how_much_stdin_the_command_took() -> None:
+    assert protocol.parse_line(b"1 S 3 10 20 7") == (1, protocol.Finished(3, 10, 20, 7))
+    assert protocol.parse_line(b"1 S 3 10 20 -1") == (1, protocol.Finished(3, 10, 20, -1))
+    assert protocol.parse_line(b"1 S 3 10 20") == (1, protocol.Finished(3, 10, 20))  # a backend's older init

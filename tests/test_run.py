@@ -7,6 +7,7 @@ import json
 import os
 import pty
 import re
+import shlex
 import shutil
 import signal
 import struct
@@ -417,3 +418,18 @@ def test_supplementary_groups_arrive_as_they_are() -> None:
     proc = run_tracked([*wrap, *SANDBOX, "run", "--", "grep", "^Groups", "/proc/self/status"])
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == host.split() == [b"Groups:", b"0", b"29"]
+
+
+def test_a_file_on_stdin_goes_on_where_the_command_stopped_reading(tmp_path: Path) -> None:
+    # The launcher reads ahead of the command: `while read l; do sandbox run -- true; done < file`
+    # saw one line, and the rest of a file was gone for whoever read it next.  The oracle: the
+    # same shell lines with the command run directly.
+    lines = tmp_path / "lines"
+    lines.write_bytes(b"l1\nl2\nl3\n")
+    sandbox = " ".join(shlex.quote(w) for w in [*SANDBOX, "run", "--"])
+    script = """while read l; do echo "got $l"; {run} true; done < "$1"; {{ {run} sh -c 'read x; echo "in:$x"'; cat; }} < "$1\""""
+    host = subprocess.run(["sh", "-c", script.format(run=""), "sh", str(lines)], capture_output=True, check=True).stdout
+    proc = popen(["sh", "-c", script.format(run=sandbox), "sh", str(lines)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err
+    assert out == host == b"got l1\ngot l2\ngot l3\nin:l1\nl2\nl3\n"

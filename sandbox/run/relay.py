@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import errno
 import logging
@@ -187,6 +188,7 @@ class Relay:
         self.broken = {"stdout": False, "stderr": False}
         self.stdin_buf = b""
         self.stdin_sent = 0  # bytes of stdin handed to the guest's port
+        self.stdin_read = 0  # bytes read from our stdin
         self.stdin_open = True
         self.stdin_registered = False
         self.console_log: BinaryIO | None = None
@@ -214,6 +216,7 @@ class Relay:
             if saved_tty is not None:
                 termios.tcsetattr(self.io.stdin, termios.TCSADRAIN, saved_tty)
             RELAYING.clear()
+            self._give_back_stdin()
             for s, h in old_handlers.items():
                 signal.signal(s, h)
             signal.set_wakeup_fd(old_wakeup)
@@ -449,6 +452,20 @@ class Relay:
 
     # ---- input -------------------------------------------------------------
 
+    def _give_back_stdin(self) -> None:
+        """Set a file on stdin back to where the command stopped reading it.
+
+        Run directly, a command that reads one line of a file leaves the
+        rest to whoever reads next (the shell's `while read` loop); we read
+        ahead of it.  The guest counts what the command took (it may lie:
+        it can only move the offset back within what we read).
+        """
+        taken = self.finished.stdin_taken if self.finished is not None else -1
+        if not self.tty & protocol.TTY_STDIN_FILE or taken < 0 or taken >= self.stdin_read:
+            return
+        with contextlib.suppress(OSError):
+            os.lseek(self.io.stdin, taken - self.stdin_read, os.SEEK_CUR)
+
     def _enable_stdin(self) -> None:
         """Start reading our stdin only once the command runs.
 
@@ -472,6 +489,7 @@ class Relay:
         if not data:
             self._close_stdin()
             return
+        self.stdin_read += len(data)
         self.stdin_buf = data
         self._flush_stdin()
 

@@ -7,6 +7,7 @@ import logging
 import os
 import pwd
 import resource
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -54,6 +55,13 @@ def _isatty(fd: int) -> bool:
         return False
 
 
+def _regular_file(fd: int) -> bool:
+    try:
+        return stat.S_ISREG(os.fstat(fd).st_mode)
+    except OSError:
+        return False
+
+
 def tty_mask(force: bool | None) -> int:
     """Which of the command's stdin/stdout/stderr get the guest pty.
 
@@ -61,9 +69,11 @@ def tty_mask(force: bool | None) -> int:
     bytes and its EOF still reach the command exactly.
     """
     stdin_tty = _isatty(0)
+    # A file on stdin gets back its offset after the run (relay.py): a `while read` loop goes on where the command stopped.
+    file = protocol.TTY_STDIN_FILE if _regular_file(0) else 0
     if force is False or (force is None and not stdin_tty):
-        return 0
-    mask = protocol.TTY_STDIN if stdin_tty else 0
+        return file
+    mask = file | (protocol.TTY_STDIN if stdin_tty else 0)
     if force or _isatty(1):
         mask |= protocol.TTY_STDOUT
     if _isatty(2):

@@ -34,6 +34,9 @@ MAX_EXEC = 16  # processes the guest serves at once
 HOSTNAME_MAX = 64  # Linux's limit, which sandbox names keep within
 
 TTY_STDIN, TTY_STDOUT, TTY_STDERR = 1, 2, 4
+# In the tty mask too: the launcher's stdin is a regular file, whose offset
+# the launcher sets back after the run to where the command stopped reading.
+TTY_STDIN_FILE = 8
 
 # Why the guest could not start the command (ExecFailed.stage).
 EXEC_STAGE_CREDS, EXEC_STAGE_CWD, EXEC_STAGE_EXEC, EXEC_STAGE_RLIMIT = 0, 1, 2, 3
@@ -193,6 +196,7 @@ class Finished:
     status: int
     out_bytes: int
     err_bytes: int
+    stdin_taken: int = -1  # bytes of stdin the command read (TTY_STDIN_FILE), -1: not counted
 
 
 @dataclass(frozen=True)
@@ -258,8 +262,11 @@ def parse_line(line: bytes) -> tuple[int, GuestMessage] | None:
         if kind == "E":
             return when, Fatal(printable(rest))
         if kind == "S":
-            status, out, err = rest.split(" ")
-            return when, Finished(_number(status, 0, 256), _number(out, 0, 1 << 63), _number(err, 0, 1 << 63))
+            status, out, err, *taken = rest.split(" ")
+            if len(taken) > 1:
+                return None
+            return when, Finished(_number(status, 0, 256), _number(out, 0, 1 << 63), _number(err, 0, 1 << 63),
+                                  _number(taken[0], -1, 1 << 63) if taken else -1)  # fmt: skip
         if kind == "L":
             return when, LogLine(printable(rest))
     except ValueError:
