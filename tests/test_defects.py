@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -23,13 +24,15 @@ def test_huge_argv_and_environment_arrive_whole_and_are_logged_once(tmp_path: Pa
     env["PATH"] = "/sbt-custom:/usr/bin:/bin"  # last, as the one that was dropped
     script = 'echo "$#"; env | grep -c "^SBT_"; echo "$PATH"; echo "$1 ${100000}"'
     # --timeout 1e300 used to end in an OverflowError traceback.
-    proc = run_sandbox("sh", "-c", script, "sh", *args, env=env, run_opts=("--timeout", "1e300"), timeout=240)
+    zero = f"sh-{os.getpid()}-{time.monotonic_ns()}"  # $0: this run's own, for finding its audit record
+    proc = run_sandbox("sh", "-c", script, zero, *args, env=env, run_opts=("--timeout", "1e300"), timeout=240)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.decode().splitlines() == ["100000", "5036", "/sbt-custom:/usr/bin:/bin", "1 100000"]
     if start_mode == "pooled":
         # The pool's guest was made (and its start logged) before; the pool logs whom it served, in its own trail.
         trail = Path(os.environ.get("SANDBOX_AUDIT_LOG", "/var/log/sandbox/audit.jsonl")).read_text().splitlines()[-200:]
-        (served,) = [r for r in map(json.loads, trail) if r["event"] == "serve" and r["command"].get("argc") == 100_004]
+        ours = hashlib.sha256(b"\0".join(a.encode() for a in ["sh", "-c", script, zero, *args])).hexdigest()
+        (served,) = [r for r in map(json.loads, trail) if r["event"] == "serve" and r["command"].get("sha256") == ours]  # earlier runs' are there too
         assert len(served["command"]["sha256"]) == 64
         return
     start, stop = (json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines())
