@@ -197,3 +197,25 @@ def test_status_for_people_names_every_counter_and_what_guests_are_made_for() ->
     for fragment in ("pool 7: 1 of 2 guests ready, 1 serving", "served 4, refills 5, misses 1", "ended stale 2",
                      "QEMU 9, 55.5 MiB PSS", "512 MiB, tcg, /boot/vmlinuz-x", "last failure: boom"):  # fmt: skip
         assert fragment in text, (fragment, text)
+
+
+def test_a_fingerprint_is_taken_only_once_the_last_change_is_a_clock_tick_old(tmp_path: Path) -> None:
+    # Two changes within one tick of a coarse clock can leave the same ctime: one just before
+    # the fingerprint and one just after would go unseen.  So a fresh change is waited out.
+    f = tmp_path / "lib.so"
+    f.write_bytes(b"x")
+    changed = f.stat().st_ctime_ns
+    slept: list[float] = []
+    now = [changed + freshness.RACY_NS // 2]
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        now[0] += int(seconds * 1e9)
+
+    found = freshness.settled_fingerprint([str(f)], clock=lambda: now[0], sleep=sleep)
+    assert slept and found == freshness.fingerprint([str(f)])
+    slept.clear()
+    assert freshness.settled_fingerprint([str(f)], clock=lambda: changed + 10 * freshness.RACY_NS, sleep=sleep) != ()
+    assert not slept  # an old change: at once
+    # One that keeps changing is never trusted: () matches no host, and the guest ends as stale.
+    assert freshness.settled_fingerprint([str(f)], clock=lambda: changed, sleep=lambda s: None) == ()

@@ -23,7 +23,8 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 
 # The programs guest-init/pool.c runs (a test checks that the two agree).
 PROGRAMS = ("/bin/sh", "/bin/true", "/usr/bin/env")
@@ -90,6 +91,28 @@ def boot_inputs(qemu: str) -> tuple[str, ...]:
     """What a pool's guests were made from on the host: the kernels and their modules (a run takes the newest), and QEMU."""
     # Their own entries (by path: a replaced file is another inode), not the directories on the way.
     return tuple(sorted({os.path.realpath(p) for p in ("/boot", "/lib/modules", shutil.which(qemu) or qemu)}))
+
+
+# A file's timestamps come from a coarse clock (a tick of 1-10 ms on most
+# kernels before 6.13's fine-grained ones): two changes within one tick can
+# leave the same ctime.  So a fingerprint is trusted only once every entry's
+# last change is older than this: a later change then shows, as git treats
+# its "racily clean" index entries.
+RACY_NS = 20_000_000
+SETTLE_TRIES = 50  # then the fingerprint is given up on: () matches no host, and the guest ends as stale
+
+
+def settled_fingerprint(paths: Iterable[str], clock: Callable[[], int] = time.time_ns,
+                        sleep: Callable[[float], None] = time.sleep) -> Fingerprint:  # fmt: skip
+    """fingerprint(paths), taken when no entry changed within RACY_NS of it (else ())."""
+    paths = list(paths)
+    for _ in range(SETTLE_TRIES):
+        found = fingerprint(paths)
+        now = clock()
+        if all(st is None or now - max(st[4], st[5]) >= RACY_NS for _, st in found):
+            return found
+        sleep(RACY_NS / 1e9)
+    return ()
 
 
 def fingerprint(paths: Iterable[str]) -> Fingerprint:

@@ -110,7 +110,7 @@ class ReadyGuest:
         guest.wait_built(PREP_TIMEOUT, 1)
         set_priority(self.qemu_pid, background=True)  # the threads QEMU made meanwhile too
         # Before it reads anything: a change after this is seen at hand-off, even one it read.
-        self.fingerprint = freshness.fingerprint(self.watch)
+        self.fingerprint = freshness.settled_fingerprint(self.watch)
         guest.channels.control.sendall(protocol.PREPARE)
         self._wait_prepped(guest)
         self.made = time.monotonic()
