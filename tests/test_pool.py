@@ -97,18 +97,19 @@ def test_waiting_guests_cost_next_to_no_cpu(test_pool: PoolForTests) -> None:
 
 def test_status_says_what_is_ready_and_what_was_served(own_pool: PoolForTests) -> None:
     status = own_pool.wait_ready()
-    assert status["size"] == 2 and len(status["ready"]) == 2 and status["launchers_ready"] == 1
+    assert status["size"] == 2 and len(status["ready"]) == 2 and status["launchers_ready"] == 1, status
     for guest in status["ready"]:
         assert guest["pss_mib"] > 0 and guest["qemu_pid"] > 0
     served = status["served"]
-    assert pooled(own_pool, "true").returncode == 0
+    first = pooled(own_pool, "true")
+    assert first.returncode == 0 and start_of(first) == "pooled", first.stderr
     miss = own_pool.sandbox("run", "--memory", "768M", "--timings=json", "--", "true")  # made for other options: restored
     assert miss.returncode == 0 and start_of(miss) != "pooled", miss.stderr
     no_pool = own_pool.sandbox("run", "--no-pool", "--timings=json", "--", "true")
     assert no_pool.returncode == 0 and start_of(no_pool) == "warm", no_pool.stderr
     after = own_pool.status()
     assert after is not None
-    assert after["served"] == served + 1 and after["misses"] == status["misses"] + 1
+    assert after["served"] == served + 1 and after["misses"] == status["misses"] + 1, (status, after)
     text = own_pool.sandbox("pool", "status").stdout.decode()
     assert f"pool {own_pool.pid}:" in text and "served" in text and "MiB PSS" in text
 
