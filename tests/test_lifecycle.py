@@ -11,6 +11,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -281,10 +282,23 @@ ALONE = {29, 42, 54, 56, 97, 99, 100, 125, 126}
 
 def qemu_pressable() -> list[int]:
     """The Linux keys QEMU has a QKeyCode for, read from the installed QEMU's QMP schema."""
-    qmp = b'{"execute":"qmp_capabilities"}\n{"execute":"query-qmp-schema"}\n{"execute":"quit"}\n'
-    out = subprocess.run(["qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none", "-qmp", "stdio"],
-                         input=qmp, capture_output=True, timeout=60).stdout  # fmt: skip
-    schema = next(r["return"] for r in map(json.loads, out.splitlines()) if isinstance(r.get("return"), list))
+    # quit is sent only once the schema's reply has been read whole: QEMU drops stdio output still queued when it
+    # quits, and the schema is larger than a pipe (CI once read it cut at 128 KiB).
+    with subprocess.Popen(["qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none", "-qmp", "stdio"],
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE) as proc:  # fmt: skip
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(b'{"execute":"qmp_capabilities"}\n{"execute":"query-qmp-schema"}\n')
+        proc.stdin.flush()
+        schema: list[Any] | None = None
+        for line in proc.stdout:
+            reply = json.loads(line)
+            if isinstance(reply.get("return"), list):
+                schema = reply["return"]
+                break
+        proc.stdin.write(b'{"execute":"quit"}\n')
+        proc.stdin.close()
+        proc.wait(timeout=60)
+    assert schema is not None
     table = keycodes.table()
     return sorted({table.qcode_keys[q] for q in sendkey.qkeycode_names(schema) - {"unmapped"}})
 
