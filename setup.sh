@@ -9,7 +9,7 @@ if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
         cpio procps util-linux busybox-static time \
         xvfb xserver-xephyr x11-apps x11-utils xdotool xauth imagemagick \
         selinux-policy-default selinux-utils policycoreutils semodule-utils checkpolicy selinux-policy-dev make \
-        passt dnsmasq-base nftables iproute2 radvd iperf3 \
+        passt dnsmasq-base nftables iproute2 radvd iperf3 erofs-utils \
         libvirt-daemon-system libvirt-dev pkg-config python3-dev openssh-server \
         man-db bash-completion
     # --x11=xpra: with its recommends (codecs, PIL), as tested; its client

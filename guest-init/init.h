@@ -131,6 +131,10 @@ void setup_root(const struct spec *s);
 int make_dirs(const char *path, mode_t mode);
 /* Pure: NEWROOT joined with an absolute guest path; -1 if it does not fit. */
 int root_path(char *out, size_t sz, const char *guest_path);
+/* A MOP_IMAGE step (images.c): the erofs image at host path `image` over `target`, or (said on the console) nothing. */
+void mount_image(const char *image, const char *target, const char *tree);
+/* Pure (images.c): the data blob beside an image file, "x.erofs" -> "x.blob"; -1 if it does not fit or end so. */
+int blob_path(char *out, size_t sz, const char *image);
 /* Pure: the options of a MOP_TMPFS step's tmpfs. */
 void tmpfs_opts(char *out, size_t sz, const struct mop *m, uid_t uid, gid_t gid);
 

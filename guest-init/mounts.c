@@ -189,6 +189,9 @@ static void do_mop(const struct spec *s, const struct mop *m)
 		break;
 	case MOP_MKDIR:
 		break; /* done before the other steps (root_layer) */
+	case MOP_IMAGE:
+		mount_image(m->tag, target, m->path);
+		break;
 	default:
 		die("unknown mount step '%c'", m->op);
 	}

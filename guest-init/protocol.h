@@ -86,6 +86,7 @@
 #define MOP_HIDE_DIR 'H'  /* an empty private dir over path */
 #define MOP_HIDE_FILE 'F' /* an empty private file over path */
 #define MOP_MKDIR 'D'     /* a mount point the read-only root lacks */
+#define MOP_IMAGE 'I'     /* an erofs image (tag: its host path) of the host's tree at path */
 
 #define X11_OPEN 'O'
 #define X11_DATA 'D'

@@ -44,7 +44,19 @@ def popen(argv: list[str], **kw: Any) -> subprocess.Popen[bytes]:
         pooled = os.environ.get("SANDBOX_POOL", "0") != "0"
         kw["env"] = {**env, "SANDBOX_POOL": os.environ.get("SANDBOX_POOL", "0"),
                      **({"XDG_RUNTIME_DIR": os.environ["XDG_RUNTIME_DIR"]} if pooled and "XDG_RUNTIME_DIR" not in env else {})}  # fmt: skip
-    proc: subprocess.Popen[bytes] = subprocess.Popen(argv, **kw)
+    # A suite started as a background job of a shell without job control
+    # (`cmd &` in a script) inherits SIGINT and SIGQUIT ignored, and a
+    # launcher keeps what it was started ignoring (as the command would):
+    # each launcher starts as a user's foreground command does.
+    setup = kw.pop("preexec_fn", None)
+
+    def preexec() -> None:
+        for signo in (signal.SIGINT, signal.SIGQUIT):
+            signal.signal(signo, signal.SIG_DFL)
+        if setup is not None:
+            setup()
+
+    proc: subprocess.Popen[bytes] = subprocess.Popen(argv, preexec_fn=preexec, **kw)
     STARTED.append(proc.pid)
     return proc
 

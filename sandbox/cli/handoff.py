@@ -62,7 +62,7 @@ def _connect() -> socket.socket | None:
         unixsock.connect(conn, os.path.join(path, "pool.sock"))
         if wire.peer_uid(conn) != os.geteuid():
             raise OSError("the pool's socket is another user's")
-        wire.send(conn, {"op": "launch"})
+        wire.send(conn, {"op": "launch", "install": paths.install_id()})
         answer, fds = wire.receive(conn)
         for fd in fds:
             os.close(fd)

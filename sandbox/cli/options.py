@@ -100,6 +100,16 @@ def directory(text: str) -> Path:
     return path.resolve()
 
 
+def tree(text: str) -> str:
+    """A host directory for --image-tree: absolute once resolved, and not the root."""
+    path = os.path.realpath(os.path.expanduser(text))
+    if not os.path.isdir(path):
+        raise argparse.ArgumentTypeError(f"{text}: not a directory")
+    if path == "/":
+        raise argparse.ArgumentTypeError(f"{text}: the whole root cannot be one image")
+    return path
+
+
 def share(text: str) -> Any:
     """--share HOST[:GUEST][:MODE], its host path relative to the working directory (a mounts.Share)."""
     from sandbox.plan import mounts
@@ -256,6 +266,10 @@ FILES: tuple[Option, ...] = (
                                        "help": "an empty private tmpfs instead of the host's files (e.g. /tmp or $HOME)"}),
     Option(("--hide",), "hide", {"action": "append", "default": [], "metavar": "PATH", "help": "hide PATH (relative: in the home) too"}),
     Option(("--unhide",), "unhide", {"action": "append", "default": [], "metavar": "PATH", "help": "show a path hidden by default (e.g. .ssh)"}),
+    Option(("--images",), "images", {"action": SWITCH, "default": True,
+                                     "help": "read-only host trees (C headers, Python's libraries, --image-tree) from cached images while they match the host"}),
+    Option(("--image-tree",), "image_trees", {"action": "append", "type": tree, "default": [], "metavar": "DIR",
+                                              "help": "serve this read-only host directory from a cached image too"}),
     Option(("--home",), "home", {"type": directory, "metavar": "DIR", "help": "share DIR read-write as the home directory"}),
 )  # fmt: skip
 

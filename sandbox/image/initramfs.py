@@ -13,7 +13,9 @@ from sandbox.image.kernel import Kernel
 log = logging.getLogger(__name__)
 
 # What the init needs beyond the transport, which depends on the machine type.
-BASE_MODULES = ["virtio_console", "9pnet_virtio", "9p", "overlay"]
+# loop, erofs: host trees from images (hostfiles.py); crc32c_generic is
+# libcrc32c's soft dependency (modules.softdep), which erofs needs loaded.
+BASE_MODULES = ["virtio_console", "9pnet_virtio", "9p", "overlay", "loop", "crc32c_generic", "erofs"]
 # microvm: 9p over mmio, virtio-serial over PCI (qemu/argv.py, _serial_device).
 TRANSPORT_MODULES = {"microvm": ["virtio_mmio", "virtio_pci"], "q35": ["virtio_pci"]}
 

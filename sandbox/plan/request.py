@@ -68,6 +68,8 @@ class FilesRequest:
     private: tuple[str, ...] = ()
     hide: tuple[str, ...] = ()
     unhide: tuple[str, ...] = ()
+    images: bool = True  # read-only host trees from erofs images where current (sandbox/image/hostfiles.py)
+    image_trees: tuple[str, ...] = ()  # beyond hostfiles.default_trees()
 
 
 @dataclass(frozen=True)

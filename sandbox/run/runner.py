@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sandbox.backends import base as backends
+from sandbox.image import hostfiles
 from sandbox.plan import mounts
 from sandbox.run import diagnostics
 from sandbox.wire import protocol
@@ -238,9 +239,10 @@ class Run:
     """One `sandbox run`'s attempts: the relay around each guest its backend makes (`once`)."""
 
     def __init__(self, request: RunRequest, hooks: RunHooks, ctx: RunContext, boot: BootSpec, cspec: protocol.CommandSpec,
-                 timeout_at: float | None, x11: X11Session | None, net_wired: Callable[[], None]) -> None:  # fmt: skip
+                 timeout_at: float | None, x11: X11Session | None, net_wired: Callable[[], None],
+                 images: hostfiles.Judging | None = None) -> None:  # fmt: skip
         self.request, self.hooks, self.ctx, self.boot, self.cspec = request, hooks, ctx, boot, cspec
-        self.timeout_at, self.x11, self.net_wired = timeout_at, x11, net_wired
+        self.timeout_at, self.x11, self.net_wired, self.images = timeout_at, x11, net_wired, images
 
     def once(self, make_guest: GuestFactory, attempt: Attempt) -> RunResult:
         """One boot (or restore) of the VM; raises BootStallError or WarmStartFailed if it fails before the command starts."""
@@ -260,6 +262,11 @@ class Run:
                 from sandbox.features.execs import ExecBridge
 
                 execs = stack.enter_context(ExecBridge(self.hooks.exec_socket))
+            if self.images is not None:
+                found = self.images.result()
+                if found:
+                    log.info("from images: %s", ", ".join(tree for tree, _ in found))
+                    cspec = replace(cspec, mounts=hostfiles.with_images(cspec.mounts, found))
             spec_message = protocol.encode_spec(cspec)
             guest.wait_built(boot_timeout, attempt.number)
             self._tell_started(guest)
@@ -339,6 +346,7 @@ def run(request: RunRequest, hooks: RunHooks = RunHooks()) -> RunResult:
         launcher_cwd = None if remote else (request.command.cwd or mounts.working_directory())
         cwd = start_directory(request.command.workdir, launcher_cwd, home, remote)
         plan = mount_plan(request, home, cwd, remote)
+        images = _judge_images(request, plan, remote)
         env = start_environment(env, cwd, launcher_cwd)
         prep = backend.prepare(request)
         timeline.tsc_khz = prep.tsc_khz
@@ -366,10 +374,19 @@ def run(request: RunRequest, hooks: RunHooks = RunHooks()) -> RunResult:
         boot = backends.boot_spec(request, prep, plan, nic, seccomp=confinement is not None and confinement.seccomp)
         overlays = tuple(m.path for m in plan.steps if m.op == protocol.MOP_OVERLAY)
         ctx = RunContext(rundir, timeline, confinement, request.verbose, hooks, overlays)
-        result = backend.run(boot, ctx, Run(request, hooks, ctx, boot, cspec, timeout_at, x11, net_wired).once)
+        result = backend.run(boot, ctx, Run(request, hooks, ctx, boot, cspec, timeout_at, x11, net_wired, images).once)
         if confinement is not None:
             confinement.ended(result.status)
         return result
+
+
+def _judge_images(request: RunRequest, plan: mounts.Plan, remote: bool) -> hostfiles.Judging | None:
+    """The run's image check, started now (hostfiles.py): trees of the host's, not another's, that no mount of the plan meets."""
+    files = request.files
+    if remote or not files.images:
+        return None
+    trees = hostfiles.usable_trees(hostfiles.default_trees() + files.image_trees, plan.steps, mounts.host_homes())
+    return hostfiles.Judging(trees) if trees else None
 
 
 def _walls(request: RunRequest) -> ConfinementSpec | None:

@@ -51,6 +51,7 @@ MOP_HOME = "h"
 MOP_HIDE_DIR = "H"
 MOP_HIDE_FILE = "F"
 MOP_MKDIR = "D"
+MOP_IMAGE = "I"  # an erofs image of the host's tree at path (tag: the image's host path), over the 9p one
 
 
 @dataclass(frozen=True)

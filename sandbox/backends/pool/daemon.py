@@ -34,6 +34,7 @@ from sandbox.backends.pool import key as keys
 from sandbox.backends.pool import wire
 from sandbox.backends.pool.guests import NoTemplate, ReadyGuest
 from sandbox.backends.pool.launchers import Launchers
+from sandbox.backends.pool import paths
 from sandbox.backends.pool.paths import lock_path, log_path, socket_path
 from sandbox.confinement import walls
 from sandbox.core import process
@@ -72,6 +73,7 @@ class Pool:
     def __init__(self, request: RunRequest, boot: BootSpec, backend: DirectBackend, size: int, idle: float) -> None:
         self.request, self.boot, self.backend = request, boot, backend
         self.key = keys.key(request)
+        self.install = paths.install_id()  # as it was when this code was imported, not as the files on disk are now
         self.spec = walls.resolve(request.confinement) if request.confinement is not None else None
         self.size, self.idle = size, idle
         self.watch = freshness.watched_paths()  # what a guest's exercise reads of the host's files
@@ -255,7 +257,9 @@ class Pool:
         elif op == "launch":
             self.last_run = time.monotonic()
             # "go" first: the user's process then speaks to the launcher, which holds the connection from here on.
-            if self.launchers.ready:
+            if message.get("install") != self.install:
+                wire.send(conn, {"op": "busy", "why": "the pool is another installation's of sandbox"})
+            elif self.launchers.ready:
                 wire.send(conn, {"op": "go"})
                 for launcher in list(self.launchers.ready):
                     self.sel.unregister(launcher.sock)

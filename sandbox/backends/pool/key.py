@@ -15,6 +15,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+from sandbox.backends.pool import paths
 from sandbox.core.errors import UsageError
 from sandbox.plan.request import CommandRequest, ConfinementOptions, MachineRequest, RunRequest
 
@@ -40,8 +41,8 @@ def unpoolable(request: RunRequest) -> str | None:
 
 
 def key(request: RunRequest) -> str:
-    """What a pooled guest for `request` was made for: the machine and the walls, not the command."""
-    return hashlib.sha256(f"{FORMAT}\n{describe(request)}".encode()).hexdigest()[:20]
+    """What a pooled guest for `request` was made for: the machine and the walls (not the command), by this installation."""
+    return hashlib.sha256(f"{FORMAT}\n{paths.install_id()}\n{describe(request)}".encode()).hexdigest()[:20]
 
 
 def describe(request: RunRequest) -> str:

@@ -10,6 +10,22 @@ import os
 from sandbox.core import runbase
 
 
+def install_id() -> str:
+    """This installation of sandbox: its package directory, and that directory's last change (an upgrade replaces files in it).
+
+    A pool runs its own installation's code (its launchers are imported
+    already), so it serves only runs of that installation: another one
+    beside it (a second checkout, a venv of another version) restores its
+    runs itself.
+    """
+    pkg = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        changed = os.stat(pkg).st_mtime_ns
+    except OSError:
+        changed = 0
+    return f"{pkg}@{changed}"
+
+
 def base() -> str | None:
     """The user's runtime base, when it is a private directory of theirs (None: no pool can live anywhere safe)."""
     path = runbase.candidate()

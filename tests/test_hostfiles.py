@@ -1,0 +1,123 @@
+"""Host trees from images on real VMs: used while current, never stale, read-only to every guest (sandbox/image/hostfiles.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import VISIBLE_BASE, Nobody, run_sandbox
+from sandbox.image import hostfiles
+
+pytestmark = [pytest.mark.vm]
+
+# What the guest shows of the tree: whether an image is mounted there, then every file with its bytes.
+SHOW = 'grep -c " {t} erofs " /proc/mounts; cd {t} && find . -type f | sort | while read f; do echo "$f: $(cat "$f")"; done'
+
+
+@pytest.fixture
+def tree() -> Iterator[Path]:
+    """A tree of the host's outside /tmp and every home (those are overlaid, and never imaged), and its images after."""
+    t = VISIBLE_BASE / f"tree-{uuid.uuid4().hex[:8]}"
+    (t / "sub").mkdir(parents=True)
+    (t / "a.txt").write_text("hello")
+    (t / "b.txt").write_text("bee")
+    (t / "sub" / "c.txt").write_text("sea")
+    try:
+        yield t
+    finally:
+        m = hostfiles.read_manifest(str(t))
+        if m is not None and m.image:
+            (hostfiles.images_dir() / m.image).unlink(missing_ok=True)
+        hostfiles.manifest_path(str(t)).unlink(missing_ok=True)
+        shutil.rmtree(t, ignore_errors=True)
+
+
+def build(t: Path, env: dict[str, str] | None = None, prefix: tuple[str, ...] = ()) -> None:
+    """The image built now (runs build it in the background; a test waits for none)."""
+    subprocess.run([*prefix, sys.executable, "-m", "sandbox.image.hostfiles", str(t)], check=True, env=env, timeout=120)
+
+
+def seen(t: Path, *opts: str) -> tuple[bool, list[str]]:
+    """(whether the run's guest had t from an image, the files it saw with their bytes)."""
+    proc = run_sandbox("sh", "-c", SHOW.format(t=t), run_opts=("--image-tree", str(t), *opts), cwd="/")
+    assert proc.returncode == 0, proc.stderr.decode()
+    count, *files = proc.stdout.decode().splitlines()
+    return count == "1", files
+
+
+def host_view(t: Path) -> list[str]:
+    return sorted(f"./{p.relative_to(t)}: {p.read_text()}" for p in t.rglob("*") if p.is_file())
+
+
+def test_every_change_on_the_host_is_seen_by_the_next_run(tree: Path, start_mode: str) -> None:
+    """In place (same size, same mtime), added, removed, renamed: each seen by the next run, never the image's old copy."""
+    t = tree
+    assert seen(t) == (False, host_view(t))  # no image yet: 9p
+    build(t)
+    assert seen(t) == (True, host_view(t))
+
+    def in_place() -> None:
+        st = os.stat(t / "a.txt")
+        time.sleep(0.03)  # past the racy window: a real edit comes later than the build's fingerprint
+        (t / "a.txt").write_text("HELLO")
+        os.utime(t / "a.txt", ns=(st.st_atime_ns, st.st_mtime_ns))
+
+    for change in (in_place, lambda: (t / "d.txt").write_text("new"), lambda: (t / "b.txt").unlink(),
+                   lambda: (t / "sub" / "c.txt").rename(t / "sub" / "e.txt")):  # fmt: skip
+        change()
+        assert seen(t) == (False, host_view(t)), change  # stale: the tree comes over 9p, as it is now
+        build(t)
+        assert seen(t) == (True, host_view(t)), change  # current again
+
+
+def test_no_image_is_used_with_no_images_or_where_a_mount_of_the_run_is(tree: Path) -> None:
+    build(tree)
+    assert seen(tree, "--no-images") == (False, host_view(tree))
+    assert seen(tree, "--tmpfs", f"{tree}/sub")[0] is False  # the plan mounts inside it: no image may hide that
+    assert seen(tree)[0] is True
+
+
+def test_root_in_the_guest_cannot_change_an_image(tree: Path) -> None:
+    build(tree)
+    m = hostfiles.read_manifest(str(tree))
+    assert m is not None and m.image
+    image = hostfiles.images_dir() / m.image
+    before = hashlib.sha256(image.read_bytes()).hexdigest()
+    script = f"""
+        echo owned > {image} 2>/dev/null && echo wrote-path
+        dd if=/dev/zero of=$(grep " {tree} erofs " /proc/mounts | cut -d' ' -f1) bs=4096 count=1 conv=notrunc 2>/dev/null && echo wrote-device
+        cat {tree}/a.txt
+    """
+    proc = run_sandbox("sh", "-c", script, run_opts=("--image-tree", str(tree)), cwd="/")
+    assert proc.returncode == 0, proc.stderr.decode()
+    # /root is a copy-on-write overlay in the guest: a write to the path lands there; the loop device is read-only.
+    assert b"wrote-device" not in proc.stdout and proc.stdout.endswith(b"\nhello"), proc.stdout
+    assert hashlib.sha256(image.read_bytes()).hexdigest() == before
+    assert seen(tree) == (True, host_view(tree))
+
+
+def test_a_normal_user_builds_and_uses_images_of_their_own(tree: Path, nobody: Nobody) -> None:
+    env = nobody.env()
+    build(tree, env=env, prefix=tuple(nobody.prefix))
+    images = Path(env["XDG_CACHE_HOME"]) / "sandbox" / "files"
+    assert images.stat().st_uid == pwd_uid("nobody") and images.stat().st_mode & 0o777 == 0o700
+    proc = nobody.run("run", "--image-tree", str(tree), "--", "sh", "-c", SHOW.format(t=tree))
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stdout.decode().splitlines() == ["1", *host_view(tree)]
+    # root's own runs never take nobody's image (their caches differ), and build their own
+    assert seen(tree)[0] is False
+
+
+def pwd_uid(name: str) -> int:
+    import pwd
+
+    return pwd.getpwnam(name).pw_uid
