@@ -58,8 +58,12 @@ def host_view(t: Path) -> list[str]:
     return sorted(f"./{p.relative_to(t)}: {p.read_text()}" for p in t.rglob("*") if p.is_file())
 
 
-def test_every_change_on_the_host_is_seen_by_the_next_run(tree: Path, start_mode: str) -> None:
-    """In place (same size, same mtime), added, removed, renamed: each seen by the next run, never the image's old copy."""
+def test_every_change_on_the_host_is_seen_by_the_next_run(tree: Path, start_mode: str, request: pytest.FixtureRequest) -> None:
+    """In place (same size, same mtime), added, removed, renamed: each seen by the next run, never the image's old copy.
+
+    Pooled, the pool's watcher vouches for the tree once it watches it (it
+    does from the first run that asks), and each change ends that at once.
+    """
     t = tree
     assert seen(t) == (False, host_view(t))  # no image yet: 9p
     build(t)
@@ -77,6 +81,15 @@ def test_every_change_on_the_host_is_seen_by_the_next_run(tree: Path, start_mode
         assert seen(t) == (False, host_view(t)), change  # stale: the tree comes over 9p, as it is now
         build(t)
         assert seen(t) == (True, host_view(t)), change  # current again
+    if start_mode == "pooled":
+        pool = request.getfixturevalue("test_pool")
+        deadline = time.monotonic() + 30
+        while str(t) not in pool.status()["trees_watched"]:
+            assert time.monotonic() < deadline, "the pool never watched the tree its runs asked about"
+            time.sleep(0.2)
+        (t / "a.txt").write_text("after")
+        assert str(t) not in pool.status()["trees_watched"]
+        assert seen(t) == (False, host_view(t))
 
 
 def test_no_image_is_used_with_no_images_or_where_a_mount_of_the_run_is(tree: Path) -> None:

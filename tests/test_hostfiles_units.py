@@ -125,8 +125,8 @@ def test_a_built_image_is_current_until_the_tree_changes_then_rebuilt(tmp_path: 
 def test_a_tree_that_cannot_be_imaged_says_why_and_is_not_retried_until_it_changes(tmp_path: Path, cache: Path,
                                                                                   monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     t = _tree(tmp_path)
-    monkeypatch.setattr(hostfiles.shutil, "which", lambda name: None)
-    monkeypatch.setattr(hostfiles.os.path, "exists", lambda p: False)
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    monkeypatch.setattr("os.path.exists", lambda p: False)
     m = hostfiles.build(str(t))
     assert m is not None and not m.image and "erofs-utils" in m.error
     v = hostfiles.judge(str(t))

@@ -26,6 +26,7 @@ that changed meanwhile gets no image.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -34,6 +35,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -47,21 +49,25 @@ log = logging.getLogger(__name__)
 FORMAT = 2  # bump when an image's contents or its manifest change meaning
 RACY_NS = 20_000_000  # as freshness.RACY_NS: a change within a clock tick of the fingerprint could hide
 SETTLE_TRIES = 50
-MAX_ENTRIES = 60_000  # a larger tree costs a run too much to fingerprint (~5 us an entry)
+MAX_ENTRIES = 30_000  # a larger tree costs a run too much to fingerprint (~5 us an entry)
 MAX_BYTES = 2 << 30  # nor is a larger one worth its disk
 CHUNK = 1 << 20  # bytes of a file's data per chunk of the blob (identical chunks are stored once)
+JUDGE_TIMEOUT = 5.0  # s a run waits for its trees' check before it goes on without images
 PRUNE_AFTER = 600.0  # s an image no longer current is kept (a run that chose it may not have opened it yet)
 
 
 def default_trees() -> tuple[str, ...]:
-    """The trees imaged unless told otherwise: C headers and the system Python's libraries, where the host has them."""
+    """The trees imaged unless told otherwise: C headers and the standard libraries of the system's Pythons, where the host has them.
+
+    Not /usr/lib/python3 (Debian's dist-packages: 14,000 entries here, a
+    fingerprint of ~70 ms each run): --image-tree adds it, or any tree.
+    """
     found = ["/usr/include"]
-    for base in ("/usr/lib", "/usr/local/lib"):
-        try:
-            names = sorted(os.listdir(base))
-        except OSError:
-            continue
-        found += [os.path.join(base, n) for n in names if n.startswith("python3")]
+    try:
+        names = sorted(os.listdir("/usr/lib"))
+    except OSError:
+        names = []
+    found += [os.path.join("/usr/lib", n) for n in names if n.startswith("python3.")]
     return tuple(p for p in found if os.path.isdir(p) and not os.path.islink(p))
 
 
@@ -114,54 +120,57 @@ class Scan:
     readable: bool  # every file and directory readable (and directories searchable) by this process
 
 
+# Every entry's identity and times as find(1) prints them: walked in C, in a
+# process of its own (on the other core while QEMU starts; a walk in Python
+# held the GIL the launcher needs then, and took as long).  Directories first
+# are not needed: any change to an entry changes its own line.
+FIND_FORMAT = "%P\\0%y %D %i %m %U %G %s %n %T@ %C@\\0"
+
+
 def scan(tree: str, limit: int = MAX_ENTRIES) -> Scan | None:
-    """The fingerprint of `tree` as it is now; None if it is no directory or has more than `limit` entries."""
-    # os.walk would lstat each entry again: scandir's entries carry what we need after one lstat each.
-    h = hashlib.sha256()
-    entries = total = newest = 0
-    readable = True
-    pending = [""]
+    """The fingerprint of `tree` as it is now; None if it is no directory (or a link) or has more than `limit` entries."""
     try:
         top = os.lstat(tree)
     except OSError:
         return None
     if not stat.S_ISDIR(top.st_mode):
         return None
-    h.update(_record("", top))
-    newest = max(top.st_mtime_ns, top.st_ctime_ns)
-    readable = os.access(tree, os.R_OK | os.X_OK)
-    while pending:
-        rel = pending.pop()
-        try:
-            with os.scandir(os.path.join(tree, rel) if rel else tree) as it:
-                children = sorted((e.name, e) for e in it)
-        except OSError:
-            readable = False
-            continue
-        for name, entry in children:
-            path = f"{rel}/{name}" if rel else name
-            try:
-                st = entry.stat(follow_symlinks=False)
-            except OSError:
-                readable = False
-                continue
-            entries += 1
-            if entries > limit:
-                return None
-            h.update(_record(path, st))
-            newest = max(newest, st.st_mtime_ns, st.st_ctime_ns)
-            if stat.S_ISDIR(st.st_mode):
-                pending.append(path)
-                readable = readable and os.access(entry.path, os.R_OK | os.X_OK)
-            elif stat.S_ISREG(st.st_mode):
-                total += st.st_size
-                readable = readable and os.access(entry.path, os.R_OK)
-    return Scan(h.hexdigest(), entries, total, newest, readable)
+    # -xdev stays off: 9p shows what is mounted inside the tree too, and so must the image.
+    proc = subprocess.run(["find", tree, "-printf", FIND_FORMAT], capture_output=True, timeout=600,
+                          env={"LC_ALL": "C", "PATH": os.defpath})  # fmt: skip
+    fields = proc.stdout.split(b"\0")[1::2]
+    if len(fields) > limit + 1:
+        return None
+    # A line find could not print (a directory it could not read) makes the tree unreadable for this user.
+    readable = proc.returncode == 0 and len(proc.stdout.split(b"\0")) % 2 == 1
+    total = newest = 0
+    for line in fields:
+        kind, _dev, _ino, mode, _uid, _gid, size, _nlink, mtime, ctime = line.split(b" ")
+        newest = max(newest, _ns(mtime), _ns(ctime))
+        if kind == b"f":
+            total += int(size)
+            readable = readable and _readable(int(mode, 8), int(_uid), int(_gid), 0o4)
+        elif kind == b"d":
+            readable = readable and _readable(int(mode, 8), int(_uid), int(_gid), 0o5)
+    return Scan(hashlib.sha256(proc.stdout).hexdigest(), len(fields) - 1, total, newest, readable)
 
 
-def _record(path: str, st: os.stat_result) -> bytes:
-    fields = (st.st_dev, st.st_ino, st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_nlink, st.st_mtime_ns, st.st_ctime_ns)
-    return path.encode("utf-8", "surrogateescape") + b"\0" + " ".join(map(str, fields)).encode() + b"\n"
+def _ns(text: bytes) -> int:
+    whole, _, frac = text.partition(b".")
+    return int(whole) * 1_000_000_000 + int((frac + b"000000000")[:9])
+
+
+def _readable(mode: int, uid: int, gid: int, want: int) -> bool:
+    """Whether this process may read (and for directories search) an entry, as the kernel would decide (root: always)."""
+    if os.geteuid() == 0:
+        return True
+    if uid == os.geteuid():
+        bits = mode >> 6
+    elif gid == os.getegid() or gid in os.getgroups():
+        bits = mode >> 3
+    else:
+        bits = mode
+    return bits & want == want
 
 
 def settled_scan(tree: str, clock: Callable[[], int] = time.time_ns, sleep: Callable[[float], None] = time.sleep) -> Scan | None:
@@ -229,15 +238,39 @@ class Verdict:
     build: bool
 
 
-def judge(tree: str) -> Verdict:
-    """Whether `tree` has an image matching it now (complete: see the module's docstring)."""
+def _finding(tree: str) -> subprocess.Popen[bytes] | None:
+    """find(1) printing FIND_FORMAT for `tree`, started (None: no directory there)."""
+    try:
+        if not stat.S_ISDIR(os.lstat(tree).st_mode):
+            return None
+        return subprocess.Popen(["find", tree, "-printf", FIND_FORMAT], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                env={"LC_ALL": "C", "PATH": os.defpath})  # fmt: skip
+    except OSError:
+        return None
+
+
+def digests(trees: Sequence[str], limit: int = MAX_ENTRIES) -> dict[str, str | None]:
+    """scan(tree).digest for each tree, all walked at once and nothing else read (a run's check); None: no tree, or too large."""
+    running = {tree: _finding(tree) for tree in trees}
+    out: dict[str, str | None] = {}
+    for tree, proc in running.items():
+        if proc is None:
+            out[tree] = None
+            continue
+        data, _ = proc.communicate(timeout=600)
+        out[tree] = hashlib.sha256(data).hexdigest() if data.count(b"\0") <= 2 * (limit + 1) else None
+    return out
+
+
+def judge(tree: str, digest: str | None | bool = False) -> Verdict:
+    """Whether `tree` has an image matching it now (complete: see the module's docstring); `digest`: its digest if taken already."""
     m = read_manifest(tree)
-    now = scan(tree)
+    now = digests([tree])[tree] if digest is False else digest
     if now is None:
         return Verdict(tree, None, "not a directory, or too large to image", False)
     if m is None:
         return Verdict(tree, None, "no image yet", True)
-    if m.digest != now.digest:
+    if m.digest != now:
         return Verdict(tree, None, "changed since its image was built", True)
     if not m.image:
         return Verdict(tree, None, f"its image could not be built: {m.error}", False)
@@ -251,8 +284,10 @@ def current_images(trees: Iterable[str], start_builds: bool = True) -> list[tupl
     """(tree, image path) for each tree whose image is current; a build is started in the background for the others."""
     found: list[tuple[str, str]] = []
     stale: list[str] = []
+    trees = list(trees)
+    now = digests(trees)
     for tree in trees:
-        v = judge(tree)
+        v = judge(tree, now[tree])
         log.debug("image of %s: %s", tree, v.why)
         if v.image is not None and ":" not in v.image:  # a ':' would end the mount step's field
             found.append((tree, v.image))
@@ -266,21 +301,26 @@ def current_images(trees: Iterable[str], start_builds: bool = True) -> list[tupl
 class Judging:
     """current_images(trees) in a thread of its own, from construction to `result()`: a run fingerprints while QEMU starts."""
 
-    def __init__(self, trees: Sequence[str]) -> None:
-        import threading
-
+    def __init__(self, trees: Sequence[str], ask: Callable[[list[str]], tuple[dict[str, str], list[str]]] | None = None) -> None:
         self._found: list[tuple[str, str]] = []
-        self._thread = threading.Thread(target=self._judge, args=(tuple(trees),), name="sandbox-images", daemon=True)
+        self._thread = threading.Thread(target=self._judge, args=(tuple(trees), ask), name="sandbox-images", daemon=True)
         self._thread.start()
 
-    def _judge(self, trees: tuple[str, ...]) -> None:
+    def _judge(self, trees: tuple[str, ...], ask: Callable[[list[str]], tuple[dict[str, str], list[str]]] | None) -> None:
+        """The trees the pool's watcher vouches for (`ask`: at once), then the rest by walking them."""
         try:
-            self._found = current_images(trees)
+            known, decided = ask(list(trees)) if ask is not None else ({}, [])
+            found = [(t, known[t]) for t in trees if t in known and ":" not in known[t]]
+            self._found = found + current_images([t for t in trees if t not in decided])
         except Exception as exc:  # noqa: BLE001 - no image is always a correct answer
             log.info("images not judged: %s", exc)
 
-    def result(self) -> list[tuple[str, str]]:
-        self._thread.join()
+    def result(self, timeout: float = JUDGE_TIMEOUT) -> list[tuple[str, str]]:
+        """The trees with a current image; none if the check did not end in `timeout` s (a tree on a hung mount, say)."""
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.info("images not judged in %g s: the trees come over 9p", timeout)
+            return []
         return self._found
 
 
@@ -294,6 +334,16 @@ def start_build(trees: Sequence[str]) -> None:
         )  # fmt: skip
     except OSError as exc:
         log.info("cannot start an image build: %s", exc)
+
+
+def background_priority() -> None:
+    """This process (or thread) at the lowest priority: a build or a walk never slows a run."""
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, 0 if threading.current_thread() is threading.main_thread() else threading.get_native_id(), 19)
+    try:
+        os.sched_setscheduler(0 if threading.current_thread() is threading.main_thread() else threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
+    except (OSError, AttributeError):
+        pass
 
 
 def _background() -> None:

@@ -346,7 +346,7 @@ def run(request: RunRequest, hooks: RunHooks = RunHooks()) -> RunResult:
         launcher_cwd = None if remote else (request.command.cwd or mounts.working_directory())
         cwd = start_directory(request.command.workdir, launcher_cwd, home, remote)
         plan = mount_plan(request, home, cwd, remote)
-        images = _judge_images(request, plan, remote)
+        images = _judge_images(request, plan, remote, backend)
         env = start_environment(env, cwd, launcher_cwd)
         prep = backend.prepare(request)
         timeline.tsc_khz = prep.tsc_khz
@@ -380,13 +380,16 @@ def run(request: RunRequest, hooks: RunHooks = RunHooks()) -> RunResult:
         return result
 
 
-def _judge_images(request: RunRequest, plan: mounts.Plan, remote: bool) -> hostfiles.Judging | None:
+def _judge_images(request: RunRequest, plan: mounts.Plan, remote: bool, backend: backends.Backend) -> hostfiles.Judging | None:
     """The run's image check, started now (hostfiles.py): trees of the host's, not another's, that no mount of the plan meets."""
     files = request.files
     if remote or not files.images:
         return None
     trees = hostfiles.usable_trees(hostfiles.default_trees() + files.image_trees, plan.steps, mounts.host_homes())
-    return hostfiles.Judging(trees) if trees else None
+    if not trees:
+        return None
+
+    return hostfiles.Judging(trees, lambda ts: backend.vouched_images(ts, str(hostfiles.images_dir())))
 
 
 def _walls(request: RunRequest) -> ConfinementSpec | None:

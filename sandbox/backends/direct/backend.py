@@ -153,6 +153,9 @@ class DirectBackend:
         return (f"template {found.key} ready: {m.ram_data_bytes / 2**20:.0f} MiB of guest RAM, "
                 f"{m.state_bytes / 1024:.0f} KiB of device state, built in {m.build_seconds:.1f} s ({found.path})")  # fmt: skip
 
+    def vouched_images(self, trees: list[str], images_dir: str) -> tuple[dict[str, str], list[str]]:
+        return {}, []  # no watcher here: a run walks its trees itself
+
 
 @contextlib.contextmanager
 def restore_inputs(store: template.Store, memory_mb: int) -> Iterator[WarmStart | None]:

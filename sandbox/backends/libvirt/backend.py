@@ -150,6 +150,9 @@ class LibvirtBackend:
         command = summarize_argv(self.request.command.argv) if self.request.confinement is not None else {}
         return LibvirtGuest(self.conn, spec, ctx.rundir, ctx.timeline, ctx.verbose, command, remote=self.remote)
 
+    def vouched_images(self, trees: list[str], images_dir: str) -> tuple[dict[str, str], list[str]]:
+        return {}, []  # no watcher here: a run walks its trees itself
+
 
 def check_options(request: RunRequest) -> None:
     """What --connect cannot do (yet), as one line each."""

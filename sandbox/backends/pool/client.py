@@ -257,6 +257,11 @@ class PoolBackend:
             return self.fallback.ready(request, boot)
         return "a pooled guest is ready"
 
+    def vouched_images(self, trees: list[str], images_dir: str) -> tuple[dict[str, str], list[str]]:
+        from sandbox.backends.pool import control
+
+        return control.images(trees, images_dir)  # the pool's watcher, even for a run it does not serve
+
 
 def _qemu_info(microvm: bool) -> QemuInfo:
     from sandbox.image.host import QemuInfo

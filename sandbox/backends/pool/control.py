@@ -58,6 +58,18 @@ def ask(message: dict[str, Any], timeout: float = 5.0) -> dict[str, Any] | None:
         conn.close()
 
 
+def images(trees: list[str], images_dir: str, timeout: float = 0.5) -> tuple[dict[str, str], list[str]]:
+    """The pool's word on `trees` (its watcher, image/treewatch.py): ({tree: current image}, trees it decided); ({}, []) without a pool."""
+    try:
+        answer = ask({"op": "images", "trees": trees, "images_dir": images_dir}, timeout)
+    except (OSError, SandboxError):
+        return {}, []
+    if not answer or not isinstance(answer.get("images"), dict) or not isinstance(answer.get("decided"), list):
+        return {}, []
+    found = {t: p for t, p in answer["images"].items() if t in trees and isinstance(p, str)}
+    return found, [t for t in answer["decided"] if t in trees]
+
+
 def pool_request(request: RunRequest) -> RunRequest:
     """What a pool for `request`'s machine and walls makes its guests from (refused: what no pool serves)."""
     why = keys.unpoolable(request)

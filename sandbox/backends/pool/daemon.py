@@ -39,6 +39,8 @@ from sandbox.backends.pool.paths import lock_path, log_path, socket_path
 from sandbox.confinement import walls
 from sandbox.core import process
 from sandbox.core.errors import SandboxError
+from sandbox.image import hostfiles
+from sandbox.image.treewatch import TreeWatcher
 from sandbox.plan.mounts import Plan
 from sandbox.plan.request import RunRequest
 from sandbox.core import unixsock
@@ -46,6 +48,7 @@ from sandbox.core import unixsock
 log = logging.getLogger(__name__)
 
 RETRY_AFTER = 5.0  # s before making a guest again after a failure
+TREE_RECHECK = 30.0  # s between walks of the watched trees (what inotify cannot see: see treewatch.py)
 
 
 @dataclass
@@ -93,6 +96,16 @@ class Pool:
         self.wake_r, self.wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self.last_run = time.monotonic()
         self.filler = threading.Thread(target=self._fill, name="sandbox-pool-fill", daemon=True)
+        # Host trees served from images: watched, so that a run learns at once which are unchanged (hostfiles.py).
+        self.trees: TreeWatcher | None = None
+        try:
+            self.trees = TreeWatcher(hostfiles.digests)
+        except OSError as exc:
+            log.info("pool: no tree watcher (%s): runs check their trees themselves", exc)
+        self.to_watch: list[str] = list(hostfiles.default_trees())
+        self.watching = threading.Event()  # set: trees wait to be watched
+        self.watching.set()
+        self.watcher = threading.Thread(target=self._watch_trees, name="sandbox-pool-trees", daemon=True)
 
     def stop(self) -> None:
         """End after the runs being served (safe from a signal handler)."""
@@ -128,6 +141,47 @@ class Pool:
             with contextlib.suppress(OSError):
                 os.write(self.wake_w, b"x")  # the main loop watches its end
 
+    # ---- host trees (a thread of its own) ----------------------------------------
+
+    def _watch_trees(self) -> None:
+        """Watch the trees runs ask about; walk the watched ones every TREE_RECHECK s for what inotify cannot see."""
+        assert self.trees is not None
+        hostfiles.background_priority()
+        while not self.stopping.is_set():
+            self.watching.wait(TREE_RECHECK)
+            self.watching.clear()
+            if self.stopping.is_set():
+                return
+            with self.changed:
+                wanted, self.to_watch = self.to_watch, []
+            for tree, then in self.trees.current(self.trees.known()).items():
+                if hostfiles.digests([tree]).get(tree) != then:
+                    self.trees.forget(tree)  # changed unseen (a write through mmap, a hard link, a mount)
+            self.trees.watch(sorted(set(wanted) | set(self.trees.unknown(hostfiles.default_trees()))))
+
+    def _images(self, message: dict[str, Any]) -> dict[str, Any]:
+        """Which of the asked trees have a current image, by the watcher; trees it does not know are watched from now."""
+        trees = [t for t in message.get("trees", []) if isinstance(t, str)][:64]
+        if self.trees is None or message.get("images_dir") != str(hostfiles.images_dir()):
+            return {"ok": True, "images": {}, "decided": []}
+        now = self.trees.current(trees)
+        found: dict[str, str] = {}
+        stale = []
+        for tree, digest in now.items():
+            verdict = hostfiles.judge(tree, digest)
+            if verdict.image is not None:
+                found[tree] = verdict.image
+            elif verdict.build:
+                stale.append(tree)
+        if stale:
+            hostfiles.start_build(stale)
+        unknown = self.trees.unknown(trees)
+        if unknown:
+            with self.changed:
+                self.to_watch += unknown
+            self.watching.set()
+        return {"ok": True, "images": found, "decided": list(now)}
+
     # ---- the main loop ----------------------------------------------------------
 
     def serve(self, listener: socket.socket) -> None:
@@ -135,6 +189,8 @@ class Pool:
         sel.register(listener, selectors.EVENT_READ, ("listen", None))
         sel.register(self.wake_r, selectors.EVENT_READ, ("wake", None))
         self.filler.start()
+        if self.trees is not None:
+            self.watcher.start()
         listening = True
         try:
             while True:
@@ -182,6 +238,11 @@ class Pool:
                 self.ended = True
                 self.changed.notify_all()
             self.filler.join(PREP_JOIN)
+            if self.trees is not None:
+                self.watching.set()
+                if self.watcher.is_alive():
+                    self.watcher.join(PREP_JOIN)
+                self.trees.close()
             self._drop_ready()  # one the filler finished meanwhile
             sel.close()
 
@@ -268,6 +329,8 @@ class Pool:
                     # gone: the user's process sees the connection close before a launcher took its run, and runs it itself
             else:
                 wire.send(conn, {"op": "busy", "why": "no launcher ready"})
+        elif op == "images":
+            wire.send(conn, self._images(message))
         elif op == "run":
             self._hand_off(conn, message)
             return
@@ -364,7 +427,7 @@ class Pool:
             "failures": self.stats.failures, "last_error": self.stats.last_error, "pool_pss_mib": pss(os.getpid()),
             "launchers_ready": len(self.launchers.ready), "launcher_pss_mib": launcher_pss[0] if launcher_pss else None,
             "launches": self.launchers.handed, "uptime_s": round(time.time() - self.stats.started, 1),
-            "stopping": self.stopping.is_set(), "memory_mb": self.boot.memory_mb, "accel": self.boot.accel, "kernel": str(self.boot.kernel_image),
+            "stopping": self.stopping.is_set(), "trees_watched": self.trees.known() if self.trees is not None else [], "memory_mb": self.boot.memory_mb, "accel": self.boot.accel, "kernel": str(self.boot.kernel_image),
         }  # fmt: skip
 
 
