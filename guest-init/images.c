@@ -29,7 +29,12 @@ static void skipped(const char *tree, const char *what, int err)
 /* A read-only loop device over `fd`; its fd, or -1 with errno set. */
 static int loop_over(int fd, char *dev, size_t devsz)
 {
-	int ctl = open(NEWROOT "/dev/loop-control", O_RDWR | O_CLOEXEC);
+	/* /dev is in the new root once setup_root moved it there; a pooled
+	 * guest mounting ahead (premount_image) still has it at /dev. */
+	const char *devdir = access(NEWROOT "/dev/loop-control", F_OK) == 0 ? NEWROOT "/dev" : "/dev";
+	char path[64];
+	snprintf(path, sizeof path, "%s/loop-control", devdir);
+	int ctl = open(path, O_RDWR | O_CLOEXEC);
 	if (ctl < 0)
 		return -1;
 	int nr = ioctl(ctl, LOOP_CTL_GET_FREE);
@@ -39,8 +44,7 @@ static int loop_over(int fd, char *dev, size_t devsz)
 		errno = e;
 		return -1;
 	}
-	/* /dev is in the new root by now (setup_root). */
-	snprintf(dev, devsz, NEWROOT "/dev/loop%d", nr);
+	snprintf(dev, devsz, "%s/loop%d", devdir, nr);
 	int lfd = open(dev, O_RDONLY | O_CLOEXEC);
 	if (lfd < 0 && errno == ENOENT && mknod(dev, S_IFBLK | 0600, makedev(7, nr)) == 0)
 		lfd = open(dev, O_RDONLY | O_CLOEXEC);
@@ -82,16 +86,62 @@ static int loop_file(const char *path, char *dev, size_t devsz, const char *tree
 int blob_path(char *out, size_t sz, const char *image)
 {
 	size_t n = strlen(image);
-	if (n < 6 || strcmp(image + n - 6, ".erofs") != 0 || n - 6 + 6 >= sz)
+	if (n < 6 || strcmp(image + n - 6, ".erofs") != 0 || n > sz) /* "x.blob" and its NUL: n bytes */
 		return -1;
 	memcpy(out, image, n - 6);
 	strcpy(out + n - 6, ".blob");
 	return 0;
 }
 
+/* Images a pooled guest mounted before its run (premount_image), each
+ * under /images in the init's own root until a run's step moves it. */
+#define MAX_PREMOUNTED 16
+static struct {
+	char image[4096];
+	int moved;
+} premounted[MAX_PREMOUNTED];
+static int npremounted;
+
+static void mount_both(const char *meta, const char *blob, const char *target, const char *tree);
+
+void premount_image(const char *image)
+{
+	char meta[4200], blob[4200], dir[32];
+	if (npremounted >= MAX_PREMOUNTED || image[0] != '/' || strlen(image) >= sizeof premounted[0].image ||
+	    snprintf(meta, sizeof meta, "/hostroot%s", image) >= (int)sizeof meta || blob_path(blob, sizeof blob, meta) != 0)
+		return;
+	mkdir("/images", 0700);
+	snprintf(dir, sizeof dir, "/images/%d", npremounted);
+	if (mkdir(dir, 0755) != 0 && errno != EEXIST)
+		return;
+	mount_both(meta, blob, dir, image);
+	struct stat st, top;
+	/* Mounted if the directory is now another filesystem's root. */
+	if (stat(dir, &st) == 0 && stat("/images", &top) == 0 && st.st_dev != top.st_dev) {
+		strcpy(premounted[npremounted].image, image);
+		premounted[npremounted++].moved = 0;
+	}
+}
+
+/* A premounted image moved over `target`: 0, or -1 if there is none of `image`. */
+static int move_premounted(const char *image, const char *target)
+{
+	char dir[32];
+	for (int i = 0; i < npremounted; i++) {
+		if (premounted[i].moved || strcmp(premounted[i].image, image) != 0)
+			continue;
+		snprintf(dir, sizeof dir, "/images/%d", i);
+		if (mount(dir, target, NULL, MS_MOVE, NULL) != 0)
+			return -1;
+		premounted[i].moved = 1;
+		return 0;
+	}
+	return -1;
+}
+
 void mount_image(const char *image, const char *target, const char *tree)
 {
-	char meta[4200], blob[4200], mdev[64], bdev[64], opts[96];
+	char meta[4200], blob[4200];
 	struct stat st;
 	if (image[0] != '/' || snprintf(meta, sizeof meta, "/hostroot%s", image) >= (int)sizeof meta ||
 	    blob_path(blob, sizeof blob, meta) != 0) {
@@ -102,6 +152,14 @@ void mount_image(const char *image, const char *target, const char *tree)
 		skipped(tree, "no directory there", errno ? errno : ENOTDIR);
 		return;
 	}
+	if (move_premounted(image, target) == 0)
+		return;
+	mount_both(meta, blob, target, tree);
+}
+
+static void mount_both(const char *meta, const char *blob, const char *target, const char *tree)
+{
+	char mdev[64], bdev[64], opts[96];
 	/* The metadata and the file data are two files (two loop devices):
 	 * erofs reads the data from its extra device (device=). */
 	int bfd = loop_file(blob, bdev, sizeof bdev, tree);

@@ -133,6 +133,8 @@ int make_dirs(const char *path, mode_t mode);
 int root_path(char *out, size_t sz, const char *guest_path);
 /* A MOP_IMAGE step (images.c): the erofs image at host path `image` over `target`, or (said on the console) nothing. */
 void mount_image(const char *image, const char *target, const char *tree);
+/* A pooled guest's image mounted ahead, for a run's MOP_IMAGE step of the same image to move into place. */
+void premount_image(const char *image);
 /* Pure (images.c): the data blob beside an image file, "x.erofs" -> "x.blob"; -1 if it does not fit or end so. */
 int blob_path(char *out, size_t sz, const char *image);
 /* Pure: the options of a MOP_TMPFS step's tmpfs. */

@@ -38,7 +38,8 @@ static void read_header(char *hdr, size_t sz)
 
 /* "SPEC <len>\n" and the records.  Before it, "ZERO\n" asks for the free
  * memory to be cleared for a template, which is then taken at "ready";
- * "PREP\n" readies a pooled guest for a run to come ("prepped"). */
+ * "PREP\n" readies a pooled guest for a run to come ("prepped"), and
+ * "IMGS <len>\n" and NUL-terminated paths have it mount those images ahead. */
 void read_spec(struct spec *s)
 {
 	char hdr[32];
@@ -51,6 +52,17 @@ void read_spec(struct spec *s)
 		} else if (strcmp(hdr, "PREP\n") == 0) {
 			pool_prepare();
 			stamp("prepped");
+		} else if (sscanf(hdr, "IMGS %zu", &len) == 1 && len <= 65536) {
+			/* Images a pooled guest mounts ahead (images.c), NUL-terminated paths. */
+			char *paths = malloc(len + 1);
+			if (!paths)
+				die("out of memory");
+			read_exact(ctl_fd, paths, len);
+			paths[len] = 0;
+			mount_host_root();
+			for (char *p = paths; p < paths + len; p += strlen(p) + 1)
+				premount_image(p);
+			free(paths);
 		} else {
 			break;
 		}

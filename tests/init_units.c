@@ -174,6 +174,12 @@ static void test_mounts(void)
 	CHECK(root_path(out, 12, "/etc/resolv.conf") == -1);
 	CHECK(root_path(out, sizeof NEWROOT "/e", "/e") == 0 && streq(out, NEWROOT "/e"));
 	CHECK(root_path(out, sizeof NEWROOT "/e" - 1, "/e") == -1);
+	char img[] = "I:/root/.cache/sandbox/files/k-d.erofs:::/usr/include";
+	CHECK(parse_mop(img, &m) == NULL && m.op == MOP_IMAGE && streq(m.tag, "/root/.cache/sandbox/files/k-d.erofs") && streq(m.path, "/usr/include"));
+	CHECK(blob_path(out, sizeof out, "/c/k-d.erofs") == 0 && streq(out, "/c/k-d.blob"));
+	CHECK(blob_path(out, sizeof "/c/k-d.blob", "/c/k-d.erofs") == 0);
+	CHECK(blob_path(out, sizeof "/c/k-d.blob" - 1, "/c/k-d.erofs") == -1);
+	CHECK(blob_path(out, sizeof out, "/c/k-d.img") == -1 && blob_path(out, sizeof out, ".erof") == -1);
 	CHECK(parse_mop(tmp, &m) == NULL);
 	tmpfs_opts(out, sizeof out, &m, 1000, 100);
 	CHECK(streq(out, "mode=1777,uid=1000,gid=100,size=64M"));

@@ -34,10 +34,9 @@ def tree() -> Iterator[Path]:
     try:
         yield t
     finally:
-        m = hostfiles.read_manifest(str(t))
-        if m is not None and m.image:
-            (hostfiles.images_dir() / m.image).unlink(missing_ok=True)
-        hostfiles.manifest_path(str(t)).unlink(missing_ok=True)
+        key = hostfiles.tree_key(str(t))
+        for made in [*hostfiles.images_dir().glob(f"{key}-*"), *hostfiles.images_dir().glob(f"{key}.*")]:
+            made.unlink(missing_ok=True)  # every image of it (earlier ones are kept a while), its manifest and its lock
         shutil.rmtree(t, ignore_errors=True)
 
 
@@ -90,6 +89,36 @@ def test_every_change_on_the_host_is_seen_by_the_next_run(tree: Path, start_mode
         (t / "a.txt").write_text("after")
         assert str(t) not in pool.status()["trees_watched"]
         assert seen(t) == (False, host_view(t))
+
+
+# What find(1) says of every entry (the guest's find is the host's): all but a directory's size and
+# a symbolic link's block count, which are erofs's own.
+ENTRIES = "find {t} -printf '%y %p %m %U %G %T@ %n %l\\n' ; find {t} -type f -printf '%p %s %b\\n' ; find {t} -type l -printf '%p %s\\n'"
+
+
+def test_the_image_shows_every_entry_as_the_host_does(tree: Path) -> None:
+    """Against the host itself: types, modes, owners, times to the nanosecond, links, sizes; then the bytes."""
+    t = tree
+    os.symlink("a.txt", t / "link")
+    os.symlink("/nowhere", t / "dangling")
+    (t / "empty").touch()
+    (t / "tool").write_bytes(os.urandom(70_000) + b"\0" * 2_000_000)  # more than one chunk of the blob
+    os.chmod(t / "tool", 0o4755)
+    os.link(t / "b.txt", t / "sub" / "hard")
+    os.chown(t / "sub" / "c.txt", 1234, 5678)
+    os.utime(t / "b.txt", ns=(1, 1_234_567_891_234_567_891))
+    (t / "odd name \t ü").write_text("odd")
+    build(t)
+    host = subprocess.run(["sh", "-c", ENTRIES.format(t=t)], capture_output=True, check=True).stdout
+    proc = run_sandbox("sh", "-c", f'grep -c " {t} erofs " /proc/mounts; {ENTRIES.format(t=t)}; echo --; cd {t} && sha256sum tool empty link "odd name \t ü"',
+                       run_opts=("--image-tree", str(t)), cwd="/")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr.decode()
+    count, rest = proc.stdout.split(b"\n", 1)
+    assert count == b"1"
+    listing, sums = rest.split(b"--\n")
+    assert sorted(listing.splitlines()) == sorted(host.splitlines())  # each directory's order is its filesystem's own
+    want = subprocess.run(["sha256sum", "tool", "empty", "link", "odd name \t ü"], cwd=t, capture_output=True, check=True).stdout
+    assert sums == want
 
 
 def test_no_image_is_used_with_no_images_or_where_a_mount_of_the_run_is(tree: Path) -> None:

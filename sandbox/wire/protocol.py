@@ -305,3 +305,9 @@ ZERO_FREE_MEMORY = b"ZERO\n"
 # mount the host's root and run a few programs from it (so that QEMU has
 # translated what every run does), then stamp "prepped" and wait for one.
 PREPARE = b"PREP\n"
+
+
+def premount_message(images: list[str]) -> bytes:
+    """ "IMGS <len>\\n" and NUL-terminated image paths: a pooled guest mounts them ahead, for a run naming one to move it into place."""
+    body = b"".join(_field("", p) for p in images)
+    return b"IMGS %d\n" % len(body) + body

@@ -121,7 +121,7 @@ class Pool:
                 self.changed.wait_for(lambda: self.ended or (len(self.ready) < self.size and not self.stopping.is_set()))
                 if self.ended:
                     return
-            guest = ReadyGuest(self.backend, self.boot, self.spec, self.watch)
+            guest = ReadyGuest(self.backend, self.boot, self.spec, self.watch, self._current_images())
             try:
                 guest.prepare()
             except Exception as exc:  # noqa: BLE001 - any failure: said in status, tried again later
@@ -158,6 +158,13 @@ class Pool:
                 if hostfiles.digests([tree]).get(tree) != then:
                     self.trees.forget(tree)  # changed unseen (a write through mmap, a hard link, a mount)
             self.trees.watch(sorted(set(wanted) | set(self.trees.unknown(hostfiles.default_trees()))))
+
+    def _current_images(self) -> tuple[str, ...]:
+        """The images of the default trees the watcher vouches for now: a guest made now mounts them ahead."""
+        if self.trees is None:
+            return ()
+        now = self.trees.current(hostfiles.default_trees())
+        return tuple(v.image for v in (hostfiles.judge(t, d) for t, d in now.items()) if v.image is not None)
 
     def _images(self, message: dict[str, Any]) -> dict[str, Any]:
         """Which of the asked trees have a current image, by the watcher; trees it does not know are watched from now."""

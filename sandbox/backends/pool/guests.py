@@ -71,8 +71,10 @@ class HandOff:
 class ReadyGuest:
     """A guest for one run: made by `prepare` (blocking), handed over once, ended by `close`."""
 
-    def __init__(self, backend: DirectBackend, boot: BootSpec, confinement: walls.ConfinementSpec | None, watch: tuple[str, ...] = ()) -> None:
+    def __init__(self, backend: DirectBackend, boot: BootSpec, confinement: walls.ConfinementSpec | None, watch: tuple[str, ...] = (),
+                 images: tuple[str, ...] = ()) -> None:  # fmt: skip
         self.backend, self.boot, self.spec, self.watch = backend, boot, confinement, watch
+        self.images = images  # current images of host trees, mounted ahead (a run naming one moves it into place)
         self.fingerprint: freshness.Fingerprint = ()
         self.stack = contextlib.ExitStack()
         self.guest: DirectGuest | None = None
@@ -111,6 +113,8 @@ class ReadyGuest:
         set_priority(self.qemu_pid, background=True)  # the threads QEMU made meanwhile too
         # Before it reads anything: a change after this is seen at hand-off, even one it read.
         self.fingerprint = freshness.settled_fingerprint(self.watch)
+        if self.images:
+            guest.channels.control.sendall(protocol.premount_message(list(self.images)))
         guest.channels.control.sendall(protocol.PREPARE)
         self._wait_prepped(guest)
         self.made = time.monotonic()
