@@ -327,9 +327,12 @@ class Judging:
 def start_build(trees: Sequence[str]) -> None:
     """Build images of `trees` in a process of its own, at the lowest priority, never waited for."""
     try:
+        # Nothing of the run's: not its runtime dir (by environment or working
+        # directory, a pool's stop would take it for one of its own), nor its session.
+        env = {k: v for k, v in os.environ.items() if k != "XDG_RUNTIME_DIR"}
         subprocess.Popen(
             [sys.executable, "-m", "sandbox.image.hostfiles", *trees],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd="/", env=env,
             start_new_session=True, close_fds=True, preexec_fn=_background,
         )  # fmt: skip
     except OSError as exc:
