@@ -146,11 +146,16 @@ def test_qemu_is_confined_as_libvirt_would(boot: str, capsys: pytest.CaptureFixt
             # (twice: the descriptor it inherits and its own read-write reopening of it, for the mapping)
             assert {t.split(" ")[0].rsplit("-", 1)[0] for t in images} == {"/memfd:sandbox-ram"}, images
             assert len({os.stat(f"/proc/{qemu}/fd/{fd}").st_ino for fd, t in fds.items() if t in images}) == 1
-            cached = sorted(Path(t).suffix for t in fds.values() if "/.cache/sandbox/" in t and "/templates/" not in t)
+            cached = sorted(Path(t).suffix for t in fds.values() if "/.cache/sandbox/" in t and "/templates/" not in t and "/files/" not in t)
             assert cached == [".cpio", ".pvh"], fds
             for fd, target in fds.items():
                 if "/.cache/sandbox/" in target:
                     assert _fd_flags(qemu, fd) & os.O_ACCMODE == os.O_RDONLY, target
+        # Besides: host trees' images the guest mounted (hostfiles.py), read-only through the read-only 9p root.
+        assert {Path(t).suffix for t in fds.values() if "/.cache/sandbox/files/" in t} <= {".erofs", ".blob"}, fds
+        for fd, target in fds.items():
+            if "/.cache/sandbox/files/" in target:
+                assert _fd_flags(qemu, fd) & os.O_ACCMODE == os.O_RDONLY, target
         for fd, target in fds.items():
             if target in images:
                 with open(f"/proc/{qemu}/fd/{fd}", "rb") as f:
