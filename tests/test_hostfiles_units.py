@@ -150,3 +150,36 @@ def test_a_manifest_of_another_format_or_tree_is_no_manifest(tmp_path: Path, cac
 def test_the_default_trees_are_directories_and_no_links() -> None:
     for tree in hostfiles.default_trees():
         assert os.path.isdir(tree) and not os.path.islink(tree) and tree.startswith("/usr/")
+
+
+def test_an_image_written_since_it_was_built_is_not_used(tmp_path: Path, cache: Path) -> None:
+    """A run given the cache read-write (--home ~, say) cannot feed later runs a tree of its own making."""
+    t = _tree(tmp_path)
+    m = hostfiles.build(str(t))
+    assert m is not None and hostfiles.judge(str(t)).image is not None
+    blob = cache / hostfiles.blob_name(m.image)
+    data = blob.read_bytes()
+    time.sleep(0.01)
+    blob.write_bytes(data.replace(b"hello", b"HACKD"))  # same size, same name
+    assert hostfiles.judge(str(t)) == hostfiles.Verdict(str(t), None, "its image was changed since it was built", True)
+
+
+def test_where_the_guest_mounts_its_own_no_tree_is_imaged() -> None:
+    for tree in ("/proc/sys/kernel/random", "/sys", "/dev/shm", "/run/user", "/tmp/x", "/var/tmp", "/"):
+        assert hostfiles.refusal(tree) is not None, tree
+        assert hostfiles.usable_trees([tree], (), []) == ()
+    assert hostfiles.refusal("/usr/include") is None and hostfiles.refusal("/var/lib/tree") is None
+
+
+def test_no_image_is_built_while_a_file_of_the_tree_is_mapped_for_writing(tmp_path: Path, cache: Path) -> None:
+    """Writes to a page already dirty in a shared mapping change no timestamp: the fingerprint could not see them."""
+    import mmap
+
+    t = _tree(tmp_path)
+    with open(t / "a.txt", "r+b") as f, mmap.mmap(f.fileno(), 5) as m:
+        m[0:1] = b"J"
+        assert hostfiles.mapped_for_writing(str(t)) and not hostfiles.mapped_for_writing(str(t / "sub"))
+        assert hostfiles.build(str(t)) is None and hostfiles.read_manifest(str(t)) is None
+    assert not hostfiles.mapped_for_writing(str(t))
+    m2 = hostfiles.build(str(t))
+    assert m2 is not None and m2.image

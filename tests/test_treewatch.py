@@ -108,3 +108,31 @@ def test_forget_drops_a_tree_the_walk_found_changed(tree: Path, watcher: treewat
     watcher.watch([str(tree)])
     watcher.forget(str(tree))
     assert watcher.current([str(tree)]) == {}  # nothing queued: forgetting alone did it
+
+
+def test_a_directory_on_the_way_renamed_or_replaced_ends_the_vouching(tmp_path: Path, watcher: treewatch.TreeWatcher) -> None:
+    """The tree's path then leads to other directories, while nothing in the old ones changed."""
+    t = tmp_path / "a" / "tree"
+    t.mkdir(parents=True)
+    (t / "f").write_text("old")
+    watcher.watch([str(t)])
+    assert str(t) in watcher.current([str(t)])
+    (tmp_path / "a").rename(tmp_path / "a.old")
+    (tmp_path / "a" / "tree").mkdir(parents=True)
+    (tmp_path / "a" / "tree" / "f").write_text("new")
+    assert watcher.current([str(t)]) == {}
+
+
+def test_ancestors_are_every_directory_on_the_way() -> None:
+    assert treewatch.ancestors("/usr/lib/python3.11") == ["/", "/usr", "/usr/lib"]
+    assert treewatch.ancestors("/opt") == ["/"]
+
+
+def test_an_event_on_a_shared_ancestor_ends_every_tree_below_it(tmp_path: Path, watcher: treewatch.TreeWatcher) -> None:
+    a, b = tmp_path / "p" / "a", tmp_path / "p" / "b"
+    a.mkdir(parents=True)
+    b.mkdir()
+    watcher.watch([str(a), str(b)])
+    assert len(watcher.current([str(a), str(b)])) == 2
+    (tmp_path / "p" / "c").write_text("x")  # a sibling made: over-cautious, both are walked again
+    assert watcher.current([str(a), str(b)]) == {}

@@ -102,11 +102,14 @@ def directory(text: str) -> Path:
 
 def tree(text: str) -> str:
     """A host directory for --image-tree: absolute once resolved, and not the root."""
-    path = os.path.realpath(os.path.expanduser(text))
+    from sandbox.image.hostfiles import refusal
+
+    path = os.path.realpath(os.path.expanduser(text)) if text else ""
     if not os.path.isdir(path):
-        raise argparse.ArgumentTypeError(f"{text}: not a directory")
-    if path == "/":
-        raise argparse.ArgumentTypeError(f"{text}: the whole root cannot be one image")
+        raise argparse.ArgumentTypeError(f"{text!r}: {'no such directory' if not os.path.exists(path) else 'not a directory'}")
+    why = refusal(path)
+    if why is not None:
+        raise argparse.ArgumentTypeError(f"{text}: {why}")
     return path
 
 

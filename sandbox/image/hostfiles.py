@@ -46,7 +46,7 @@ from sandbox.wire.protocol import MOP_IMAGE, MOP_MKDIR, MountStep
 
 log = logging.getLogger(__name__)
 
-FORMAT = 2  # bump when an image's contents or its manifest change meaning
+FORMAT = 3  # bump when an image's contents or its manifest change meaning
 RACY_NS = 20_000_000  # as freshness.RACY_NS: a change within a clock tick of the fingerprint could hide
 SETTLE_TRIES = 50
 MAX_ENTRIES = 30_000  # a larger tree costs a run too much to fingerprint (~5 us an entry)
@@ -79,6 +79,19 @@ def _overlaps(a: str, b: str) -> bool:
     return a == b or a.startswith(b if b.endswith("/") else b + "/") or b.startswith(a if a.endswith("/") else a + "/")
 
 
+# What the guest mounts of its own (the init: procfs, sysfs, devtmpfs; the plan: tmpfs on /run, /tmp): never an image there.
+GUEST_OWN = ("/proc", "/sys", "/dev", "/run", "/tmp", "/var/tmp")
+
+
+def refusal(tree: str) -> str | None:
+    """Why `tree` (absolute, resolved) can never be imaged (None: it can)."""
+    if tree == "/":
+        return "the whole root cannot be one image"
+    if any(_overlaps(tree, own) for own in GUEST_OWN):
+        return "the guest mounts a filesystem of its own there"
+    return None
+
+
 def usable_trees(trees: Iterable[str], steps: Sequence[MountStep], homes: Iterable[str]) -> tuple[str, ...]:
     """The trees an image may cover in this run: none that meets a mount of the plan or a home.
 
@@ -89,7 +102,7 @@ def usable_trees(trees: Iterable[str], steps: Sequence[MountStep], homes: Iterab
     blocked = [m.path for m in steps] + [h for h in homes if h and h != "/"]
     chosen: list[str] = []
     for tree in sorted(set(trees), key=len):
-        if tree == "/" or any(_overlaps(tree, b) for b in blocked) or any(_overlaps(tree, c) for c in chosen):
+        if refusal(tree) is not None or any(_overlaps(tree, b) for b in blocked) or any(_overlaps(tree, c) for c in chosen):
             continue
         chosen.append(tree)
     return tuple(chosen)
@@ -213,6 +226,9 @@ class Manifest:
     build_cpu_seconds: float
     built_at: float
     error: str = ""
+    # The image and blob as written (inode, size, mtime, ctime): a write to either since (a run given the
+    # cache read-write, say) changes ctime, and the image is not used again.
+    files: tuple[tuple[int, int, int, int], ...] = ()
 
 
 def manifest_path(tree: str) -> Path:
@@ -222,6 +238,7 @@ def manifest_path(tree: str) -> Path:
 def read_manifest(tree: str) -> Manifest | None:
     try:
         data = json.loads(manifest_path(tree).read_text())
+        data["files"] = tuple(tuple(f) for f in data.get("files", ()))
         m = Manifest(**data)
     except (OSError, ValueError, TypeError):
         return None
@@ -275,8 +292,11 @@ def judge(tree: str, digest: str | None | bool = False) -> Verdict:
     if not m.image:
         return Verdict(tree, None, f"its image could not be built: {m.error}", False)
     path = images_dir() / m.image
-    if not path.is_file() or not (images_dir() / blob_name(m.image)).is_file():
+    now_files = file_stats(path)
+    if now_files is None:
         return Verdict(tree, None, "its image is gone", True)
+    if now_files != m.files:
+        return Verdict(tree, None, "its image was changed since it was built", True)
     return Verdict(tree, str(path), "current", False)
 
 
@@ -392,6 +412,11 @@ def _build_locked(tree: str, d: Path, key: str) -> Manifest | None:
 
     if mkfs is None:
         return failed("mkfs.erofs is not installed (apt-get install erofs-utils)")
+    if mapped_for_writing(tree):
+        # A page already dirty in a shared writable mapping takes more writes
+        # without a new ctime: no image while one is mapped (the next run asks again).
+        log.info("image of %s: a file of it is mapped for writing; not now", tree)
+        return None
     if not before.readable:
         return failed("some of it is not readable by this user")
     if before.bytes > MAX_BYTES:
@@ -419,9 +444,43 @@ def _build_locked(tree: str, d: Path, key: str) -> Manifest | None:
         tmp_blob.unlink(missing_ok=True)
     cpu1 = os.times()
     cpu = (cpu1.children_user - cpu0.children_user) + (cpu1.children_system - cpu0.children_system)
-    size = (d / name).stat().st_size + (d / blob_name(name)).stat().st_size
+    files = file_stats(d / name) or ()
+    size = sum(f[1] for f in files)
     return Manifest(FORMAT, tree, before.digest, name, before.entries, before.bytes, size,
-                    round(time.monotonic() - started, 3), round(cpu, 3), time.time())  # fmt: skip
+                    round(time.monotonic() - started, 3), round(cpu, 3), time.time(), files=files)  # fmt: skip
+
+
+def file_stats(image: Path) -> tuple[tuple[int, int, int, int], ...] | None:
+    """(inode, size, mtime, ctime) of an image and its blob; None if either is missing or no regular file."""
+    out = []
+    for p in (image, image.with_name(blob_name(image.name))):
+        try:
+            st = os.lstat(p)
+        except OSError:
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        out.append((st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+    return tuple(out)
+
+
+def mapped_for_writing(tree: str, proc: str = "/proc") -> bool:
+    """Whether any process this one can see has a file of `tree` in a shared writable mapping (its maps' "rw-s" lines)."""
+    prefix = tree.rstrip("/") + "/"
+    try:
+        pids = [p for p in os.listdir(proc) if p.isdigit()]
+    except OSError:
+        return False
+    for pid in pids:
+        try:
+            with open(f"{proc}/{pid}/maps", "rb") as f:
+                for line in f:
+                    fields = line.split(None, 5)
+                    if len(fields) == 6 and fields[1][:2] == b"rw" and fields[1][3:4] == b"s" and fields[5].startswith(prefix.encode()):
+                        return True
+        except OSError:
+            continue  # gone, or another user's
+    return False
 
 
 def blob_name(image: str) -> str:

@@ -91,6 +91,12 @@ def directories(tree: str) -> list[str]:
     return found
 
 
+def ancestors(tree: str) -> list[str]:
+    """The directories on the way to `tree`: "/", then each one below it, not `tree` itself."""
+    parts = [p for p in tree.split("/") if p][:-1]
+    return ["/"] + ["/" + "/".join(parts[: i + 1]) for i in range(len(parts))]
+
+
 def _raise(exc: OSError) -> None:
     raise exc
 
@@ -103,7 +109,7 @@ class TreeWatcher:
         self.lock = threading.Lock()
         self.inotify = Inotify()
         self.digest: dict[str, str | None] = {}  # tree -> its fingerprint since its watches: unchanged while it is here
-        self.owner: dict[int, str] = {}  # watch -> tree
+        self.owner: dict[int, set[str]] = {}  # watch -> the trees it is on (an ancestor may be on several)
         self.busy: set[str] = set()  # trees being (re)watched
 
     def current(self, trees: Iterable[str]) -> dict[str, str | None]:
@@ -144,24 +150,26 @@ class TreeWatcher:
 
     def _forget(self, tree: str) -> None:
         self.digest.pop(tree, None)
-        for wd, owner in list(self.owner.items()):
-            if owner == tree:
+        for wd, trees in list(self.owner.items()):
+            trees.discard(tree)
+            if not trees:
                 del self.owner[wd]
 
     def _watch(self, tree: str) -> None:
         try:
-            wds = [self.inotify.add(d) for d in directories(tree)]
+            # Its ancestors too: a directory on the way renamed or replaced puts other directories at the tree's path.
+            wds = [self.inotify.add(d) for d in ancestors(tree) + directories(tree)]
         except OSError as exc:
             # ENOSPC: the user's max_user_watches; ENOENT: it changed meanwhile (the next ask tries again).
             log.info("cannot watch %s: %s", tree, exc if exc.errno != errno.ENOSPC else "no inotify watches left")
             return
         with self.lock:
             for wd in wds:
-                self.owner[wd] = tree
+                self.owner.setdefault(wd, set()).add(tree)
         digest = self.fingerprint([tree]).get(tree)  # after the watches: a change from here on is an event
         with self.lock:
             self._drain()
-            if all(self.owner.get(wd) == tree for wd in wds):  # no event dropped any of them meanwhile
+            if all(tree in self.owner.get(wd, ()) for wd in wds):  # no event dropped any of them meanwhile
                 self.digest[tree] = digest
 
     def _drain(self) -> None:
@@ -171,11 +179,9 @@ class TreeWatcher:
                 self.digest.clear()
                 self.owner.clear()
                 continue
-            tree = self.owner.get(wd)
-            if tree is None:
-                continue
-            # Its watches stay placed (a later walk re-adds them, same watch ids); events for it just find it changed.
-            self._forget(tree)
+            # Their watches stay placed (a later walk re-adds them, same watch ids); events for them just find them changed.
+            for tree in list(self.owner.get(wd, ())):
+                self._forget(tree)
 
     def close(self) -> None:
         self.inotify.close()
