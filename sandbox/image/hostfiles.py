@@ -378,17 +378,16 @@ def _background() -> None:
 
 
 def build(tree: str) -> Manifest | None:
-    """Build `tree`'s image unless one is current or another build holds its lock; the manifest written, or None."""
+    """Build `tree`'s image unless one is current (after any build of it under way); the manifest written, or None."""
     import fcntl
 
     d = images_dir()
     key = tree_key(tree)
     lock = os.open(d / f"{key}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return None
+        # Waits for a build under way (a run started one): then its image is
+        # current, or the tree changed since and this build makes the next.
+        fcntl.flock(lock, fcntl.LOCK_EX)
         if judge(tree).image is not None:
             return read_manifest(tree)
         manifest = _build_locked(tree, d, key)
