@@ -12,6 +12,10 @@ from conftest import SANDBOX
 @pytest.mark.parametrize(
     "args, needle",
     [
+        (["run", "--image-tree", "/proc/sys/kernel/random", "--", "true"], "the guest mounts a filesystem of its own there"),
+        (["run", "--image-tree", "/", "--", "true"], "the whole root cannot be one image"),
+        (["run", "--image-tree", "/nonexistent/tree", "--", "true"], "'/nonexistent/tree': no such directory"),
+        (["run", "--image-tree", "/etc/passwd", "--", "true"], "'/etc/passwd': not a directory"),
         (["run"], "no command given"),
         (["run", "--memory", "lots", "--", "true"], "bad size"),
         (["run", "--cpus", "0", "--", "true"], "bad CPU count"),
@@ -67,3 +71,17 @@ def test_a_bad_accelerator_setting_names_its_source() -> None:
     proc = subprocess.run([*SANDBOX, "run", "--", "true"], capture_output=True, text=True, timeout=60, env=env)
     assert proc.returncode == 125
     assert proc.stderr.strip() == "sandbox: SANDBOX_ACCEL=fast: invalid choice: 'fast' (choose from 'auto', 'kvm', 'tcg')"
+
+
+@pytest.mark.parametrize("verb", [["config"], ["pool", "status"], ["list"]])
+def test_output_to_a_reader_that_left_ends_quietly_as_sigpipe_would(verb: list[str]) -> None:
+    """`sandbox list | head -1`: no "Broken pipe" line (an OSError branch caught it first), status 128+SIGPIPE."""
+    import signal
+
+    read, write = os.pipe()
+    os.close(read)  # the reader has left before the first byte
+    try:
+        proc = subprocess.run([*SANDBOX, *verb], stdout=write, stderr=subprocess.PIPE, timeout=60)
+    finally:
+        os.close(write)
+    assert proc.stderr == b"" and proc.returncode == 128 + signal.SIGPIPE, (proc.returncode, proc.stderr)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -548,12 +549,16 @@ def main(argv: list[str] | None = None, closed_stdio: int | None = None, launche
         return exc.exit_status
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # Our output's reader left (`sandbox list | head -1`): no word on it, as
+        # a tool killed by SIGPIPE says none; the rest of it goes nowhere.
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except OSError as exc:
         # An environment problem we did not foresee still gets one line.
         where = f" ({exc.filename})" if exc.filename else ""
         print(f"sandbox: {exc.strerror or exc}{where}", file=sys.stderr)
-        return EXIT_LAUNCHER
-    except BrokenPipeError:
         return EXIT_LAUNCHER
     except Exception as exc:  # noqa: BLE001 - a bug of ours: one line, never a traceback unasked
         _print_internal_error(exc, verbose)
