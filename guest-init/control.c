@@ -66,6 +66,21 @@ void power_off(void)
 		pause();
 }
 
+/* One line on the console (the host's console.log), for the host's eyes only. */
+void console_say(const char *fmt, ...)
+{
+	char msg[512];
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(msg, sizeof msg, fmt, ap);
+	va_end(ap);
+	int con = open("/dev/console", O_WRONLY | O_NOCTTY | O_CLOEXEC);
+	if (con >= 0) {
+		dprintf(con, "sandbox-init: %s\n", msg);
+		close(con);
+	}
+}
+
 /* Fatal set-up error: tell the host (or the console) and stop the VM. */
 void die(const char *fmt, ...)
 {
@@ -76,11 +91,7 @@ void die(const char *fmt, ...)
 	va_end(ap);
 	if (ctl_fd >= 0)
 		ctl_send("E %s", msg);
-	int con = open("/dev/console", O_WRONLY | O_NOCTTY);
-	if (con >= 0) {
-		dprintf(con, "sandbox-init: %s\n", msg);
-		close(con);
-	}
+	console_say("%s", msg);
 	power_off();
 }
 

@@ -19,11 +19,7 @@
 
 static void skipped(const char *tree, const char *what, int err)
 {
-	int con = open("/dev/console", O_WRONLY | O_NOCTTY | O_CLOEXEC);
-	if (con >= 0) {
-		dprintf(con, "sandbox-init: %s stays on 9p: %s: %s\n", tree, what, strerror(err));
-		close(con);
-	}
+	console_say("%s stays on 9p: %s: %s", tree, what, strerror(err));
 }
 
 /* A read-only loop device over `fd`; its fd, or -1 with errno set. */

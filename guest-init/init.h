@@ -112,6 +112,7 @@ void set_realtime(long long ns);
 void reseed(const char *hex);
 _Noreturn void power_off(void);
 _Noreturn void die(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+void console_say(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
 /* ---- boot (modules.c, ports.c, memory.c) --------------------------------- */
 

@@ -104,17 +104,17 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def test_a_built_image_is_current_until_the_tree_changes_then_rebuilt(tmp_path: Path, cache: Path) -> None:
     t = _tree(tmp_path)
-    assert hostfiles.judge(str(t)).why == "no image yet"
+    assert hostfiles.verdict(str(t)).why == "no image yet"
     m = hostfiles.build(str(t))
     assert m is not None and m.image and m.entries == 5 and m.image_bytes > 0 and not m.error
     image = cache / m.image
     assert image.stat().st_mode & 0o777 == 0o600 and cache.stat().st_mode & 0o777 == 0o700
     assert image.read_bytes()[1024:1028] == (0xE0F5E1E2).to_bytes(4, "little")  # erofs's superblock magic
-    assert hostfiles.judge(str(t)) == hostfiles.Verdict(str(t), str(image), "current", False)
+    assert hostfiles.verdict(str(t)) == hostfiles.Verdict(str(t), str(image), "current", False)
     (t / "d.txt").write_text("new\n")
-    assert hostfiles.judge(str(t)) == hostfiles.Verdict(str(t), None, "changed since its image was built", True)
+    assert hostfiles.verdict(str(t)) == hostfiles.Verdict(str(t), None, "changed since its image was built", True)
     m2 = hostfiles.build(str(t))
-    assert m2 is not None and m2.image != m.image and hostfiles.judge(str(t)).image == str(cache / m2.image)
+    assert m2 is not None and m2.image != m.image and hostfiles.verdict(str(t)).image == str(cache / m2.image)
     assert image.exists()  # the old one is kept a while: a run that chose it may still open it
     blob = cache / hostfiles.blob_name(m.image)
     assert blob.exists() and m.image_bytes == image.stat().st_size + blob.stat().st_size
@@ -129,10 +129,10 @@ def test_a_tree_that_cannot_be_imaged_says_why_and_is_not_retried_until_it_chang
     monkeypatch.setattr("os.path.exists", lambda p: False)
     m = hostfiles.build(str(t))
     assert m is not None and not m.image and "erofs-utils" in m.error
-    v = hostfiles.judge(str(t))
+    v = hostfiles.verdict(str(t))
     assert v.image is None and not v.build and "erofs-utils" in v.why
     (t / "d.txt").write_text("new\n")
-    assert hostfiles.judge(str(t)).build
+    assert hostfiles.verdict(str(t)).build
 
 
 def test_a_manifest_of_another_format_or_tree_is_no_manifest(tmp_path: Path, cache: Path) -> None:
@@ -156,12 +156,12 @@ def test_an_image_written_since_it_was_built_is_not_used(tmp_path: Path, cache: 
     """A run given the cache read-write (--home ~, say) cannot feed later runs a tree of its own making."""
     t = _tree(tmp_path)
     m = hostfiles.build(str(t))
-    assert m is not None and hostfiles.judge(str(t)).image is not None
+    assert m is not None and hostfiles.verdict(str(t)).image is not None
     blob = cache / hostfiles.blob_name(m.image)
     data = blob.read_bytes()
     time.sleep(0.01)
     blob.write_bytes(data.replace(b"hello", b"HACKD"))  # same size, same name
-    assert hostfiles.judge(str(t)) == hostfiles.Verdict(str(t), None, "its image was changed since it was built", True)
+    assert hostfiles.verdict(str(t)) == hostfiles.Verdict(str(t), None, "its image was changed since it was built", True)
 
 
 def test_where_the_guest_mounts_its_own_no_tree_is_imaged() -> None:

@@ -141,31 +141,26 @@ FIND_FORMAT = "%P\\0%y %D %i %m %U %G %s %n %T@ %C@\\0"
 
 
 def scan(tree: str, limit: int = MAX_ENTRIES) -> Scan | None:
-    """The fingerprint of `tree` as it is now; None if it is no directory (or a link) or has more than `limit` entries."""
-    try:
-        top = os.lstat(tree)
-    except OSError:
+    """The fingerprint of `tree` as it is now, with what a build needs to know of it; None: no directory, or over `limit` entries."""
+    proc = _finding(tree)
+    if proc is None:
         return None
-    if not stat.S_ISDIR(top.st_mode):
-        return None
-    # -xdev stays off: 9p shows what is mounted inside the tree too, and so must the image.
-    proc = subprocess.run(["find", tree, "-printf", FIND_FORMAT], capture_output=True, timeout=600,
-                          env={"LC_ALL": "C", "PATH": os.defpath})  # fmt: skip
-    fields = proc.stdout.split(b"\0")[1::2]
+    out, _ = proc.communicate(timeout=600)
+    fields = out.split(b"\0")[1::2]
     if len(fields) > limit + 1:
         return None
-    # A line find could not print (a directory it could not read) makes the tree unreadable for this user.
-    readable = proc.returncode == 0 and len(proc.stdout.split(b"\0")) % 2 == 1
+    # An entry find could not read (a directory, say) makes the tree unreadable for this user.
+    readable = proc.returncode == 0
     total = newest = 0
     for line in fields:
-        kind, _dev, _ino, mode, _uid, _gid, size, _nlink, mtime, ctime = line.split(b" ")
+        kind, _dev, _ino, mode, uid, gid, size, _nlink, mtime, ctime = line.split(b" ")
         newest = max(newest, _ns(mtime), _ns(ctime))
         if kind == b"f":
             total += int(size)
-            readable = readable and _readable(int(mode, 8), int(_uid), int(_gid), 0o4)
+            readable = readable and _readable(int(mode, 8), int(uid), int(gid), 0o4)
         elif kind == b"d":
-            readable = readable and _readable(int(mode, 8), int(_uid), int(_gid), 0o5)
-    return Scan(hashlib.sha256(proc.stdout).hexdigest(), len(fields) - 1, total, newest, readable)
+            readable = readable and _readable(int(mode, 8), int(uid), int(gid), 0o5)
+    return Scan(hashlib.sha256(out).hexdigest(), len(fields) - 1, total, newest, readable)
 
 
 def _ns(text: bytes) -> int:
@@ -279,10 +274,14 @@ def digests(trees: Sequence[str], limit: int = MAX_ENTRIES) -> dict[str, str | N
     return out
 
 
-def judge(tree: str, digest: str | None | bool = False) -> Verdict:
-    """Whether `tree` has an image matching it now (complete: see the module's docstring); `digest`: its digest if taken already."""
+def verdict(tree: str) -> Verdict:
+    """judge(tree) against the tree as it is now."""
+    return judge(tree, digests([tree])[tree])
+
+
+def judge(tree: str, now: str | None) -> Verdict:
+    """Whether `tree` has an image matching its fingerprint `now` (complete: see the module's docstring)."""
     m = read_manifest(tree)
-    now = digests([tree])[tree] if digest is False else digest
     if now is None:
         return Verdict(tree, None, "not a directory, or too large to image", False)
     if m is None:
@@ -353,28 +352,18 @@ def start_build(trees: Sequence[str]) -> None:
         subprocess.Popen(
             [sys.executable, "-m", "sandbox.image.hostfiles", *trees],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd="/", env=env,
-            start_new_session=True, close_fds=True, preexec_fn=_background,
+            start_new_session=True, close_fds=True, preexec_fn=background_priority,
         )  # fmt: skip
     except OSError as exc:
         log.info("cannot start an image build: %s", exc)
 
 
 def background_priority() -> None:
-    """This process (or thread) at the lowest priority: a build or a walk never slows a run."""
+    """The calling thread (Linux: both calls take 0 as it) at the lowest priority: a build or a walk never slows a run."""
     with contextlib.suppress(OSError):
-        os.setpriority(os.PRIO_PROCESS, 0 if threading.current_thread() is threading.main_thread() else threading.get_native_id(), 19)
-    try:
-        os.sched_setscheduler(0 if threading.current_thread() is threading.main_thread() else threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
-    except (OSError, AttributeError):
-        pass
-
-
-def _background() -> None:
-    os.nice(19)
-    try:
+        os.setpriority(os.PRIO_PROCESS, 0, 19)
+    with contextlib.suppress(OSError, AttributeError):
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except (OSError, AttributeError):
-        pass
 
 
 def build(tree: str) -> Manifest | None:
@@ -388,7 +377,7 @@ def build(tree: str) -> Manifest | None:
         # Waits for a build under way (a run started one): then its image is
         # current, or the tree changed since and this build makes the next.
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if judge(tree).image is not None:
+        if verdict(tree).image is not None:
             return read_manifest(tree)
         manifest = _build_locked(tree, d, key)
         if manifest is not None:

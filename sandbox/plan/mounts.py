@@ -70,6 +70,7 @@ class Plan:
 
     steps: tuple[MountStep, ...]
     shares: tuple[tuple[str, Share], ...]
+    homes: tuple[str, ...] = ()  # the host's other homes, whose secrets the steps hide (no image may cover one)
 
 
 def split_escaped(text: str, sep: str = ":") -> list[str]:
@@ -299,7 +300,7 @@ def plan(
         k = kind(src) if src is not None else None
         if k is not None and all(m.path != path for m in steps):
             steps.append(MountStep(MOP_HIDE_DIR if k == "dir" else MOP_HIDE_FILE, path))
-    return Plan(tuple(steps), tuple(exported))
+    return Plan(tuple(steps), tuple(exported), tuple(homes))
 
 
 def _absolute(p: str, home: str | None, what: str) -> str | None:

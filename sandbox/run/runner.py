@@ -385,7 +385,7 @@ def _judge_images(request: RunRequest, plan: mounts.Plan, remote: bool, backend:
     files = request.files
     if remote or not files.images:
         return None
-    trees = hostfiles.usable_trees(hostfiles.default_trees() + files.image_trees, plan.steps, mounts.host_homes())
+    trees = hostfiles.usable_trees(hostfiles.default_trees() + files.image_trees, plan.steps, plan.homes)
     if not trees:
         return None
 

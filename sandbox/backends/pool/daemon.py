@@ -175,10 +175,10 @@ class Pool:
         found: dict[str, str] = {}
         stale = []
         for tree, digest in now.items():
-            verdict = hostfiles.judge(tree, digest)
-            if verdict.image is not None:
-                found[tree] = verdict.image
-            elif verdict.build:
+            v = hostfiles.judge(tree, digest)
+            if v.image is not None:
+                found[tree] = v.image
+            elif v.build:
                 stale.append(tree)
         if stale:
             hostfiles.start_build(stale)
