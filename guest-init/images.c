@@ -163,6 +163,13 @@ static void mount_both(const char *meta, const char *blob, const char *target, c
 		return;
 	int mfd = loop_file(meta, mdev, sizeof mdev, tree);
 	if (mfd >= 0) {
+		/* The whole metadata image, read ahead now in large requests into
+		 * the device's page cache, which is where erofs looks up inodes and
+		 * directories: a first walk then finds them in memory instead of
+		 * reading scattered 4 KiB blocks one loop request at a time.  It is
+		 * small (1 MiB for /usr/include's 8,800 entries), and asynchronous:
+		 * the mount goes on meanwhile. */
+		(void)posix_fadvise(mfd, 0, 0, POSIX_FADV_WILLNEED);
 		snprintf(opts, sizeof opts, "device=%s", bdev);
 		/* As the 9p root it covers: read-only, setuid bits without effect. */
 		if (mount(mdev, target, "erofs", MS_RDONLY | MS_NOSUID, opts) != 0)
