@@ -169,6 +169,32 @@ def test_a_changed_host_file_the_guests_read_is_never_served_stale(own_pool: Poo
     assert start_of(pooled(own_pool, "true")) == "pooled"  # the guests made since
 
 
+def test_a_mount_or_unmount_on_the_host_is_seen_by_the_next_pooled_run(own_pool: PoolForTests) -> None:
+    # A ready guest's QEMU copied the host's mount table when it was made; where the host's mounts do not
+    # propagate (this host's / is private), a mount made later never reaches it: its 9p root would show
+    # the old view.  The oracle: the host's own read of the file at each step.
+    where = Path("/var/lib") / f"sandbox-test-mount-{os.getpid()}"
+    where.mkdir()
+    try:
+        (where / "f").write_text("under\n")
+        own_pool.wait_ready()
+        assert start_of(proc := pooled(own_pool, "cat", str(where / "f"))) == "pooled" and proc.stdout == b"under\n"
+        subprocess.run(["mount", "-t", "tmpfs", "sandbox-test", str(where)], check=True)
+        try:
+            (where / "f").write_text("over\n")
+            own_pool.wait_ready()  # guests made before the mount, waiting
+            proc = own_pool.sandbox("run", "--", "cat", str(where / "f"))
+            assert (proc.returncode, proc.stdout) == (0, (where / "f").read_bytes()), proc.stderr
+        finally:
+            subprocess.run(["umount", str(where)], check=True)
+        own_pool.wait_ready(1)  # a guest made while the tmpfs was there
+        proc = own_pool.sandbox("run", "--", "cat", str(where / "f"))
+        assert (proc.returncode, proc.stdout) == (0, b"under\n") == (0, (where / "f").read_bytes()), proc.stderr
+    finally:
+        (where / "f").unlink(missing_ok=True)
+        where.rmdir()
+
+
 def test_another_users_pool_is_never_used(nobody: Nobody) -> None:
     theirs = PoolForTests(VISIBLE_BASE / f"nobody-pool-{time.monotonic_ns()}", user=nobody)
     try:

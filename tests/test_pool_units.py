@@ -219,3 +219,18 @@ def test_a_fingerprint_is_taken_only_once_the_last_change_is_a_clock_tick_old(tm
     assert not slept  # an old change: at once
     # One that keeps changing is never trusted: () matches no host, and the guest ends as stale.
     assert freshness.settled_fingerprint([str(f)], clock=lambda: changed, sleep=lambda s: None) == ()
+
+
+def test_any_mount_or_unmount_changes_the_mount_table_digest(tmp_path: Path) -> None:
+    table = tmp_path / "mountinfo"
+    lines = ["22 1 0:21 / / rw,relatime shared:1 - ext4 /dev/vda1 rw", "23 22 0:22 / /proc rw - proc proc rw"]
+    table.write_text("\n".join(lines) + "\n")
+    before = freshness.mount_table(str(table))
+    assert before and freshness.mount_table(str(table)) == before
+    table.write_text("\n".join([*lines, "40 22 0:35 / /var/lib/x rw - tmpfs t rw"]) + "\n")  # a mount
+    assert freshness.mount_table(str(table)) not in (b"", before)
+    table.write_text(lines[0] + "\n")  # an unmount
+    assert freshness.mount_table(str(table)) not in (b"", before)
+    assert freshness.mount_table(str(tmp_path / "gone")) == b""  # unreadable: matches no guest (daemon hands none over)
+    assert freshness.mount_table() != b""  # this process's own
+

@@ -102,6 +102,9 @@ class Pool:
             self.trees = TreeWatcher(hostfiles.digests)
         except OSError as exc:
             log.info("pool: no tree watcher (%s): runs check their trees themselves", exc)
+        # Per watched tree, the host's mount table when its walk began: inotify sees no mount or unmount,
+        # so the watcher's word on a tree holds only while the table is that one (_vouched).
+        self.tree_mounts: dict[str, bytes] = {}
         self.to_watch: list[str] = list(hostfiles.default_trees())
         self.watching = threading.Event()  # set: trees wait to be watched
         self.watching.set()
@@ -131,6 +134,12 @@ class Pool:
                 with self.changed:
                     self.changed.wait_for(lambda: self.ended, RETRY_AFTER if not isinstance(exc, NoTemplate) else 4 * RETRY_AFTER)
                 continue
+            if not guest.mounts or guest.mounts != freshness.mount_table():
+                self.stats.stale += 1  # the host's mounts changed while it was made: it would show the old ones
+                guest.close()
+                with self.changed:  # a host whose mounts churn gets a guest a second, not a busy loop
+                    self.changed.wait_for(lambda: self.ended, 1.0)
+                continue
             with self.changed:
                 kept = not self.stopping.is_set()
                 if kept:
@@ -157,13 +166,34 @@ class Pool:
             for tree, then in self.trees.current(self.trees.known()).items():
                 if hostfiles.digests([tree]).get(tree) != then:
                     self.trees.forget(tree)  # changed unseen (a write through mmap, a hard link, a mount)
-            self.trees.watch(sorted(set(wanted) | set(self.trees.unknown(hostfiles.default_trees()))))
+            to_watch = sorted(set(wanted) | set(self.trees.unknown(hostfiles.default_trees())))
+            mounts = freshness.mount_table()  # before the walks: a mount during one shows as a change
+            for tree in to_watch:
+                self.trees.forget(tree)  # no word from an older walk, with an older table, while this one runs
+            with self.changed:
+                self.tree_mounts.update((t, mounts) for t in to_watch)
+            self.trees.watch(to_watch)
+
+    def _vouched(self, trees: list[str]) -> dict[str, str | None]:
+        """The watcher's word on `trees` (trees.current), less trees whose walk saw another mount table (those are walked again)."""
+        assert self.trees is not None
+        now = self.trees.current(trees)
+        mounts = freshness.mount_table()
+        with self.changed:
+            moved = [t for t in now if not mounts or self.tree_mounts.get(t) != mounts]
+            self.to_watch += moved
+        for tree in moved:
+            self.trees.forget(tree)
+            del now[tree]
+        if moved:
+            self.watching.set()
+        return now
 
     def _current_images(self) -> tuple[str, ...]:
         """The images of the default trees the watcher vouches for now: a guest made now mounts them ahead."""
         if self.trees is None:
             return ()
-        now = self.trees.current(hostfiles.default_trees())
+        now = self._vouched(list(hostfiles.default_trees()))
         return tuple(v.image for v in (hostfiles.judge(t, d) for t, d in now.items()) if v.image is not None)
 
     def _images(self, message: dict[str, Any]) -> dict[str, Any]:
@@ -171,7 +201,7 @@ class Pool:
         trees = [t for t in message.get("trees", []) if isinstance(t, str)][:64]
         if self.trees is None or message.get("images_dir") != str(hostfiles.images_dir()):
             return {"ok": True, "images": {}, "decided": []}
-        now = self.trees.current(trees)
+        now = self._vouched(trees)
         found: dict[str, str] = {}
         stale = []
         for tree, digest in now.items():
@@ -355,16 +385,16 @@ class Pool:
         elif message.get("key") != self.key:
             why = "the pool's guests are made for other options (`sandbox pool stop` ends it; the next run starts one for its own)"
         else:
-            now = freshness.fingerprint(self.watch)
+            now, mounts = freshness.fingerprint(self.watch), freshness.mount_table()
             with self.changed:
                 while self.ready and guest is None:
                     candidate = self.ready.pop(0)
-                    if candidate.fingerprint == now:
+                    if candidate.fingerprint == now and candidate.mounts == mounts and mounts:
                         guest = candidate
                     else:
                         stale.append(candidate)  # the host's files it read changed since
                 self.changed.notify_all()
-            why = "no guest ready yet" if not stale else "the guests ready had read host files that changed since"
+            why = "no guest ready yet" if not stale else "the host's files or mounts changed since the guests ready were made"
         try:
             self._serve(conn, guest, message, why)
         finally:

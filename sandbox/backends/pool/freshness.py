@@ -20,6 +20,7 @@ stat calls per hand-off.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -113,6 +114,26 @@ def settled_fingerprint(paths: Iterable[str], clock: Callable[[], int] = time.ti
             return found
         sleep(RACY_NS / 1e9)
     return ()
+
+
+MOUNTINFO_MAX = 4 << 20  # bytes of /proc/self/mountinfo read (a host with this many mounts is compared by its first 4 MiB)
+
+
+def mount_table(path: str = "/proc/self/mountinfo") -> bytes:
+    """A digest of this process's mount table, or b"" when it cannot be read.
+
+    A guest's QEMU gets a copy of the mount table when its namespace is
+    made, and a mount or unmount on the host after that does not reach it
+    where the host's mounts are private (no propagation): its 9p root would
+    then show the host as it was.  So a guest is handed over only while the
+    table is the one it was made with; any mount or unmount anywhere on the
+    host ends the ready guests (a restore serves the run).
+    """
+    try:
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read(MOUNTINFO_MAX)).digest()
+    except OSError:
+        return b""
 
 
 def fingerprint(paths: Iterable[str]) -> Fingerprint:

@@ -76,6 +76,7 @@ class ReadyGuest:
         self.backend, self.boot, self.spec, self.watch = backend, boot, confinement, watch
         self.images = images  # current images of host trees, mounted ahead (a run naming one moves it into place)
         self.fingerprint: freshness.Fingerprint = ()
+        self.mounts = b""  # the host's mount table when its QEMU's namespace was made (freshness.mount_table)
         self.stack = contextlib.ExitStack()
         self.guest: DirectGuest | None = None
         self.confinement: walls.Confinement | None = None
@@ -92,6 +93,8 @@ class ReadyGuest:
             raise
 
     def _prepare(self) -> None:
+        # Before QEMU's namespace copies the table: a mount in between then shows as a change.
+        self.mounts = freshness.mount_table()
         rundir = self.stack.enter_context(runtime.runtime_dir())
         confinement = None
         if self.spec is not None:
@@ -107,6 +110,8 @@ class ReadyGuest:
             raise NoTemplate("the warm-start template could not be used")
         guest = self.stack.enter_context(DirectGuest(self.boot, ctx, warm=warm))
         self.guest = guest
+        if freshness.mount_table() != self.mounts:
+            self.mounts = b""  # a mount or unmount while its namespace was made: which view it got is unknown
         self.qemu_pid = guest.pids()[-1]
         set_priority(self.qemu_pid, background=True)
         guest.wait_built(PREP_TIMEOUT, 1)
