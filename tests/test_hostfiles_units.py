@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, strategies as st
@@ -132,6 +134,29 @@ def test_a_tree_that_cannot_be_imaged_says_why_and_is_not_retried_until_it_chang
     v = hostfiles.verdict(str(t))
     assert v.image is None and not v.build and "erofs-utils" in v.why
     (t / "d.txt").write_text("new\n")
+    assert hostfiles.verdict(str(t)).build
+
+
+def test_a_tree_that_changes_while_built_gets_no_image_and_no_new_build_for_a_while(tmp_path: Path, cache: Path,
+                                                                                    monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    t = _tree(tmp_path)
+    real_run = subprocess.run
+
+    def mkfs_then_write(argv: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
+        done: subprocess.CompletedProcess[str] = real_run(argv, **kw)
+        if argv[0].endswith("mkfs.erofs"):
+            (t / "log.txt").write_text("written while the image was built\n")  # a log, a cache: busy trees
+        return done
+
+    monkeypatch.setattr(subprocess, "run", mkfs_then_write)
+    m = hostfiles.build(str(t))
+    assert m is not None and not m.image and m.error == hostfiles.CHANGED_WHILE_BUILT
+    assert not list(cache.glob("*.erofs")) and not list(cache.glob("*.blob"))
+    v = hostfiles.verdict(str(t))
+    assert v.image is None and not v.build and hostfiles.CHANGED_WHILE_BUILT in v.why  # no build per run
+    (t / "log.txt").write_text("and again\n")
+    assert not hostfiles.verdict(str(t)).build  # still changing: still none, until the back-off ends
+    monkeypatch.setattr(time, "time", lambda: m.built_at + hostfiles.REBUILD_AFTER + 1)
     assert hostfiles.verdict(str(t)).build
 
 

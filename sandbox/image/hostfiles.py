@@ -54,6 +54,11 @@ MAX_BYTES = 2 << 30  # nor is a larger one worth its disk
 CHUNK = 1 << 20  # bytes of a file's data per chunk of the blob (identical chunks are stored once)
 JUDGE_TIMEOUT = 5.0  # s a run waits for its trees' check before it goes on without images
 PRUNE_AFTER = 600.0  # s an image no longer current is kept (a run that chose it may not have opened it yet)
+# A tree that changed while its image was built (a log written to, a cache
+# in it) is not built again for this long: each run would otherwise start a
+# build that ends the same way, all of the tree's bytes read for nothing.
+CHANGED_WHILE_BUILT = "it changed while its image was built"
+REBUILD_AFTER = 300.0
 
 
 def default_trees() -> tuple[str, ...]:
@@ -286,6 +291,10 @@ def judge(tree: str, now: str | None) -> Verdict:
         return Verdict(tree, None, "not a directory, or too large to image", False)
     if m is None:
         return Verdict(tree, None, "no image yet", True)
+    if not m.image and m.error == CHANGED_WHILE_BUILT:
+        if time.time() - m.built_at < REBUILD_AFTER:
+            return Verdict(tree, None, f"{m.error}: not built again for {REBUILD_AFTER:g} s", False)
+        return Verdict(tree, None, m.error, True)
     if m.digest != now:
         return Verdict(tree, None, "changed since its image was built", True)
     if not m.image:
@@ -422,7 +431,7 @@ def _build_locked(tree: str, d: Path, key: str) -> Manifest | None:
             return failed(" ".join((proc.stderr or proc.stdout).split())[:300] or f"mkfs.erofs exited {proc.returncode}")
         after = scan(tree)
         if after is None or after.digest != before.digest:
-            return None  # it changed while it was read: no image, and the next run asks again
+            return failed(CHANGED_WHILE_BUILT)  # no image; runs ask again after REBUILD_AFTER (judge)
         for f in (tmp, tmp_blob):
             os.chmod(f, 0o600)
         os.replace(tmp_blob, d / blob_name(name))  # the blob first: an image is never named without its blob

@@ -386,6 +386,9 @@ def _judge_images(request: RunRequest, plan: mounts.Plan, remote: bool, backend:
     if remote or not files.images:
         return None
     trees = hostfiles.usable_trees(hostfiles.default_trees() + files.image_trees, plan.steps, plan.homes)
+    for tree in files.image_trees:
+        if not any(os.path.commonpath([tree, chosen]) == chosen for chosen in trees):  # neither it nor a tree around it
+            log.info("--image-tree %s: not imaged in this run: it meets a mount of the run or a home (it comes over 9p)", tree)
     if not trees:
         return None
 
