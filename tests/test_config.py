@@ -83,6 +83,8 @@ def test_the_environment_comes_before_the_file() -> None:
         ({"tb-size": 1.5}, f"{PATH}: tb-size = 1.5: invalid int value: '1.5'"),
         ({"home": "/nonexistent/dir"}, f'{PATH}: home = "/nonexistent/dir": /nonexistent/dir: not a directory'),
         ({"share": ["/nonexistent/x"]}, f'{PATH}: share = ["/nonexistent/x"]: --share /nonexistent/x: /nonexistent/x is not a directory'),
+        ({"image-tree": ["tree"]}, f'{PATH}: image-tree = ["tree"]: \'tree\': a path in a setting must be absolute (or start with ~)'),
+        ({"home": "work/home"}, f'{PATH}: home = "work/home": \'work/home\': a path in a setting must be absolute (or start with ~)'),
         ({"colour": "red"}, f"{PATH}: unknown setting 'colour' (sandbox config lists them)"),
         ({"run": {"memory": "1G"}}, f"{PATH}: unknown setting 'run' (sandbox config lists them)"),
     ],

@@ -202,6 +202,12 @@ class Option:
 
     def read_setting(self, setting: object, where: str) -> Any:
         """What the flag's own parser makes of a setting; an error is one line starting with `where` (its file and key, or variable)."""
+        if self.kw.get("type") in (tree, directory):
+            # On the command line a relative path is the shell's, from where you are; in a setting
+            # it would be taken from each run's working directory, and fail (or differ) elsewhere.
+            for value in setting if isinstance(setting, list) else [setting]:
+                if isinstance(value, str) and value and not value.startswith(("/", "~")):
+                    raise UsageError(f"{where}: {value!r}: a path in a setting must be absolute (or start with ~)")
         parser = _OneOption(add_help=False, allow_abbrev=False)
         self.add_to(parser)
         try:
