@@ -187,7 +187,7 @@ def test_a_mount_or_unmount_on_the_host_is_seen_by_the_next_pooled_run(own_pool:
             assert (proc.returncode, proc.stdout) == (0, (where / "f").read_bytes()), proc.stderr
         finally:
             subprocess.run(["umount", str(where)], check=True)
-        own_pool.wait_ready(1)  # a guest made while the tmpfs was there
+        own_pool.wait_ready(1)  # perhaps one made while the tmpfs was there: it must not be the one served
         proc = own_pool.sandbox("run", "--", "cat", str(where / "f"))
         assert (proc.returncode, proc.stdout) == (0, b"under\n") == (0, (where / "f").read_bytes()), proc.stderr
     finally:

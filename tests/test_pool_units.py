@@ -233,4 +233,3 @@ def test_any_mount_or_unmount_changes_the_mount_table_digest(tmp_path: Path) -> 
     assert freshness.mount_table(str(table)) not in (b"", before)
     assert freshness.mount_table(str(tmp_path / "gone")) == b""  # unreadable: matches no guest (daemon hands none over)
     assert freshness.mount_table() != b""  # this process's own
-
